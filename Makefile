@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create/refresh .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export SDL_VIDEODRIVER ?= dummy
+
+.PHONY: venv demo test lint data clean
+
+# torch==2.13.0 goes in first: it is the CPU build available locally, and installing it before the
+# project stops any requirement from pulling a multi-GB CUDA build.
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev,sumo]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/trafficgym data info --dataset towns
+	$(VENV)/bin/trafficgym data info --dataset towns --split val --json
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+lint: venv
+	$(VENV)/bin/ruff check envs agents training render tests benchmarks
+
+# Regenerate the committed towns dataset from SUMO (byte-identical for a seed).
+data: venv
+	$(VENV)/bin/trafficgym data generate --out envs/data/towns/assets
+
+clean:
+	rm -rf $(VENV) build *.egg-info

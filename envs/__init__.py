@@ -1,0 +1,1 @@
+"""trafficgym environments: the simulator and everything a user of ``gym.make`` touches."""
