@@ -1,0 +1,122 @@
+"""The ``trafficgym`` command: the one outermost module wiring envs, agents, training and render.
+
+Subcommands grow with the project; today: ``data info`` and ``data generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from envs.errors import TrafficGymError
+
+
+def _data_info(args: argparse.Namespace) -> int:
+    from envs.data import open_dataset
+
+    splits = [args.split] if args.split else None
+    if splits is None:
+
+        splits = _available_splits(args)
+    result = {}
+    for split in splits:
+        start = time.perf_counter()
+        ds = open_dataset(args.dataset, split, data_dir=args.data_dir, cache_dir=args.cache_dir, dt=args.dt,
+                          rebuild=args.rebuild, case_length=args.case_length)
+        info = ds.info()
+        info["open_s"] = round(time.perf_counter() - start, 3)
+        result[split] = info
+    if args.json:
+        print(json.dumps(result if len(result) > 1 else next(iter(result.values())), indent=1))
+    else:
+        _print_info_table(result)
+    return 0
+
+
+def _available_splits(args: argparse.Namespace) -> list[str]:
+    """Splits to report when none is given: the dataset's train/val/test where present."""
+    from envs.data.scene_cache import TOWNS
+    from envs.data.trajdata_source import TrajdataSource
+
+    if args.dataset == TOWNS:
+        return ["train", "val", "test"]
+    if args.data_dir is None:
+        from envs.data import open_dataset
+
+        open_dataset(args.dataset, "train", data_dir=None)  # raises the clear "needs --data-dir" error
+    src = TrajdataSource(args.dataset, args.data_dir, "/nonexistent")
+    return list(src.splits())
+
+
+def _print_info_table(result: dict) -> None:
+    first = next(iter(result.values()))
+    print(f"dataset {first['dataset']}  ({first['data_dir']})  dt {first['dt']} s")
+    header = f"{'split':<8}{'scenes':>8}{'length':>10}{'agents':>9}{'mean/scene':>12}{'min':>6}{'max':>6}  per type"
+    print(header)
+    print("-" * len(header))
+    for split, info in result.items():
+        types = ", ".join(f"{k} {v}" for k, v in info["agents_per_type"].items() if v)
+        length = info["scene_length_s"]
+        print(f"{split:<8}{info['scenes']:>8}{str(length) + ' s':>10}{info['agents']:>9}"
+              f"{info['mean_agents_per_scene']:>12}{info['min_agents_per_scene']:>6}{info['max_agents_per_scene']:>6}"
+              f"  {types}")
+    maps: dict = {}
+    for info in result.values():
+        maps.update(info["maps"])
+    print(f"\n{'map':<40}{'lanes':>7}{'boundaries':>12}{'road edges':>12}{'successors':>12}")
+    for map_id, c in maps.items():
+        print(f"{map_id:<40}{c['lanes']:>7}{c['lane_boundaries']:>12}{c['road_edges']:>12}"
+              f"{c['lane_successor_edges']:>12}")
+
+
+def _data_generate(args: argparse.Namespace) -> int:
+    from envs.data.towns import generate_towns
+
+    start = time.perf_counter()
+    manifest = generate_towns(args.out, seed=args.seed, compress=args.compress, progress=True)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "seconds": round(time.perf_counter() - start, 1),
+                      "splits": manifest.get("splits")}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trafficgym", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    info = data_sub.add_parser("info", help="scene count, agents per type, map statistics (builds the cache)")
+    info.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
+    info.add_argument("--data-dir", default=None, help="dataset files (not needed for towns)")
+    info.add_argument("--split", default=None, help="one split (default: train, val and test)")
+    info.add_argument("--cache-dir", default=None, help="cache root (default $TRAFFICGYM_HOME/cache)")
+    info.add_argument("--dt", type=float, default=None, help="resample to this step in seconds")
+    info.add_argument("--case-length", type=int, default=None,
+                      help="frames per case for INTERACTION-layout data (default: towns.json, else 40)")
+    info.add_argument("--rebuild", action="store_true", help="discard and rebuild the scene cache")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(func=_data_info)
+
+    gen = data_sub.add_parser("generate", help="regenerate the towns dataset with SUMO (needs the sumo extra)")
+    gen.add_argument("--out", required=True, help="output directory")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--compress", action="store_true",
+                     help="write the committed-asset form (as in envs/data/towns/assets) instead of plain files")
+    gen.set_defaults(func=_data_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TrafficGymError as e:
+        print(f"trafficgym: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
