@@ -34,3 +34,19 @@ def densify_polyline(points: np.ndarray, max_spacing: float) -> np.ndarray:
         out.append(points[i] + frac * (points[i + 1] - points[i]))
         out.append(points[i + 1:i + 2])
     return np.concatenate(out, axis=0)
+
+
+def box_corners(x: np.ndarray, y: np.ndarray, heading: np.ndarray, length: np.ndarray,
+                width: np.ndarray) -> np.ndarray:
+    """Corners of oriented boxes, counter-clockwise from front-left: ``(..., 4, 2)`` for inputs of shape ``(...)``.
+
+    Order: front-left, rear-left, rear-right, front-right (m, world frame).
+    """
+    c, s = np.cos(heading), np.sin(heading)
+    half_l, half_w = np.asarray(length) / 2, np.asarray(width) / 2
+    # Box-frame corner offsets (forward, left) in counter-clockwise order starting front-left.
+    fwd = np.stack([half_l, -half_l, -half_l, half_l], axis=-1)
+    left = np.stack([half_w, half_w, -half_w, -half_w], axis=-1)
+    cx = np.asarray(x)[..., None] + fwd * c[..., None] - left * s[..., None]
+    cy = np.asarray(y)[..., None] + fwd * s[..., None] + left * c[..., None]
+    return np.stack([cx, cy], axis=-1)

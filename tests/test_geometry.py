@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from envs.geometry import densify_polyline, wrap_angle
+from envs.geometry import box_corners, densify_polyline, wrap_angle
 
 coords = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 polylines = st.integers(2, 12).flatmap(lambda n: arrays(np.float64, (n, 2), elements=coords))
@@ -41,3 +41,20 @@ def test_wrap_angle_range_and_equivalence(a):
     w = float(wrap_angle(a))
     assert -np.pi <= w < np.pi
     assert np.cos(w) == pytest.approx(np.cos(a), abs=1e-6) and np.sin(w) == pytest.approx(np.sin(a), abs=1e-6)
+
+
+def test_box_corners_exact():
+    corners = box_corners(np.array(1.0), np.array(2.0), np.array(np.pi / 2), np.array(4.0), np.array(2.0))
+    # Heading +y: front is +y, left is -x.
+    np.testing.assert_allclose(corners, [[0, 4], [0, 0], [2, 0], [2, 4]], atol=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(coords, coords, st.floats(-10, 10), st.floats(0.1, 20), st.floats(0.1, 5))
+def test_box_corners_form_a_ccw_rectangle_of_the_right_size(x, y, h, length, width):
+    c = box_corners(np.array(x), np.array(y), np.array(h), np.array(length), np.array(width)).astype(np.float64)
+    assert np.linalg.norm(c[0] - c[1]) == pytest.approx(length, rel=1e-6, abs=1e-4)
+    assert np.linalg.norm(c[1] - c[2]) == pytest.approx(width, rel=1e-6, abs=1e-4)
+    area = 0.5 * np.sum(c[:, 0] * np.roll(c[:, 1], -1) - np.roll(c[:, 0], -1) * c[:, 1])
+    assert area == pytest.approx(length * width, rel=1e-5, abs=1e-3)  # positive: counter-clockwise
+    np.testing.assert_allclose(c.mean(axis=0), [x, y], atol=1e-3)

@@ -15,8 +15,6 @@ from envs.errors import TrafficGymError
 
 
 def _data_info(args: argparse.Namespace) -> int:
-    from envs.data import open_dataset
-
     splits = [args.split] if args.split else None
     if splits is None:
 
@@ -24,8 +22,8 @@ def _data_info(args: argparse.Namespace) -> int:
     result = {}
     for split in splits:
         start = time.perf_counter()
-        ds = open_dataset(args.dataset, split, data_dir=args.data_dir, cache_dir=args.cache_dir, dt=args.dt,
-                          rebuild=args.rebuild, case_length=args.case_length)
+        ds = _open(args, split)
+        args.rebuild = False  # once per command, not once per split
         info = ds.info()
         info["open_s"] = round(time.perf_counter() - start, 3)
         result[split] = info
@@ -72,6 +70,25 @@ def _print_info_table(result: dict) -> None:
               f"{c['lane_successor_edges']:>12}")
 
 
+def _data_maps(args: argparse.Namespace) -> int:
+    from envs.types import PolylineType
+    from render.map_figure import save_map_figure
+
+    ds = _open(args, args.split)
+    first_scene: dict[str, int] = {}
+    for i, entry in enumerate(ds._entries):
+        first_scene.setdefault(entry["map_id"], i)
+    for map_id, i in first_scene.items():
+        scene = ds[i]
+        m = scene.map
+        width, height = m.extent[2] - m.extent[0], m.extent[3] - m.extent[1]
+        title = (f"{map_id.split(':')[-1]}: {width:.0f} x {height:.0f} m, "
+                 f"{m.count(PolylineType.LANE_CENTER)} lanes, {scene.num_agents} agents")
+        out = save_map_figure(Path(args.out) / f"{map_id.split(':')[-1]}.png", m, scene, step=args.step, title=title)
+        print(out)
+    return 0
+
+
 def _data_generate(args: argparse.Namespace) -> int:
     from envs.data.towns import generate_towns
 
@@ -82,6 +99,25 @@ def _data_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None, split_help: str) -> None:
+    """The options every dataset-reading subcommand shares (they map 1:1 onto ``open_dataset``)."""
+    parser.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
+    parser.add_argument("--data-dir", default=None, help="dataset files (not needed for towns)")
+    parser.add_argument("--split", default=split_default, help=split_help)
+    parser.add_argument("--cache-dir", default=None, help="cache root (default $TRAFFICGYM_HOME/cache)")
+    parser.add_argument("--dt", type=float, default=None, help="resample to this step in seconds")
+    parser.add_argument("--case-length", type=int, default=None,
+                        help="frames per case for INTERACTION-layout data (default: towns.json, else 40)")
+    parser.add_argument("--rebuild", action="store_true", help="discard and rebuild the scene cache")
+
+
+def _open(args: argparse.Namespace, split: str):
+    from envs.data import open_dataset
+
+    return open_dataset(args.dataset, split, data_dir=args.data_dir, cache_dir=args.cache_dir, dt=args.dt,
+                        rebuild=args.rebuild, case_length=args.case_length)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trafficgym", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,16 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     info = data_sub.add_parser("info", help="scene count, agents per type, map statistics (builds the cache)")
-    info.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
-    info.add_argument("--data-dir", default=None, help="dataset files (not needed for towns)")
-    info.add_argument("--split", default=None, help="one split (default: train, val and test)")
-    info.add_argument("--cache-dir", default=None, help="cache root (default $TRAFFICGYM_HOME/cache)")
-    info.add_argument("--dt", type=float, default=None, help="resample to this step in seconds")
-    info.add_argument("--case-length", type=int, default=None,
-                      help="frames per case for INTERACTION-layout data (default: towns.json, else 40)")
-    info.add_argument("--rebuild", action="store_true", help="discard and rebuild the scene cache")
+    _add_dataset_args(info, split_default=None, split_help="one split (default: train, val and test)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=_data_info)
+
+    maps = data_sub.add_parser("maps", help="write a PNG of each map with the first scene's agents")
+    _add_dataset_args(maps, split_default="val", split_help="split whose first scene per map is drawn")
+    maps.add_argument("--step", type=int, default=10, help="which step of the scene to draw")
+    maps.add_argument("--out", default="docs", help="output folder")
+    maps.set_defaults(func=_data_maps)
 
     gen = data_sub.add_parser("generate", help="regenerate the towns dataset with SUMO (needs the sumo extra)")
     gen.add_argument("--out", required=True, help="output directory")

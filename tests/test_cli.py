@@ -1,0 +1,47 @@
+"""The ``trafficgym data`` command on the hand-built INTERACTION fixture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import interaction_fixture as fixture
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tmp_path_factory):
+    root = fixture.write_dataset(tmp_path_factory.mktemp("tiny"), cases=2, case_length=91)
+    cache = tmp_path_factory.mktemp("cache")
+    return ["--dataset", "interaction_multi", "--data-dir", str(root), "--case-length", "91", "--cache-dir", str(cache)]
+
+
+def test_data_info_json_one_split(tiny_args, capsys):
+    assert main(["data", "info", *tiny_args, "--split", "val", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["scenes"] == 2 and info["scene_length_s"] == 9.1 and info["mean_agents_per_scene"] == 3.0
+    assert info["agents_per_type"]["pedestrian"] == 2
+
+
+def test_data_info_table_all_splits(tiny_args, capsys):
+    assert main(["data", "info", *tiny_args]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "val" in out and "interaction_multi:USA_Tiny_Road" in out
+
+
+def test_data_maps_writes_a_png(tiny_args, tmp_path, capsys):
+    assert main(["data", "maps", *tiny_args, "--out", str(tmp_path)]) == 0
+    png = tmp_path / "USA_Tiny_Road.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["data", "info", "--dataset", "nuscenes_mini"], "Did you mean"),
+    (["data", "info", "--dataset", "nusc_mini", "--split", "mini_val"], "needs data_dir"),
+    (["data", "info", "--dataset", "interaction_multi", "--data-dir", "/no/such/dir", "--split", "val"],
+     "does not exist"),
+])
+def test_data_errors_exit_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
