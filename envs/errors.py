@@ -44,3 +44,26 @@ def did_you_mean(name: str, known: Iterable[str]) -> str | None:
     """The closest known name to ``name``, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return matches[0] if matches else None
+
+
+class InvalidActionError(TrafficGymError, ValueError):
+    """An action of the wrong shape or dtype, holding NaN/inf, or outside the action bounds."""
+
+
+class EmptySceneError(TrafficGymError, ValueError):
+    """A scene (or batch) without agents to simulate."""
+
+
+class NoEgoError(TrafficGymError, ValueError):
+    """A scene without an ego candidate, used where an ego is required."""
+
+
+class ResetNeededError(TrafficGymError, RuntimeError):
+    """``step`` called before ``reset`` or after the episode ended."""
+
+
+def check_kwargs(kind: str, given: dict, known) -> None:
+    """Raise ``UnknownNameError`` for the first key of ``given`` not in ``known`` (with a suggestion)."""
+    for key in given:
+        if key not in known:
+            raise UnknownNameError(kind, key, known)

@@ -1,16 +1,30 @@
-"""The one home of geometry: angle wrapping, polyline resampling, frames and boxes.
+"""The one home of geometry: angle wrapping, polyline resampling, frames, boxes and box overlap.
 
-Units are metres and radians; headings are counter-clockwise from +x.
+Units are metres and radians; headings are counter-clockwise from +x. Functions taking arrays accept numpy
+arrays or torch tensors alike (the result has the input's kind) unless their name says otherwise.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
-def wrap_angle(angle: np.ndarray) -> np.ndarray:
+def _stack(arrays, axis: int):
+    return torch.stack(arrays, dim=axis) if isinstance(arrays[0], torch.Tensor) else np.stack(arrays, axis=axis)
+
+
+def _cos_sin(angle):
+    if isinstance(angle, torch.Tensor):
+        return torch.cos(angle), torch.sin(angle)
+    return np.cos(angle), np.sin(angle)
+
+
+def wrap_angle(angle):
     """Wrap angles (rad) to [-pi, pi)."""
-    return (np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi
+    if not isinstance(angle, torch.Tensor):
+        angle = np.asarray(angle)
+    return (angle + np.pi) % (2 * np.pi) - np.pi
 
 
 def densify_polyline(points: np.ndarray, max_spacing: float) -> np.ndarray:
@@ -36,17 +50,56 @@ def densify_polyline(points: np.ndarray, max_spacing: float) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
-def box_corners(x: np.ndarray, y: np.ndarray, heading: np.ndarray, length: np.ndarray,
-                width: np.ndarray) -> np.ndarray:
+def box_corners(x, y, heading, length, width):
     """Corners of oriented boxes, counter-clockwise from front-left: ``(..., 4, 2)`` for inputs of shape ``(...)``.
 
     Order: front-left, rear-left, rear-right, front-right (m, world frame).
     """
-    c, s = np.cos(heading), np.sin(heading)
-    half_l, half_w = np.asarray(length) / 2, np.asarray(width) / 2
+    if not isinstance(x, torch.Tensor):
+        x, y, heading, length, width = (np.asarray(v, dtype=np.float64) for v in (x, y, heading, length, width))
+    c, s = _cos_sin(heading)
+    half_l, half_w = length / 2, width / 2
     # Box-frame corner offsets (forward, left) in counter-clockwise order starting front-left.
-    fwd = np.stack([half_l, -half_l, -half_l, half_l], axis=-1)
-    left = np.stack([half_w, half_w, -half_w, -half_w], axis=-1)
-    cx = np.asarray(x)[..., None] + fwd * c[..., None] - left * s[..., None]
-    cy = np.asarray(y)[..., None] + fwd * s[..., None] + left * c[..., None]
-    return np.stack([cx, cy], axis=-1)
+    fwd = _stack([half_l, -half_l, -half_l, half_l], axis=-1)
+    left = _stack([half_w, half_w, -half_w, -half_w], axis=-1)
+    cx = x[..., None] + fwd * c[..., None] - left * s[..., None]
+    cy = y[..., None] + fwd * s[..., None] + left * c[..., None]
+    return _stack([cx, cy], axis=-1)
+
+
+def to_local(points, origin_xy, origin_heading):
+    """Express world points ``(..., N, 2)`` in frames with origin ``(..., 2)`` and heading ``(...)``.
+
+    Returns ``(..., N, 2)``: x forward, y left of each frame.
+    """
+    c, s = _cos_sin(origin_heading)
+    d = points - origin_xy[..., None, :]
+    return _stack([d[..., 0] * c[..., None] + d[..., 1] * s[..., None],
+                   -d[..., 0] * s[..., None] + d[..., 1] * c[..., None]], axis=-1)
+
+
+def to_world(points, origin_xy, origin_heading):
+    """Inverse of ``to_local``: local points ``(..., N, 2)`` back to the world frame."""
+    c, s = _cos_sin(origin_heading)
+    wx = points[..., 0] * c[..., None] - points[..., 1] * s[..., None] + origin_xy[..., None, 0]
+    wy = points[..., 0] * s[..., None] + points[..., 1] * c[..., None] + origin_xy[..., None, 1]
+    return _stack([wx, wy], axis=-1)
+
+
+def boxes_overlap(corners_a: torch.Tensor, corners_b: torch.Tensor) -> torch.Tensor:
+    """Whether oriented boxes overlap (separating-axis test), torch: ``(..., 4, 2)`` x ``(..., 4, 2)`` -> ``(...)``.
+
+    Touching boxes (shared edge or corner, zero-area intersection) do not overlap.
+    """
+    # Candidate separating axes: the two edge normals of each box (rectangles: edges 0-1 and 1-2).
+    edges = torch.cat([corners_a[..., 1:3, :] - corners_a[..., 0:2, :],
+                       corners_b[..., 1:3, :] - corners_b[..., 0:2, :]], dim=-2)  # (..., 4, 2)
+    axes = torch.stack([-edges[..., 1], edges[..., 0]], dim=-1)  # (..., 4, 2)
+    proj_a = torch.einsum("...kd,...cd->...kc", axes, corners_a)  # (..., 4 axes, 4 corners)
+    proj_b = torch.einsum("...kd,...cd->...kc", axes, corners_b)
+    # Separated on an axis if one interval ends before (or exactly where) the other begins. A small relative
+    # tolerance makes exactly-touching boxes (up to float rounding) count as separated.
+    scale = axes.norm(dim=-1) * 1e-6
+    separated = (proj_a.max(-1).values <= proj_b.min(-1).values + scale) | \
+                (proj_b.max(-1).values <= proj_a.min(-1).values + scale)
+    return ~separated.any(dim=-1)

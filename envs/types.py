@@ -156,3 +156,121 @@ class Scene:
             raise ValueError(f"Scene {self.scene_id}: trajectory is non-zero where valid is False.")
         if not -1 <= self.ego_index < a:
             raise ValueError(f"Scene {self.scene_id}: ego_index {self.ego_index} outside [-1, {a}).")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batched simulator state (torch)
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class MapBatch:
+    """The maps a batch of scenes uses, stacked once (M maps); scenes point into it with ``SimState.map_idx``.
+
+    sdf: ``(M, H, W)`` signed distance to the road edge (m, > 0 off-road), padded with a large positive value.
+    sdf_origin: ``(M, 2)`` world x, y of each grid's lower-left corner; sdf_resolution: m per cell.
+    has_road_edges: ``(M,)`` bool, whether off-road is defined on the map.
+    chunks: ``(M, C, N, 2)`` polyline pieces in world coordinates; chunk_mask ``(M, C, N)`` bool point validity;
+    chunk_type: ``(M, C)`` long ``PolylineType``; chunk_valid ``(M, C)`` bool (padding is False).
+    """
+
+    map_ids: tuple
+    sdf: object
+    sdf_origin: object
+    sdf_resolution: float
+    has_road_edges: object
+    chunks: object
+    chunk_mask: object
+    chunk_type: object
+    chunk_valid: object
+
+
+@dataclass(frozen=True, eq=False)
+class SimState:
+    """Closed-loop state of B scenes with A (padded) agents over T (padded) steps. Torch tensors throughout.
+
+    Static per episode:
+        log: ``(B, A, T, 5)`` logged ``TRAJECTORY_FIELDS``; log_valid ``(B, A, T)`` bool.
+        log_arclength: ``(B, A, T)`` distance travelled along the logged path up to each step (m).
+        agent_type ``(B, A)`` long ``AgentType``; extent ``(B, A, 2)`` length, width (m).
+        agent_mask: ``(B, A)`` bool, False for padding.
+        controlled: ``(B, A)`` bool, the agents the env expects actions for.
+        ego: ``(B,)`` long index of the ego agent.
+        start: ``(B,)`` long first simulated step; end ``(B,)`` long last step of the log.
+        map_idx: ``(B,)`` long index into ``maps``.
+    Dynamic:
+        traj: ``(B, A, T, 5)`` simulated trajectory; steps ``<= start`` are the log (history).
+        valid: ``(B, A, T)`` bool.
+        t: ``(B,)`` long current step.
+
+    ``sim.step`` writes step ``t + 1`` of ``traj``/``valid`` in place (an append-only buffer): an older state
+    object still reads its own past correctly, but to branch (step one state twice) use ``clone()``.
+    """
+
+    log: object
+    log_valid: object
+    log_arclength: object
+    agent_type: object
+    extent: object
+    agent_mask: object
+    controlled: object
+    ego: object
+    start: object
+    end: object
+    map_idx: object
+    maps: MapBatch
+    traj: object
+    valid: object
+    t: object
+    dt: float
+    scene_ids: tuple
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.log.shape[0])
+
+    @property
+    def num_agents(self) -> int:
+        return int(self.log.shape[1])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.log.shape[2])
+
+    @property
+    def device(self):
+        return self.log.device
+
+    def at(self, tensor, step=None):
+        """Gather ``tensor[b, :, step[b]]`` for ``(B, A, T, ...)`` tensors; ``step`` defaults to ``t``."""
+        import torch
+
+        step = self.t if step is None else step
+        b = torch.arange(self.batch_size, device=self.device)
+        return tensor[b, :, step]  # advanced indices split by a slice: (B, A, ...)
+
+    @property
+    def current(self):
+        """``(B, A, 5)`` state at the current step."""
+        return self.at(self.traj)
+
+    @property
+    def current_valid(self):
+        """``(B, A)`` bool."""
+        return self.at(self.valid)
+
+    def clone(self) -> SimState:
+        """A copy whose trajectory buffers are independent (for branching rollouts)."""
+        from dataclasses import replace
+
+        return replace(self, traj=self.traj.clone(), valid=self.valid.clone(), t=self.t.clone())
+
+
+@dataclass(frozen=True, eq=False)
+class Action:
+    """Actions for a batch: ``data`` ``(B, A, D)`` in the units of ``dynamics`` and ``valid`` ``(B, A)`` bool.
+
+    Agents with ``valid`` False are not driven by an action: they follow their log.
+    """
+
+    data: object
+    valid: object

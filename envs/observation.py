@@ -1,0 +1,194 @@
+"""Agent-centric vector observations for any subset of agents, batched.
+
+For each observing agent (its own frame: x forward, y left, origin at its box centre):
+    self    (5,)        speed m/s, acceleration m/s², yaw rate rad/s, length m, width m
+    agents  (K, 12)     the K nearest other live agents within ``radius``: x, y, cos dh, sin dh, vx, vy (own
+                        frame), length, width, one-hot AgentType (4); agents_mask (K,)
+    map     (C, N, 2)   the C nearest map chunks (N points each) within ``radius``; map_mask (C, N);
+                        map_type (C, 4) one-hot lane centre / lane boundary / road edge / crosswalk
+    route   (R, 2)      points every ``route_spacing`` m ahead along the agent's logged path; route_mask (R,)
+Masks are float 0/1. Everything is float32 and finite; masked entries are 0. Features are clamped to the
+finite range of ``observation_space``: [-1000, 1000] (reached only by glitches in logged data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from envs.geometry import to_local, wrap_angle
+from envs.types import AgentType, PolylineType, SimState
+
+MAP_TYPES = (PolylineType.LANE_CENTER, PolylineType.LANE_BOUNDARY, PolylineType.ROAD_EDGE, PolylineType.CROSSWALK)
+SELF_FEATURES = ("speed", "acceleration", "yaw_rate", "length", "width")
+AGENT_FEATURES = ("x", "y", "cos_dheading", "sin_dheading", "vx", "vy", "length", "width",
+                  *(f"is_{t.name.lower()}" for t in AgentType))
+
+
+FEATURE_LIMIT = 1000.0  # every feature lies in [-FEATURE_LIMIT, FEATURE_LIMIT] (observe() clamps)
+
+
+@dataclass(frozen=True)
+class ObsConfig:
+    """Observation sizes. ``radius`` (m) bounds what an agent sees."""
+
+    num_agents: int = 16
+    num_map_chunks: int = 48
+    route_points: int = 10
+    route_spacing: float = 2.0
+    radius: float = 80.0
+
+    def __post_init__(self):
+        for name in ("num_agents", "num_map_chunks", "route_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ObsConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.route_spacing <= 0 or self.radius <= 0:
+            raise ValueError(f"ObsConfig.route_spacing and radius must be > 0, got {self.route_spacing}, "
+                             f"{self.radius}.")
+
+
+def observation_space(cfg: ObsConfig, chunk_points: int, prefix: tuple[int, ...] = ()) -> spaces.Dict:
+    """The Dict space of one observer (``prefix=()``) or of ``prefix`` observers stacked in front."""
+
+    def box(*shape, low=None, high=None):
+        low = -FEATURE_LIMIT if low is None else low
+        high = FEATURE_LIMIT if high is None else high
+        return spaces.Box(low, high, shape=(*prefix, *shape), dtype=np.float32)
+
+    return spaces.Dict({
+        "self": box(len(SELF_FEATURES)),
+        "agents": box(cfg.num_agents, len(AGENT_FEATURES)),
+        "agents_mask": box(cfg.num_agents, low=0.0, high=1.0),
+        "map": box(cfg.num_map_chunks, chunk_points, 2),
+        "map_mask": box(cfg.num_map_chunks, chunk_points, low=0.0, high=1.0),
+        "map_type": box(cfg.num_map_chunks, len(MAP_TYPES), low=0.0, high=1.0),
+        "route": box(cfg.route_points, 2),
+        "route_mask": box(cfg.route_points, low=0.0, high=1.0),
+    })
+
+
+def _take(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x[b, a]`` for ``(B, A, ...)`` tensors and ``(B, O)`` observer indices -> ``(B, O, ...)``."""
+    return x[b[:, None], a]
+
+
+def observe(state: SimState, observers: torch.Tensor, cfg: ObsConfig) -> dict[str, torch.Tensor]:
+    """Observations of ``observers`` ``(B, O)`` long agent indices -> dict of ``(B, O, ...)`` float32 tensors."""
+    dev = state.device
+    bsz, o = observers.shape
+    b = torch.arange(bsz, device=dev)
+    cur = state.current  # (B, A, 5)
+    live = state.current_valid & state.agent_mask  # (B, A)
+    me = _take(cur, b, observers)  # (B, O, 5)
+    my_xy, my_h = me[..., :2], me[..., 2]
+
+    # ---- self ------------------------------------------------------------------------------------------
+    prev = state.at(state.traj, (state.t - 1).clamp(min=0))
+    speed = cur[..., 3:5].norm(dim=-1)
+    accel = (speed - prev[..., 3:5].norm(dim=-1)) / state.dt
+    accel = torch.where(state.t[:, None] >= 1, accel, torch.zeros_like(accel))
+    yaw_rate = wrap_angle(cur[..., 2] - prev[..., 2]) / state.dt
+    yaw_rate = torch.where(state.t[:, None] >= 1, yaw_rate, torch.zeros_like(yaw_rate))
+    self_feat = torch.stack([speed, accel, yaw_rate, state.extent[..., 0], state.extent[..., 1]], dim=-1)
+    self_feat = _take(self_feat, b, observers)  # (B, O, 5)
+
+    # ---- nearest agents --------------------------------------------------------------------------------
+    k = min(cfg.num_agents, max(state.num_agents - 1, 1))
+    d = (cur[:, None, :, :2] - my_xy[:, :, None, :]).norm(dim=-1)  # (B, O, A)
+    visible = live[:, None, :] & (d <= cfg.radius)
+    visible &= observers[..., None] != torch.arange(state.num_agents, device=dev)  # not oneself
+    d = torch.where(visible, d, torch.full_like(d, float("inf")))
+    near_d, near = d.topk(k, dim=-1, largest=False)  # (B, O, k)
+    near_ok = torch.isfinite(near_d)
+    other = cur[b[:, None, None], near]  # (B, O, k, 5)
+    rel_xy = to_local(other[..., :2], my_xy, my_h)  # (B, O, k, 2)
+    dh = other[..., 2] - my_h[..., None]
+    c, s = torch.cos(my_h)[..., None], torch.sin(my_h)[..., None]
+    rel_v = torch.stack([other[..., 3] * c + other[..., 4] * s, -other[..., 3] * s + other[..., 4] * c], dim=-1)
+    ext = state.extent[b[:, None, None], near]
+    onehot = torch.nn.functional.one_hot(state.agent_type[b[:, None, None], near], len(AgentType)).float()
+    agents = torch.cat([rel_xy, torch.cos(dh)[..., None], torch.sin(dh)[..., None], rel_v, ext, onehot], dim=-1)
+    agents = agents * near_ok[..., None]
+    agents_out = torch.zeros(bsz, o, cfg.num_agents, len(AGENT_FEATURES), device=dev)
+    agents_mask = torch.zeros(bsz, o, cfg.num_agents, device=dev)
+    agents_out[:, :, :k], agents_mask[:, :, :k] = agents, near_ok.float()
+
+    # ---- nearest map chunks ----------------------------------------------------------------------------
+    maps = state.maps
+    mi = state.map_idx  # (B,)
+    chunk_count = maps.chunks.shape[1]
+    centres = _chunk_centres(maps)[mi]  # (B, C, 2)
+    cd = (centres[:, None] - my_xy[:, :, None]).norm(dim=-1)  # (B, O, C)
+    cd = torch.where(maps.chunk_valid[mi][:, None] & (cd <= cfg.radius), cd, torch.full_like(cd, float("inf")))
+    kc = min(cfg.num_map_chunks, chunk_count)
+    chunk_d, chunk_idx = cd.topk(kc, dim=-1, largest=False)  # (B, O, kc)
+    chunk_ok = torch.isfinite(chunk_d)
+    flat = mi[:, None, None] * chunk_count + chunk_idx
+    pts = maps.chunks.reshape(-1, *maps.chunks.shape[2:])[flat]  # (B, O, kc, N, 2)
+    pmask = maps.chunk_mask.reshape(-1, maps.chunk_mask.shape[-1])[flat] & chunk_ok[..., None]
+    local = to_local(pts.reshape(bsz, o, -1, 2), my_xy, my_h).reshape(pts.shape) * pmask[..., None]
+    ctype = maps.chunk_type.reshape(-1)[flat]  # (B, O, kc)
+    type_onehot = torch.stack([ctype == int(t) for t in MAP_TYPES], dim=-1).float() * chunk_ok[..., None]
+    n = maps.chunks.shape[2]
+    map_out = torch.zeros(bsz, o, cfg.num_map_chunks, n, 2, device=dev)
+    map_mask = torch.zeros(bsz, o, cfg.num_map_chunks, n, device=dev)
+    map_type = torch.zeros(bsz, o, cfg.num_map_chunks, len(MAP_TYPES), device=dev)
+    map_out[:, :, :kc], map_mask[:, :, :kc], map_type[:, :, :kc] = local, pmask.float(), type_onehot
+
+    # ---- route along the logged path ------------------------------------------------------------------
+    route, route_mask = _route(state, observers, cfg, my_xy, my_h)
+
+    out = {"self": self_feat, "agents": agents_out, "agents_mask": agents_mask, "map": map_out,
+           "map_mask": map_mask, "map_type": map_type, "route": route, "route_mask": route_mask}
+    return {k: v.clamp(-FEATURE_LIMIT, FEATURE_LIMIT) for k, v in out.items()}
+
+
+_CENTRE_CACHE: dict[int, torch.Tensor] = {}
+
+
+def _chunk_centres(maps) -> torch.Tensor:
+    """``(M, C, 2)`` mean of each chunk's valid points (cached per MapBatch)."""
+    key = id(maps.chunks)
+    if key not in _CENTRE_CACHE:
+        w = maps.chunk_mask.float()[..., None]
+        _CENTRE_CACHE.clear()  # one live MapBatch at a time is the common case; keep memory bounded
+        _CENTRE_CACHE[key] = (maps.chunks * w).sum(-2) / w.sum(-2).clamp(min=1)
+    return _CENTRE_CACHE[key]
+
+
+def _route(state: SimState, observers: torch.Tensor, cfg: ObsConfig, my_xy, my_h):
+    """Points every ``route_spacing`` m ahead of the observer's projection on its logged path."""
+    bsz, o = observers.shape
+    b = torch.arange(bsz, device=state.device)
+    log = state.log[b[:, None], observers]  # (B, O, T, 5)
+    lvalid = state.log_valid[b[:, None], observers]  # (B, O, T)
+    arc = state.log_arclength[b[:, None], observers]  # (B, O, T)
+    d = (log[..., :2] - my_xy[..., None, :]).norm(dim=-1)
+    d = torch.where(lvalid, d, torch.full_like(d, float("inf")))
+    nearest = d.argmin(dim=-1, keepdim=True)
+    here = arc.gather(-1, nearest)  # (B, O, 1)
+    targets = here + cfg.route_spacing * torch.arange(1, cfg.route_points + 1, device=state.device)
+    last_valid = torch.where(lvalid, arc, torch.full_like(arc, -1.0)).amax(dim=-1, keepdim=True)
+    # Interpolate along the (non-decreasing) arclength; invalid steps are pushed past the end.
+    arc_sorted = torch.where(lvalid, arc, torch.full_like(arc, 1e9))
+    arc_sorted, order = arc_sorted.sort(dim=-1)
+    pts = log[..., :2].gather(-2, order[..., None].expand(*order.shape, 2))
+    hi = torch.searchsorted(arc_sorted.contiguous(), targets.contiguous()).clamp(1, arc.shape[-1] - 1)
+    lo = hi - 1
+    a0, a1 = arc_sorted.gather(-1, lo), arc_sorted.gather(-1, hi)
+    frac = ((targets - a0) / (a1 - a0).clamp(min=1e-6)).clamp(0, 1)[..., None]
+    p0 = pts.gather(-2, lo[..., None].expand(*lo.shape, 2))
+    p1 = pts.gather(-2, hi[..., None].expand(*hi.shape, 2))
+    world = p0 + frac * (p1 - p0)
+    ok = targets <= last_valid
+    local = to_local(world, my_xy, my_h) * ok[..., None]
+    return local, ok.float()
+
+
+def to_numpy(obs: dict[str, torch.Tensor], index=None) -> dict[str, np.ndarray]:
+    """Tensors -> float32 numpy arrays (optionally indexing the leading axes first)."""
+    return {k: (v if index is None else v[index]).detach().cpu().numpy().astype(np.float32, copy=False)
+            for k, v in obs.items()}

@@ -1,0 +1,121 @@
+"""The Gymnasium environments: ``trafficgym/Ego-v0`` and ``trafficgym/SimAgents-v0``.
+
+Both are thin stateful wrappers over ``TrafficEngine`` with one episode slot: the env keeps the engine (state,
+spaces) and the RNG; all simulation happens in the pure functions of ``envs.sim``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from envs.config import EnvConfig
+from envs.engine import TrafficEngine
+from envs.errors import ResetNeededError, UnknownNameError
+
+RESET_OPTIONS = ("scene_id", "scene_index")
+
+
+class _TrafficEnv(gym.Env):
+    # Render modes appear here once the renderer exists (render/renderer.py); until then none is offered.
+    metadata = {"render_modes": [], "render_fps": 10}
+    _mode: str
+
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None, **overrides: Any):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise UnknownNameError("render_mode", render_mode, self.metadata["render_modes"])
+        self.config = EnvConfig.from_kwargs(config, **overrides)
+        self.render_mode = render_mode
+        self.engine = TrafficEngine(self.config, num_slots=1, mode=self._mode)
+        self.observation_space = self.engine.observation_space()
+        self.action_space = self.engine.action_space()
+        self.metadata = {**self.metadata, "render_fps": round(1.0 / self.engine.dataset.dt)}
+
+    @property
+    def scene_ids(self) -> list[str]:
+        """The scenes this env draws from (in order; ``options={"scene_index": i}`` picks the i-th)."""
+        return [self.engine.dataset.scene_ids[i] for i in self.engine.scene_indices]
+
+    def _pick_scene(self, options: dict | None) -> int:
+        options = options or {}
+        for key in options:
+            if key not in RESET_OPTIONS:
+                raise UnknownNameError("reset option", key, RESET_OPTIONS)
+        if "scene_id" in options:
+            index = self.engine.dataset.index_of(options["scene_id"])
+            if index not in self.engine.scene_indices:
+                raise UnknownNameError("scene id for this env", options["scene_id"], self.scene_ids)
+            return self.engine.scene_indices.index(index)
+        if "scene_index" in options:
+            i = int(options["scene_index"])
+            if not 0 <= i < len(self.engine.scene_indices):
+                raise IndexError(f"scene_index {i} outside [0, {len(self.engine.scene_indices)}).")
+            return i
+        return int(self.np_random.integers(len(self.engine.scene_indices)))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        position = self._pick_scene(options)
+        self.engine.reset_slots(np.array([0]), np.array([position]))
+        obs = {k: v[0] for k, v in self.engine.observe().items()}
+        return obs, {"scene_id": self.engine.state.scene_ids[0], "t": int(self.engine.state.t[0])}
+
+    def step(self, action):
+        if self.engine.state is None:
+            raise ResetNeededError("Call reset() before step().")
+        if self.engine.done[0]:
+            raise ResetNeededError("The episode has ended (terminated or truncated); call reset() before step().")
+        batch = np.asarray(action)[None] if _is_arraylike(action) else action
+        reward, terminated, truncated, infos = self.engine.step(batch)
+        obs = {k: v[0] for k, v in self.engine.observe().items()}
+        return obs, float(reward[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
+
+    def render(self):
+        if self.render_mode is None:
+            return None
+        raise NotImplementedError("Rendering arrives with the renderer (render/renderer.py); until then "
+                                  "render_mode must be None.")
+
+    @property
+    def state(self):
+        """The batched ``SimState`` (B = 1) of the running episode."""
+        return self.engine.state
+
+
+def _is_arraylike(x) -> bool:
+    try:
+        np.asarray(x, dtype=float)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+class EgoEnv(_TrafficEnv):
+    """``trafficgym/Ego-v0``: drive the ego (SDC) through a logged scene.
+
+    Action: ``Box`` of the configured dynamics (default bicycle: acceleration m/s², curvature 1/m).
+    Observation: ego-centric ``Dict`` (see ``envs.observation``). Reward: ``RewardConfig``. Terminated on ego
+    collision / off-road (configurable); truncated at the end of the log. Other agents: log replay, or the
+    ``traffic`` policy.
+    """
+
+    _mode = "ego"
+
+
+class SimAgentsEnv(_TrafficEnv):
+    """``trafficgym/SimAgents-v0``: control every agent valid at the start step (the WOSAC sim-agents setting).
+
+    Action: ``Box (max_agents, action_dim)``; rows of agents that are not controlled are ignored.
+    Observation: the ego-centric ``Dict`` of every agent slot stacked ``(max_agents, ...)``, plus
+    ``controlled`` (max_agents,). Reward: mean per-agent reward over controlled agents (per-agent values in
+    ``info["agent_rewards"]``). Never terminates early; truncated at the end of the log.
+    """
+
+    _mode = "sim_agents"
+
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None, **overrides: Any):
+        overrides.setdefault("terminate_on_collision", False)
+        overrides.setdefault("terminate_on_offroad", False)
+        super().__init__(config, render_mode, **overrides)
