@@ -1,0 +1,248 @@
+"""Seeded traffic for one town: fringe-to-fringe trips, one SUMO run, FCD parsed into integer tracks.
+
+Frames and units: SUMO runs at 0.1 s steps; frame ``f`` of a recording is simulation time
+``warmup_s + f * 0.1``. Track values are stored as fixed-point integers so that every later step
+(windowing, CSV text, packing) is exact: positions in mm (SUMO network frame, x east, y north), velocities
+in mm/s, heading in mrad (counter-clockwise from +x, in [-3141, 3141] so the 3-decimal text lies in
+(-pi, pi]), vehicle length and width in mm (taken from the vType: FCD cannot output them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envs.data.towns.networks import TownSpec
+from envs.data.towns.sumo_tools import TownGenerationError, require_sumolib, run_tool
+
+STEP_S = 0.1
+"""Simulation step and dataset frame period (s)."""
+
+LANE_CHANGE_DURATION_S = 3.0
+"""Duration of a lane change (s); > 0 so vehicles move laterally over time instead of jumping a lane."""
+
+
+@dataclass(frozen=True)
+class VehicleType:
+    """A SUMO vType; its size is the box written to the CSV (FCD has no length/width)."""
+
+    id: str
+    vclass: str
+    length_m: float
+    width_m: float
+    probability: float
+
+
+# A plausible urban mix: most vehicles are cars of three sizes, then vans, trucks and buses.
+VEHICLE_TYPES: tuple[VehicleType, ...] = (
+    VehicleType("car_small", "passenger", 4.10, 1.75, 0.25),
+    VehicleType("car", "passenger", 4.60, 1.85, 0.33),
+    VehicleType("car_large", "passenger", 5.00, 1.95, 0.18),
+    VehicleType("van", "delivery", 5.60, 2.05, 0.12),
+    VehicleType("truck", "truck", 8.50, 2.50, 0.07),
+    VehicleType("bus", "bus", 12.00, 2.55, 0.05),
+)
+
+
+@dataclass(frozen=True)
+class RunTracks:
+    """All vehicle tracks of one recorded SUMO run, as fixed-point integers (see module docstring).
+
+    Tracks are ordered by first frame, then by departure order, and each is contiguous in time
+    (SUMO vehicles exist from insertion to arrival; teleports are disabled).
+
+    Attributes:
+        num_frames: number of recorded frames F.
+        first_frame: (N,) int64, first recorded frame of each track.
+        num_track_frames: (N,) int64, frames per track (>= 1).
+        length_mm, width_mm: (N,) int64 vehicle box size.
+        values: (R, 5) int64, rows of all tracks concatenated (track-major, then time):
+            x_mm, y_mm (box centre), vx_mmps, vy_mmps, psi_mrad.
+    """
+
+    num_frames: int
+    first_frame: np.ndarray
+    num_track_frames: np.ndarray
+    length_mm: np.ndarray
+    width_mm: np.ndarray
+    values: np.ndarray
+
+    @property
+    def num_tracks(self) -> int:
+        return int(self.first_frame.shape[0])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(N + 1,) int64 row offsets of each track in ``values``."""
+        return np.concatenate([[0], np.cumsum(self.num_track_frames)]).astype(np.int64)
+
+
+def fringe_routes(net_path: Path) -> list[list[str]]:
+    """Shortest routes (edge id lists) between every reachable (source, sink) pair of fringe edges.
+
+    Sources are edges without incoming connections and sinks edges without outgoing ones; every such
+    edge starts or ends at the network border (interior cul-de-sacs are pruned when the network is
+    built), so vehicles appear and disappear at the map edge. Sorted, so the list is deterministic.
+    """
+    sumolib = require_sumolib()
+    net = sumolib.net.readNet(str(net_path))
+    edges = sorted(net.getEdges(), key=lambda e: e.getID())
+    sources = [e for e in edges if not e.getIncoming() and e.allows("passenger")]
+    sinks = [e for e in edges if not e.getOutgoing() and e.allows("passenger")]
+    routes = []
+    for src in sources:
+        for dst in sinks:
+            path, _cost = net.getShortestPath(src, dst)
+            if path is not None and len(path) >= 2:
+                routes.append([e.getID() for e in path])
+    if not routes:
+        raise TownGenerationError(f"Network {net_path} has no route between fringe edges.")
+    return routes
+
+
+def write_routes(path: Path, routes: list[list[str]], rng: np.random.Generator, demand_veh_per_s: float,
+                 end_s: float) -> int:
+    """Write a SUMO routes file of Poisson arrivals over ``[0, end_s)``; returns the vehicle count.
+
+    Each vehicle draws a uniform random fringe route and a vType from :data:`VEHICLE_TYPES`; it enters
+    at the start of its first lane (``departPos="base"``) at the highest safe speed, so it does not
+    start from standstill at the border.
+    """
+    probs = np.array([t.probability for t in VEHICLE_TYPES])
+    probs = probs / probs.sum()
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<routes>"]
+    for t in VEHICLE_TYPES:
+        # speedFactor spread gives drivers different desired speeds (SUMO draws it from --seed).
+        lines.append(
+            f'    <vType id="{t.id}" vClass="{t.vclass}" length="{t.length_m:.2f}" width="{t.width_m:.2f}" '
+            f'speedFactor="normc(1.0,0.1,0.7,1.3)"/>'
+        )
+    t_s = 0.0
+    count = 0
+    while True:
+        t_s += float(rng.exponential(1.0 / demand_veh_per_s))
+        depart = round(t_s, 1)
+        if depart >= end_s:
+            break
+        route = routes[int(rng.integers(len(routes)))]
+        vtype = VEHICLE_TYPES[int(rng.choice(len(VEHICLE_TYPES), p=probs))]
+        lines.append(
+            f'    <vehicle id="{count}" type="{vtype.id}" depart="{depart:.1f}" departLane="best" '
+            f'departPos="base" departSpeed="max"><route edges="{" ".join(route)}"/></vehicle>'
+        )
+        count += 1
+    lines.append("</routes>")
+    path.write_text("\n".join(lines) + "\n")
+    return count
+
+
+def run_sumo(net_path: Path, routes_path: Path, fcd_path: Path, sumo_seed: int, end_s: float) -> None:
+    """Simulate ``[0, end_s)`` at 0.1 s and write FCD (front-bumper x, y, compass angle, speed) as CSV."""
+    run_tool("sumo", [
+        "--net-file", str(net_path), "--route-files", str(routes_path),
+        "--begin", "0", "--end", f"{end_s:.1f}", "--step-length", f"{STEP_S}",
+        "--seed", str(sumo_seed),
+        # Vehicles must never vanish or jump: no teleports (jams just wait), collisions only logged.
+        "--time-to-teleport", "-1", "--collision.action", "warn",
+        "--lanechange.duration", f"{LANE_CHANGE_DURATION_S}",
+        "--fcd-output", str(fcd_path), "--fcd-output.attributes", "id,x,y,angle,speed,type",
+        "--precision", "4",
+        "--no-step-log", "--no-warnings", "--duration-log.disable", "--xml-validation", "never",
+    ], cwd=fcd_path.parent)
+
+
+def fcd_to_centre(front_x: np.ndarray, front_y: np.ndarray, angle_deg: np.ndarray, speed: np.ndarray,
+                  length: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Convert SUMO FCD to box-centre state.
+
+    Args:
+        front_x, front_y: (R,) front-bumper position (m).
+        angle_deg: (R,) SUMO angle, degrees clockwise from north.
+        speed: (R,) speed along the heading (m/s).
+        length: (R,) vehicle length (m).
+
+    Returns:
+        x, y (m, box centre), vx, vy (m/s), heading (rad, counter-clockwise from +x, in (-pi, pi]).
+    """
+    heading = math.pi / 2 - np.radians(angle_deg)
+    heading = math.pi - np.mod(math.pi - heading, 2 * math.pi)  # wrap to (-pi, pi]
+    cos_h, sin_h = np.cos(heading), np.sin(heading)
+    x = front_x - 0.5 * length * cos_h
+    y = front_y - 0.5 * length * sin_h
+    return x, y, speed * cos_h, speed * sin_h, heading
+
+
+def parse_fcd(fcd_path: Path, warmup_s: float, num_frames: int) -> RunTracks:
+    """Read a SUMO FCD CSV and keep frames ``[0, num_frames)`` after ``warmup_s`` as :class:`RunTracks`."""
+    import pandas as pd  # noqa: PLC0415 - heavy, generation only
+
+    df = pd.read_csv(
+        fcd_path, sep=";", float_precision="round_trip",
+        dtype={"timestep_time": str, "vehicle_id": str, "vehicle_type": str},
+    )
+    df = df[df["vehicle_id"].notna()]
+    # Exact frame index from the text time stamp ("123.400"): no float rounding at all.
+    t_parts = df["timestep_time"].str.split(".", n=1, expand=True)
+    frame = t_parts[0].astype(np.int64).to_numpy() * 10 + t_parts[1].str[0].astype(np.int64).to_numpy()
+    frame = frame - round(warmup_s / STEP_S)
+    keep = (frame >= 0) & (frame < num_frames)
+    df = df[keep]
+    frame = frame[keep]
+    vid = df["vehicle_id"].astype(np.int64).to_numpy()
+    sizes = {t.id: (round(t.length_m * 1000), round(t.width_m * 1000)) for t in VEHICLE_TYPES}
+    types = df["vehicle_type"].to_numpy()
+    unknown = set(np.unique(types)) - set(sizes)
+    if unknown:
+        raise TownGenerationError(f"FCD {fcd_path} has unknown vehicle types {sorted(unknown)}.")
+    length_mm = np.array([sizes[t][0] for t in types], dtype=np.int64)
+    width_mm = np.array([sizes[t][1] for t in types], dtype=np.int64)
+
+    x, y, vx, vy, psi = fcd_to_centre(
+        df["vehicle_x"].to_numpy(np.float64), df["vehicle_y"].to_numpy(np.float64),
+        df["vehicle_angle"].to_numpy(np.float64), df["vehicle_speed"].to_numpy(np.float64),
+        length_mm / 1000.0,
+    )
+    values = np.stack([
+        np.rint(x * 1000), np.rint(y * 1000), np.rint(vx * 1000), np.rint(vy * 1000),
+        np.clip(np.rint(psi * 1000), -3141, 3141),
+    ], axis=1).astype(np.int64)
+
+    # Group rows by vehicle; vehicles ordered by first recorded frame, then by departure order.
+    order = np.lexsort((frame, vid))
+    vid, frame, values, length_mm, width_mm = vid[order], frame[order], values[order], length_mm[order], width_mm[order]
+    starts = np.flatnonzero(np.concatenate([[True], vid[1:] != vid[:-1]]))
+    counts = np.diff(np.concatenate([starts, [len(vid)]]))
+    first = frame[starts]
+    last = frame[starts + counts - 1]
+    if np.any(last - first + 1 != counts):
+        raise TownGenerationError(f"FCD {fcd_path}: a vehicle track has missing frames (teleport?).")
+    track_order = np.lexsort((vid[starts], first))
+    rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in track_order]) if len(starts) else \
+        np.zeros(0, dtype=np.int64)
+    return RunTracks(
+        num_frames=num_frames,
+        first_frame=first[track_order].astype(np.int64),
+        num_track_frames=counts[track_order].astype(np.int64),
+        length_mm=length_mm[starts][track_order],
+        width_mm=width_mm[starts][track_order],
+        values=values[rows],
+    )
+
+
+def simulate_town(spec: TownSpec, net_path: Path, routes: list[list[str]], workdir: Path, seed: int,
+                  warmup_s: float, num_frames: int) -> RunTracks:
+    """Seeded trips + one SUMO run of ``warmup_s`` plus ``num_frames`` recorded frames.
+
+    ``seed`` drives both the trip sampling (numpy) and SUMO's own RNG, so one seed gives one run.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    end_s = round(warmup_s + num_frames * STEP_S + 1.0, 1)
+    rng = np.random.default_rng(seed)
+    routes_path = workdir / "trips.rou.xml"
+    fcd_path = workdir / "fcd.csv"
+    write_routes(routes_path, routes, rng, spec.demand_veh_per_s, end_s)
+    run_sumo(net_path, routes_path, fcd_path, sumo_seed=seed % (2**31 - 1), end_s=end_s)
+    return parse_fcd(fcd_path, warmup_s, num_frames)
