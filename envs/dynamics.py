@@ -92,6 +92,7 @@ class InvertibleBicycle(Dynamics):
     ``inverse`` takes the speed change from the velocities and the curvature from the heading change, so
     ``forward(inverse(s0, s1))`` reproduces heading and speed exactly; the position matches to the extent the
     logged displacement agrees with the logged speeds (measured on the towns data in the README).
+    Braking stops a moving vehicle and never reverses it (no reverse gear in this model).
     Bounds: accel in [-10, 6] m/s² (hard braking to brisk acceleration), |curvature| <= 0.3 1/m (3.3 m radius).
     """
 
@@ -103,6 +104,8 @@ class InvertibleBicycle(Dynamics):
     def forward(self, state, action, dt):
         v0 = speed_along_heading(state)
         v1 = v0 + action[..., 0] * dt
+        # Braking stops a vehicle; it never drives it backwards.
+        v1 = torch.where((v0 >= 0) & (v1 < 0), torch.zeros_like(v1), v1)
         distance = 0.5 * (v0 + v1) * dt
         turn = action[..., 1] * distance
         mean_heading = state[..., 2] + 0.5 * turn

@@ -27,12 +27,12 @@ INFO_METRICS = ("collision", "offroad", "road_edge_distance", "progress", "log_d
 class TrafficEngine:
     """B episode slots over one dataset split. ``reset_slots`` starts episodes, ``step`` advances all slots."""
 
-    def __init__(self, cfg: EnvConfig, num_slots: int, mode: str):
+    def __init__(self, cfg: EnvConfig, num_slots: int, mode: str, single: bool = False):
         from envs.data import open_dataset
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        self.cfg, self.mode, self.num_slots = cfg, mode, num_slots
+        self.cfg, self.mode, self.num_slots, self.single = cfg, mode, num_slots, single
         self.dataset = open_dataset(cfg.dataset, cfg.split, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
                                     case_length=cfg.case_length)
         ids = list(cfg.scenes) if cfg.scenes is not None else self.dataset.scene_ids
@@ -152,8 +152,9 @@ class TrafficEngine:
         except Exception as e:  # ragged lists and the like
             raise InvalidActionError(f"Action {action!r} is not array-like: {e}.") from e
         if arr.shape != expected:
-            raise InvalidActionError(f"Action has shape {arr.shape}, expected {expected[1:] if self.num_slots == 1 else expected} "
-                                     f"({self.dynamics.name} dynamics: {', '.join(self.dynamics.action_names)}"
+            got, want = (arr.shape[1:], expected[1:]) if self.single else (arr.shape, expected)
+            raise InvalidActionError(f"Action has shape {got}, expected {want} ({self.dynamics.name} dynamics: "
+                                     f"{', '.join(self.dynamics.action_names)}"
                                      f"{' per agent slot' if self.mode == 'sim_agents' else ''}).")
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise InvalidActionError(f"Action dtype {arr.dtype} is not numeric; pass a float array.")

@@ -95,11 +95,12 @@ def boxes_overlap(corners_a: torch.Tensor, corners_b: torch.Tensor) -> torch.Ten
     edges = torch.cat([corners_a[..., 1:3, :] - corners_a[..., 0:2, :],
                        corners_b[..., 1:3, :] - corners_b[..., 0:2, :]], dim=-2)  # (..., 4, 2)
     axes = torch.stack([-edges[..., 1], edges[..., 0]], dim=-1)  # (..., 4, 2)
-    proj_a = torch.einsum("...kd,...cd->...kc", axes, corners_a)  # (..., 4 axes, 4 corners)
-    proj_b = torch.einsum("...kd,...cd->...kc", axes, corners_b)
+    # Projections of every corner on every axis: (..., 4 axes, 4 corners). Plain broadcasting, not einsum:
+    # tiny einsum outputs hit a slow reduction path in torch 2.x on CPU.
+    proj_a = (axes[..., :, None, :] * corners_a[..., None, :, :]).sum(-1)
+    proj_b = (axes[..., :, None, :] * corners_b[..., None, :, :]).sum(-1)
     # Separated on an axis if one interval ends before (or exactly where) the other begins. A small relative
     # tolerance makes exactly-touching boxes (up to float rounding) count as separated.
     scale = axes.norm(dim=-1) * 1e-6
-    separated = (proj_a.max(-1).values <= proj_b.min(-1).values + scale) | \
-                (proj_b.max(-1).values <= proj_a.min(-1).values + scale)
+    separated = (proj_a.amax(-1) <= proj_b.amin(-1) + scale) | (proj_b.amax(-1) <= proj_a.amin(-1) + scale)
     return ~separated.any(dim=-1)

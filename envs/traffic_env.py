@@ -28,7 +28,7 @@ class _TrafficEnv(gym.Env):
             raise UnknownNameError("render_mode", render_mode, self.metadata["render_modes"])
         self.config = EnvConfig.from_kwargs(config, **overrides)
         self.render_mode = render_mode
-        self.engine = TrafficEngine(self.config, num_slots=1, mode=self._mode)
+        self.engine = TrafficEngine(self.config, num_slots=1, mode=self._mode, single=True)
         self.observation_space = self.engine.observation_space()
         self.action_space = self.engine.action_space()
         self.metadata = {**self.metadata, "render_fps": round(1.0 / self.engine.dataset.dt)}
@@ -67,8 +67,7 @@ class _TrafficEnv(gym.Env):
             raise ResetNeededError("Call reset() before step().")
         if self.engine.done[0]:
             raise ResetNeededError("The episode has ended (terminated or truncated); call reset() before step().")
-        batch = np.asarray(action)[None] if _is_arraylike(action) else action
-        reward, terminated, truncated, infos = self.engine.step(batch)
+        reward, terminated, truncated, infos = self.engine.step(_add_batch_axis(action))
         obs = {k: v[0] for k, v in self.engine.observe().items()}
         return obs, float(reward[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
 
@@ -84,12 +83,12 @@ class _TrafficEnv(gym.Env):
         return self.engine.state
 
 
-def _is_arraylike(x) -> bool:
+def _add_batch_axis(action):
+    """``action[None]`` for anything array-like; anything else passes through to get a clear error."""
     try:
-        np.asarray(x, dtype=float)
-        return True
+        return np.asarray(action)[None]
     except (TypeError, ValueError):
-        return False
+        return action
 
 
 class EgoEnv(_TrafficEnv):

@@ -65,8 +65,8 @@ def collision_pairs(state: SimState, cache: dict | None = None) -> torch.Tensor:
     cur, live = state.current, _live(state)
     radius = 0.5 * state.extent.norm(dim=-1)  # (B, A)
     dist = torch.cdist(cur[..., :2], cur[..., :2])  # (B, A, A)
-    a = state.num_agents
-    upper = torch.ones(a, a, dtype=torch.bool, device=state.device).triu(1)
+    ar = torch.arange(state.num_agents, device=state.device)
+    upper = ar[:, None] < ar[None, :]  # (torch.triu is pathologically slow on tiny bool matrices)
     candidates = (dist < radius[:, :, None] + radius[:, None, :]) & live[:, :, None] & live[:, None, :] & upper
     idx = candidates.nonzero()  # (K, 3)
     corners = _corners(state, cache)

@@ -1,0 +1,189 @@
+"""Native Gymnasium vector envs: N scenes stepped in one batched ``SimState`` (no subprocesses, no copies).
+
+    envs = gym.make_vec("trafficgym/Ego-v0", num_envs=64, vectorization_mode="vector_entry_point", split="val")
+
+Autoreset follows Gymnasium's modes: ``NEXT_STEP`` (default: the step after an episode ends resets that env
+and returns its first observation with reward 0) or ``SAME_STEP`` (the ending step already returns the next
+episode's first observation; the last one is in ``info["final_obs"]``). ``SB3VecEnv`` adapts the latter to
+stable-baselines3's ``VecEnv`` so its algorithms train on it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from envs.config import EnvConfig
+from envs.engine import TrafficEngine
+from envs.errors import ResetNeededError, UnknownNameError
+
+VECTOR_RESET_OPTIONS = ("scene_index", "scene_id")
+
+
+class _TrafficVectorEnv(VectorEnv):
+    _mode: str
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int, config: EnvConfig | None = None, render_mode: str | None = None,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **overrides: Any):
+        if render_mode is not None:
+            raise UnknownNameError("render_mode", render_mode, self.metadata["render_modes"])
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        if self.autoreset_mode == AutoresetMode.DISABLED:
+            raise ValueError("autoreset_mode DISABLED is not supported; use NEXT_STEP or SAME_STEP.")
+        if self._mode == "sim_agents":
+            overrides.setdefault("terminate_on_collision", False)
+            overrides.setdefault("terminate_on_offroad", False)
+        self.config = EnvConfig.from_kwargs(config, **overrides)
+        self.num_envs = num_envs
+        self.render_mode = None
+        self.engine = TrafficEngine(self.config, num_slots=num_envs, mode=self._mode)
+        self.single_observation_space = self.engine.observation_space()
+        self.single_action_space = self.engine.action_space()
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode,
+                         "render_fps": round(1.0 / self.engine.dataset.dt)}
+        self._needs_reset = np.zeros(num_envs, bool)
+
+    def _scene_positions(self, options: dict | None, count: int) -> np.ndarray:
+        options = options or {}
+        for key in options:
+            if key not in VECTOR_RESET_OPTIONS:
+                raise UnknownNameError("reset option", key, VECTOR_RESET_OPTIONS)
+        n_scenes = len(self.engine.scene_indices)
+        if "scene_id" in options:
+            ids = list(options["scene_id"])
+            positions = [self.engine.scene_indices.index(self.engine.dataset.index_of(i)) for i in ids]
+        elif "scene_index" in options:
+            positions = list(np.asarray(options["scene_index"]).reshape(-1))
+        else:
+            return self.np_random.integers(n_scenes, size=count)
+        if len(positions) != count or not all(0 <= p < n_scenes for p in positions):
+            raise ValueError(f"Reset options must name {count} scenes within [0, {n_scenes}); got {positions}.")
+        return np.asarray(positions, np.int64)
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        if isinstance(seed, list | tuple):
+            seed = seed[0]  # one RNG drives scene choice for the whole batch
+        if seed is not None:
+            from gymnasium.utils import seeding
+
+            self._np_random, self._np_random_seed = seeding.np_random(seed)
+        positions = self._scene_positions(options, self.num_envs)
+        self.engine.reset_slots(np.arange(self.num_envs), positions)
+        self._needs_reset[:] = False
+        infos: dict = {}
+        for i in range(self.num_envs):
+            infos = self._add_info(infos, {"scene_id": self.engine.state.scene_ids[i]}, i)
+        return self.engine.observe(), infos
+
+    def step(self, actions):
+        if self.engine.state is None:
+            raise ResetNeededError("Call reset() before step().")
+        n = self.num_envs
+        resetting = self._needs_reset.copy()
+        active = ~resetting
+        reward = np.zeros(n)
+        terminated = np.zeros(n, bool)
+        truncated = np.zeros(n, bool)
+        infos: dict = {}
+        if active.any():
+            r, term, trunc, step_infos = self.engine.step(actions, active=active)
+            reward[active], terminated[active], truncated[active] = r[active], term[active], trunc[active]
+            for i in np.flatnonzero(active):
+                infos = self._add_info(infos, step_infos[i], i)
+        if resetting.any():  # NEXT_STEP: envs that ended last step start over now
+            self.engine.reset_slots(np.flatnonzero(resetting), self._scene_positions(None, int(resetting.sum())))
+        ended = terminated | truncated
+        if self.autoreset_mode == AutoresetMode.SAME_STEP and ended.any():
+            final = self.engine.observe()
+            for i in np.flatnonzero(ended):
+                infos = self._add_info(infos, {"final_obs": {k: v[i] for k, v in final.items()},
+                                               "final_info": {"scene_id": self.engine.state.scene_ids[i]}}, i)
+            self.engine.reset_slots(np.flatnonzero(ended), self._scene_positions(None, int(ended.sum())))
+            self._needs_reset[:] = False
+        else:
+            self._needs_reset = ended
+        return self.engine.observe(), reward, terminated, truncated, infos
+
+    @property
+    def state(self):
+        return self.engine.state
+
+
+class EgoVectorEnv(_TrafficVectorEnv):
+    """Vector version of ``trafficgym/Ego-v0``."""
+
+    _mode = "ego"
+
+
+class SimAgentsVectorEnv(_TrafficVectorEnv):
+    """Vector version of ``trafficgym/SimAgents-v0``."""
+
+    _mode = "sim_agents"
+
+
+def SB3VecEnv(env: _TrafficVectorEnv):  # noqa: N802 (a factory that reads like the class it returns)
+    """Wrap a trafficgym vector env (``SAME_STEP`` autoreset) as a stable-baselines3 ``VecEnv``.
+
+    >>> venv = SB3VecEnv(gym.make_vec("trafficgym/Ego-v0", num_envs=8, vectorization_mode="vector_entry_point",
+    ...                               autoreset_mode="SameStep"))
+    >>> PPO("MultiInputPolicy", venv).learn(10_000)
+    """
+    from stable_baselines3.common.vec_env import VecEnv
+
+    class _Adapter(VecEnv):
+        def __init__(self, venv: _TrafficVectorEnv):
+            inner = venv.unwrapped
+            if inner.autoreset_mode != AutoresetMode.SAME_STEP:
+                raise ValueError("SB3VecEnv needs a vector env made with autoreset_mode='SameStep' (SB3 resets "
+                                 "finished envs inside the same step).")
+            self.venv = inner
+            super().__init__(inner.num_envs, inner.single_observation_space, inner.single_action_space)
+            self._actions = None
+
+        def reset(self):
+            obs, _ = self.venv.reset(seed=self._seeds[0] if any(s is not None for s in self._seeds) else None)
+            self._reset_seeds()
+            return obs
+
+        def step_async(self, actions):
+            self._actions = actions
+
+        def step_wait(self):
+            obs, reward, terminated, truncated, infos = self.venv.step(self._actions)
+            done = terminated | truncated
+            out = [{} for _ in range(self.num_envs)]
+            for i in range(self.num_envs):
+                out[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+                if done[i]:
+                    out[i]["terminal_observation"] = infos["final_obs"][i]
+                if "metrics" in infos and infos.get("_metrics", np.zeros(self.num_envs, bool))[i]:
+                    out[i]["metrics"] = {k: v[i] for k, v in infos["metrics"].items() if not k.startswith("_")}
+            return obs, reward.astype(np.float32), done, out
+
+        def close(self):
+            self.venv.close()
+
+        def get_attr(self, attr_name, indices=None):
+            return [getattr(self.venv, attr_name)] * len(self._get_indices(indices))
+
+        def set_attr(self, attr_name, value, indices=None):
+            setattr(self.venv, attr_name, value)
+
+        def env_method(self, method_name, *args, indices=None, **kwargs):
+            return [getattr(self.venv, method_name)(*args, **kwargs)] * len(self._get_indices(indices))
+
+        def env_is_wrapped(self, wrapper_class, indices=None):
+            return [False] * len(self._get_indices(indices))
+
+        def get_images(self):
+            raise NotImplementedError("Rendering arrives with the renderer.")
+
+    return _Adapter(env)
