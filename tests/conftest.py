@@ -19,3 +19,18 @@ def _isolated_trafficgym_home(tmp_path_factory):
         os.environ.pop("TRAFFICGYM_HOME", None)
     else:
         os.environ["TRAFFICGYM_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """The hand-built INTERACTION-layout dataset (tests/interaction_fixture.py): 3 cases of 91 frames."""
+    from tests import interaction_fixture
+
+    return interaction_fixture.write_dataset(tmp_path_factory.mktemp("tiny_dataset"), cases=3, case_length=91)
+
+
+@pytest.fixture(scope="session")
+def tiny_env_kwargs(tiny_root, tmp_path_factory):
+    """Keyword arguments that point an env at the tiny dataset's val split."""
+    return dict(dataset="interaction_multi", data_dir=str(tiny_root), case_length=91, split="val",
+                cache_dir=str(tmp_path_factory.mktemp("tiny_cache")))
