@@ -209,6 +209,11 @@ def generate_towns(out_dir: str | Path, seed: int = 0, *, towns: Sequence[str] |
     specs = _resolve_towns(towns)
     config = config or GenerationConfig()
     out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir == ASSETS_DIR and not compress:
+        raise ValueError(
+            f"Refusing to write the uncompressed layout (~250 MB of CSV) over the committed assets in "
+            f"{ASSETS_DIR}; pass compress=True (CLI: --compress) to regenerate them."
+        )
     _check_writable(out_dir, "towns dataset output")
     _check_replaceable(out_dir)
     version = sumo_version()

@@ -266,7 +266,8 @@ def build_lanelet_map(net_path: Path, osm_path: Path) -> MapReport:
         start, end = group_point[joiner.find(2 * b)], group_point[joiner.find(2 * b + 1)]
         xy = np.concatenate([[[start.x, start.y]], bd.xy[1:-1], [[end.x, end.y]]])
         pts = [start]
-        for x, y in remove_folds(xy)[1:-1]:
+        # Densify again: the outer side of a bend is longer than the centre line it was offset from.
+        for x, y in densify(remove_folds(xy))[1:-1]:
             pts.append(Point3d(next_id, float(x), float(y), 0.0))
             next_id += 1
         pts.append(end)

@@ -179,18 +179,18 @@ def parse_fcd(fcd_path: Path, warmup_s: float, num_frames: int) -> RunTracks:
     """Read a SUMO FCD CSV and keep frames ``[0, num_frames)`` after ``warmup_s`` as :class:`RunTracks`."""
     import pandas as pd  # noqa: PLC0415 - heavy, generation only
 
-    df = pd.read_csv(
-        fcd_path, sep=";", float_precision="round_trip",
-        dtype={"timestep_time": str, "vehicle_id": str, "vehicle_type": str},
-    )
-    df = df[df["vehicle_id"].notna()]
-    # Exact frame index from the text time stamp ("123.400"): no float rounding at all.
+    value_cols = ["vehicle_x", "vehicle_y", "vehicle_angle", "vehicle_speed"]
+    # Everything is read as text: times and values are parsed exactly below, so the result does not
+    # depend on the float parser of the installed pandas version.
+    df = pd.read_csv(fcd_path, sep=";", dtype=str, keep_default_na=False)
+    df = df[df["vehicle_id"] != ""]
     t_parts = df["timestep_time"].str.split(".", n=1, expand=True)
     frame = t_parts[0].astype(np.int64).to_numpy() * 10 + t_parts[1].str[0].astype(np.int64).to_numpy()
     frame = frame - round(warmup_s / STEP_S)
     keep = (frame >= 0) & (frame < num_frames)
     df = df[keep]
     frame = frame[keep]
+    fixed = {c: _parse_fixed4(df[c], fcd_path) for c in value_cols}
     vid = df["vehicle_id"].astype(np.int64).to_numpy()
     sizes = {t.id: (round(t.length_m * 1000), round(t.width_m * 1000)) for t in VEHICLE_TYPES}
     types = df["vehicle_type"].to_numpy()
@@ -201,9 +201,7 @@ def parse_fcd(fcd_path: Path, warmup_s: float, num_frames: int) -> RunTracks:
     width_mm = np.array([sizes[t][1] for t in types], dtype=np.int64)
 
     x, y, vx, vy, psi = fcd_to_centre(
-        df["vehicle_x"].to_numpy(np.float64), df["vehicle_y"].to_numpy(np.float64),
-        df["vehicle_angle"].to_numpy(np.float64), df["vehicle_speed"].to_numpy(np.float64),
-        length_mm / 1000.0,
+        fixed["vehicle_x"], fixed["vehicle_y"], fixed["vehicle_angle"], fixed["vehicle_speed"], length_mm / 1000.0,
     )
     values = np.stack([
         np.rint(x * 1000), np.rint(y * 1000), np.rint(vx * 1000), np.rint(vy * 1000),
@@ -230,6 +228,14 @@ def parse_fcd(fcd_path: Path, warmup_s: float, num_frames: int) -> RunTracks:
         width_mm=width_mm[starts][track_order],
         values=values[rows],
     )
+
+
+def _parse_fixed4(col, fcd_path: Path) -> np.ndarray:
+    """Parse SUMO's fixed 4-decimal text (``--precision 4``) exactly: "-12.3400" -> -12.34."""
+    text = col.to_numpy(dtype=str)
+    if len(text) and not np.all(np.char.find(text, ".") == np.char.str_len(text) - 5):
+        raise TownGenerationError(f"FCD {fcd_path}: expected values with exactly 4 decimals (--precision 4).")
+    return np.char.replace(text, ".", "").astype(np.int64) / 10000.0
 
 
 def simulate_town(spec: TownSpec, net_path: Path, routes: list[list[str]], workdir: Path, seed: int,
