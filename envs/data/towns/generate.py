@@ -41,7 +41,7 @@ from envs.data.towns.interaction_csv import (
     write_csv,
 )
 from envs.data.towns.networks import TownSpec
-from envs.data.towns.simulate import STEP_S
+from envs.data.towns.simulate import STEP_S, RunTracks
 from envs.errors import CorruptDataError, DatasetNotFoundError, TrafficGymError, UnknownNameError
 
 GENERATOR_VERSION = 1
@@ -201,8 +201,9 @@ def generate_towns(out_dir: str | Path, seed: int = 0, *, towns: Sequence[str] |
         SumoNotAvailableError: SUMO or sumolib is not installed (``pip install -e '.[sumo]'``).
         TownGenerationError: a SUMO tool failed or the generated data failed a sanity check.
     """
-    from envs.data.towns import lanelet_map, networks, simulate  # noqa: PLC0415 - needs lanelet2
-    from envs.data.towns.sumo_tools import TownGenerationError, require_sumolib, sumo_version  # noqa: PLC0415
+    # Imported here so that ensure_towns() never loads lanelet2 / shapely / the SUMO helpers.
+    from envs.data.towns import lanelet_map, networks, simulate
+    from envs.data.towns.sumo_tools import TownGenerationError, require_sumolib, sumo_version
 
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
@@ -303,10 +304,8 @@ def generate_towns(out_dir: str | Path, seed: int = 0, *, towns: Sequence[str] |
     return manifest
 
 
-def _crop(tracks, starts: list[int]):
+def _crop(tracks: RunTracks, starts: list[int]) -> RunTracks:
     """Keep only the frames covered by some window (and the tracks present in them)."""
-    from envs.data.towns.simulate import RunTracks  # noqa: PLC0415
-
     if not starts:
         lo = hi = 0
     else:
@@ -338,7 +337,7 @@ def _agent_stats(counts: list[int]) -> dict:
 
 def _fraction_inside(osm_path: Path, runs: list[SplitRun]) -> float:
     """Fraction of logged box centres (every 10th row) inside some lanelet polygon."""
-    from envs.data.towns.lanelet_map import fraction_inside, lanelet_polygons  # noqa: PLC0415
+    from envs.data.towns.lanelet_map import fraction_inside, lanelet_polygons  # lanelet2: generation only
 
     xy = np.concatenate([r.tracks.values[::10, :2] for r in runs]) / 1000.0
     return round(fraction_inside(lanelet_polygons(osm_path), xy), 5)
@@ -548,8 +547,7 @@ def ensure_towns(root: str | Path | None = None) -> Path:
     """
     root = Path(root).expanduser().resolve() if root is not None else default_root().resolve()
     _check_writable(root, "towns dataset cache")
-    index, manifest_bytes = _load_packed(ASSETS_DIR)
-    del index
+    _, manifest_bytes = _load_packed(ASSETS_DIR)
     manifest = json.loads(manifest_bytes)
     files: dict[str, str] = manifest["files"]
 

@@ -20,7 +20,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lanelet2
 import numpy as np
+import shapely
+from lanelet2.core import AttributeMap, Lanelet, LaneletMap, LineString3d, Point3d
 
 from envs.data.towns.sumo_tools import TownGenerationError, require_sumolib
 
@@ -121,8 +124,6 @@ def _clean_shape(shape: list[tuple[float, float]]) -> np.ndarray:
 
 def _parallel(a: np.ndarray, b: np.ndarray, tol_m: float = 0.3) -> bool:
     """Whether polylines ``a`` and ``b`` (P, 2) lie within ``tol_m`` of each other (Hausdorff)."""
-    import shapely  # noqa: PLC0415
-
     return bool(shapely.hausdorff_distance(shapely.LineString(a), shapely.LineString(b)) <= tol_m)
 
 
@@ -237,9 +238,6 @@ class _EndpointJoiner:
 
 def build_lanelet_map(net_path: Path, osm_path: Path) -> MapReport:
     """Convert the SUMO network at ``net_path`` into a Lanelet2 OSM map at ``osm_path``."""
-    import lanelet2  # noqa: PLC0415 - generation only
-    from lanelet2.core import AttributeMap, Lanelet, LaneletMap, LineString3d, Point3d  # noqa: PLC0415
-
     boundaries, drafts, lane_index = build_drafts(net_path)
     joiner = _EndpointJoiner(len(boundaries), drafts)
     skipped = 0
@@ -295,8 +293,6 @@ def build_lanelet_map(net_path: Path, osm_path: Path) -> MapReport:
 
 def load_lanelet_map(osm_path: Path):
     """Load an OSM map exactly as trajdata does; returns (LaneletMap, RoutingGraph)."""
-    import lanelet2  # noqa: PLC0415
-
     projector = lanelet2.projection.UtmProjector(lanelet2.io.Origin(0.0, 0.0))
     lmap = lanelet2.io.load(str(osm_path), projector)
     rules = lanelet2.traffic_rules.create(
@@ -324,8 +320,6 @@ def lanelet_polygons(osm_path: Path) -> list[np.ndarray]:
 
 def fraction_inside(polygons: list[np.ndarray], xy: np.ndarray) -> float:
     """Fraction of points ``xy`` (K, 2) in metres lying inside at least one polygon (boundary counts)."""
-    import shapely  # noqa: PLC0415
-
     if len(xy) == 0:
         return 1.0
     tree = shapely.STRtree([shapely.Polygon(p).buffer(0) for p in polygons])

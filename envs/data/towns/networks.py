@@ -144,7 +144,7 @@ def interior_dead_end_edges(net_path: Path, border_margin_m: float) -> list[str]
     Removal is iterated (pruning a cul-de-sac can leave its parent road dead-ended). Returns sorted
     edge ids so the result is deterministic.
     """
-    import shapely  # noqa: PLC0415 - only needed while generating
+    import shapely  # generation only; keeps `import envs.data.towns` light
 
     sumolib = require_sumolib()
     net = sumolib.net.readNet(str(net_path))

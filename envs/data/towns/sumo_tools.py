@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from envs.errors import TrafficGymError
@@ -27,7 +28,7 @@ class TownGenerationError(TrafficGymError, RuntimeError):
 def sumo_home() -> Path:
     """The SUMO installation directory of the ``eclipse-sumo`` wheel (holds ``bin/`` and ``tools/``)."""
     try:
-        import sumo  # noqa: PLC0415 - optional dependency, imported where used
+        import sumo  # optional dependency (the `sumo` extra): imported where used
     except ImportError as exc:
         raise SumoNotAvailableError(f"Eclipse SUMO is not importable ({exc}). {INSTALL_HINT}") from exc
     home = Path(sumo.SUMO_HOME)
@@ -39,7 +40,7 @@ def sumo_home() -> Path:
 def require_sumolib():
     """Import and return ``sumolib``, or raise :class:`SumoNotAvailableError` naming the extra."""
     try:
-        import sumolib  # noqa: PLC0415 - optional dependency, imported where used
+        import sumolib  # optional dependency (the `sumo` extra): imported where used
     except ImportError as exc:
         raise SumoNotAvailableError(f"sumolib is not importable ({exc}). {INSTALL_HINT}") from exc
     return sumolib
@@ -47,8 +48,6 @@ def require_sumolib():
 
 def sumo_version() -> str:
     """The installed ``eclipse-sumo`` distribution version, e.g. ``"1.28.0"``."""
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
     sumo_home()  # raises the typed error when SUMO is missing
     try:
         return version("eclipse-sumo")
