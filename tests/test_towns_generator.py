@@ -456,3 +456,18 @@ def test_plain_generation_matches_committed_checksums(tmp_path):
     for rel, digest in manifest["files"].items():
         assert committed["files"][rel] == digest, rel
     assert verify_towns(tmp_path / "plain") == manifest
+
+
+def test_crop_keeps_cases_identical():
+    """Cropping a run to its windows (and renumbering frames) must not change any case's CSV text."""
+    rng = np.random.default_rng(3)
+    first = np.array([0, 5, 40, 120, 150, 260], dtype=np.int64)
+    count = np.array([300, 100, 91, 100, 20, 40], dtype=np.int64)
+    tracks = RunTracks(300, first, count, np.full(6, 4600), np.full(6, 1850),
+                       rng.integers(-9999, 9999, size=(int(count.sum()), 5)))
+    starts = [30, 60, 150]  # the first window (frame 0) is deliberately not used
+    full = "".join(iter_csv_chunks(SplitRun(tracks, tuple(starts))))
+    cropped = gen._crop(tracks, starts)
+    assert cropped.window_starts == (0, 30, 120)
+    assert cropped.tracks.num_tracks == 5  # the track starting at frame 260 lies outside every window
+    assert "".join(iter_csv_chunks(cropped)) == full

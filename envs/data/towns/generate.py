@@ -250,7 +250,7 @@ def generate_towns(out_dir: str | Path, seed: int = 0, *, towns: Sequence[str] |
                 num_frames=config.num_frames(split),
             )
             starts = full_window_starts(tracks, config.stride_frames, dict(config.cases_per_town)[split])
-            run = SplitRun(tracks=_crop(tracks, starts), window_starts=tuple(starts))
+            run = _crop(tracks, starts)
             _log(progress, f"{spec.name} {split}: {len(starts)} cases, {run.tracks.num_tracks} vehicles "
                            f"({time.monotonic() - t0:.1f} s)")
             return run
@@ -304,8 +304,11 @@ def generate_towns(out_dir: str | Path, seed: int = 0, *, towns: Sequence[str] |
     return manifest
 
 
-def _crop(tracks: RunTracks, starts: list[int]) -> RunTracks:
-    """Keep only the frames covered by some window (and the tracks present in them)."""
+def _crop(tracks: RunTracks, starts: list[int]) -> SplitRun:
+    """Keep only the frames covered by some window (and the tracks present in them).
+
+    Frames are renumbered so that the first window starts at frame 0; ``starts`` shift with them.
+    """
     if not starts:
         lo = hi = 0
     else:
@@ -320,13 +323,14 @@ def _crop(tracks: RunTracks, starts: list[int]) -> RunTracks:
         first.append(a - lo)
         count.append(b - a)
     rows_idx = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    return RunTracks(
+    cropped = RunTracks(
         num_frames=hi - lo,
         first_frame=np.asarray(first, dtype=np.int64),
         num_track_frames=np.asarray(count, dtype=np.int64),
         length_mm=tracks.length_mm[keep], width_mm=tracks.width_mm[keep],
         values=tracks.values[rows_idx],
     )
+    return SplitRun(tracks=cropped, window_starts=tuple(s - lo for s in starts))
 
 
 def _agent_stats(counts: list[int]) -> dict:
