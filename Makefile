@@ -13,7 +13,7 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev,sumo]"
+	$(PY) -m pip install -q -e ".[dev,sumo,marl]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -40,6 +40,8 @@ setup(
     extras_require={
         # Regenerating the default "towns" dataset. Pinned: byte-identical output needs the same SUMO.
         "sumo": ["eclipse-sumo==1.28.0", "sumolib==1.28.0"],
+        # The PettingZoo view of the sim-agents env (envs/multi_agent.py).
+        "marl": ["pettingzoo>=1.24"],
         "dev": ["pytest>=7", "hypothesis>=6", "ruff>=0.4"],
     },
     entry_points={"console_scripts": ["trafficgym=training.cli:main"]},

@@ -42,13 +42,26 @@ def register_step_metric(name: str, units: str, doc: str):
     return wrap
 
 
-def _live(state: SimState) -> torch.Tensor:
-    return state.current_valid & state.agent_mask
+def _memo(cache: dict | None, key: str, fn):
+    """``cache[key]``, computed by ``fn()`` on first use (metrics of one step share intermediate results)."""
+    if cache is None:
+        return fn()
+    if key not in cache:
+        cache[key] = fn()
+    return cache[key]
+
+
+def _current(state: SimState, cache: dict | None) -> torch.Tensor:
+    return _memo(cache, "current", lambda: state.current)
+
+
+def _live(state: SimState, cache: dict | None = None) -> torch.Tensor:
+    return _memo(cache, "live", lambda: state.current_valid & state.agent_mask)
 
 
 def _corners(state: SimState, cache: dict) -> torch.Tensor:
     if "corners" not in cache:
-        cur = state.current
+        cur = _current(state, cache)
         cache["corners"] = box_corners(cur[..., 0], cur[..., 1], cur[..., 2], state.extent[..., 0],
                                        state.extent[..., 1])  # (B, A, 4, 2)
     return cache["corners"]
@@ -62,7 +75,7 @@ def collision_pairs(state: SimState, cache: dict | None = None) -> torch.Tensor:
     cache = {} if cache is None else cache
     if "pairs" in cache:
         return cache["pairs"]
-    cur, live = state.current, _live(state)
+    cur, live = _current(state, cache), _live(state, cache)
     radius = 0.5 * state.extent.norm(dim=-1)  # (B, A)
     dist = torch.cdist(cur[..., :2], cur[..., :2])  # (B, A, A)
     ar = torch.arange(state.num_agents, device=state.device)
@@ -88,38 +101,42 @@ def collision(state: SimState, cache: dict) -> torch.Tensor:
                       "Signed distance of the box's worst corner to the road edge (> 0: beyond it). "
                       "0 on maps without road edges.")
 def road_edge_distance(state: SimState, cache: dict) -> torch.Tensor:
+    return _memo(cache, "road_edge_distance", lambda: _road_edge_distance(state, cache))
+
+
+def _road_edge_distance(state: SimState, cache: dict) -> torch.Tensor:
     corners = _corners(state, cache).reshape(state.batch_size, -1, 2)  # (B, A*4, 2)
     maps = state.maps
     d = sample_sdf(maps.sdf, maps.sdf_origin, maps.sdf_resolution, state.map_idx, corners)
     d = d.reshape(state.batch_size, state.num_agents, 4).amax(dim=-1)
     has = maps.has_road_edges[state.map_idx][:, None]
-    return torch.where(_live(state) & has, d, torch.zeros_like(d))
+    return torch.where(_live(state, cache) & has, d, torch.zeros_like(d))
 
 
 @register_step_metric("offroad", "bool",
                       "A vehicle's box corner lies beyond the road edge (pedestrians/cyclists: always False).")
 def offroad(state: SimState, cache: dict) -> torch.Tensor:
     vehicle = state.agent_type == AgentType.VEHICLE
-    return (road_edge_distance(state, cache) > OFFROAD_TOLERANCE) & vehicle & _live(state)
+    return (road_edge_distance(state, cache) > OFFROAD_TOLERANCE) & vehicle & _live(state, cache)
 
 
 @register_step_metric("progress", "m", "Distance travelled along the agent's own logged path, measured at the "
                       "projection of its current position onto that path.")
 def progress(state: SimState, cache: dict) -> torch.Tensor:
-    xy = state.current[..., :2]  # (B, A, 2)
-    d = (state.log[..., :2] - xy[:, :, None, :]).norm(dim=-1)  # (B, A, T)
-    d = torch.where(state.log_valid, d, torch.full_like(d, float("inf")))
-    nearest = d.argmin(dim=-1, keepdim=True)  # (B, A, 1)
+    xy = _current(state, cache)[..., :2]  # (B, A, 2)
+    d2 = ((state.log[..., :2] - xy[:, :, None, :]) ** 2).sum(-1)  # (B, A, T) squared distances
+    d2 = d2.masked_fill(~state.log_valid, float("inf"))
+    nearest = d2.argmin(dim=-1, keepdim=True)  # (B, A, 1)
     p = state.log_arclength.gather(2, nearest).squeeze(-1)
-    has_log = state.log_valid.any(dim=-1)
-    return torch.where(_live(state) & has_log, p, torch.zeros_like(p))
+    # Agents without any logged position have progress 0 (their d2 is all inf; argmin's pick is irrelevant).
+    return p * (_live(state, cache) & torch.isfinite(d2.gather(2, nearest).squeeze(-1)))
 
 
 @register_step_metric("log_divergence", "m", "Distance from the agent's position to its logged position at the "
                       "same step (0 where the log has no position).")
 def log_divergence(state: SimState, cache: dict) -> torch.Tensor:
-    d = (state.current[..., :2] - state.at(state.log)[..., :2]).norm(dim=-1)
-    ok = _live(state) & state.at(state.log_valid)
+    d = (_current(state, cache)[..., :2] - state.at(state.log)[..., :2]).norm(dim=-1)
+    ok = _live(state, cache) & state.at(state.log_valid)
     return torch.where(ok, d, torch.zeros_like(d))
 
 
@@ -134,22 +151,22 @@ def _speed_history(state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_step_metric("acceleration", "m/s^2", "Change of speed over the last step (0 until 3 valid steps).")
 def acceleration(state: SimState, cache: dict) -> torch.Tensor:
-    speed, ok = _speed_history(state)
+    speed, ok = _memo(cache, "speed_history", lambda: _speed_history(state))
     a = (speed[..., 2] - speed[..., 1]) / state.dt
     return torch.where(ok, a, torch.zeros_like(a))
 
 
 @register_step_metric("jerk", "m/s^3", "Change of acceleration over the last step (0 until 3 valid steps).")
 def jerk(state: SimState, cache: dict) -> torch.Tensor:
-    speed, ok = _speed_history(state)
+    speed, ok = _memo(cache, "speed_history", lambda: _speed_history(state))
     j = (speed[..., 2] - 2 * speed[..., 1] + speed[..., 0]) / state.dt**2
     return torch.where(ok, j, torch.zeros_like(j))
 
 
 @register_step_metric("speed", "m/s", "Magnitude of the velocity.")
 def speed(state: SimState, cache: dict) -> torch.Tensor:
-    v = state.current[..., 3:5].norm(dim=-1)
-    return torch.where(_live(state), v, torch.zeros_like(v))
+    v = _current(state, cache)[..., 3:5].norm(dim=-1)
+    return torch.where(_live(state, cache), v, torch.zeros_like(v))
 
 
 def compute_step_metrics(state: SimState, names=None, extra: dict | None = None) -> dict[str, torch.Tensor]:
@@ -169,5 +186,5 @@ def compute_step_metrics(state: SimState, names=None, extra: dict | None = None)
             out[name] = STEP_METRICS[name].fn(state, cache)
         else:
             raise UnknownNameError("step metric", name, [*STEP_METRICS, *extra])
-    out["_collision_pairs"] = cache.get("pairs", collision_pairs(state, cache))
+    out["_collision_pairs"] = collision_pairs(state, cache)  # memoised: free if "collision" was computed
     return out
