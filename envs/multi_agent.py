@@ -13,7 +13,6 @@ seen from each agent. The fast path is ``trafficgym/SimAgents-v0`` itself (padde
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -42,11 +41,10 @@ class TrafficParallelEnv(ParallelEnv):
         self.agents: list[str] = []
         self.render_mode = None
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one space per agent for the env's lifetime, as PettingZoo expects
     def observation_space(self, agent: str):
+        # The same object every call, as PettingZoo expects.
         return self._single_obs_space
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019
     def action_space(self, agent: str):
         return self._single_action_space
 
