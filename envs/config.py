@@ -11,6 +11,7 @@ from envs.rewards import RewardConfig
 
 ACTION_BOUNDS_MODES = ("raise", "clip")
 ACTION_SCALES = ("normalized", "physical")
+CONTROLLED_MODES = ("all", "vehicles")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class EnvConfig:
         obs, reward: observation sizes and reward weights.
         terminate_on_collision / terminate_on_offroad: end the episode when the ego collides / leaves the road
             (the sim-agents env never terminates early).
+        controlled: who the sim-agents env controls: ``"all"`` (default: every agent valid at the start step),
+            ``"vehicles"`` (every vehicle valid then), or a tuple of agent ids (for a fixed scene; ids missing
+            from a scene are ignored). The ego env always controls the ego alone.
         traffic: what drives the agents the env does not control: ``"log"`` (log replay) or a policy object
             with ``act(state, mask) -> Action`` and a ``dynamics`` attribute.
         max_agents: pad scenes to this many agents (default: the largest scene of the split).
@@ -51,6 +55,7 @@ class EnvConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     terminate_on_collision: bool = True
     terminate_on_offroad: bool = True
+    controlled: str | tuple[str, ...] = "all"
     traffic: Any = "log"
     max_agents: int | None = None
     device: str = "cpu"
@@ -71,6 +76,9 @@ class EnvConfig:
             raise UnknownNameError("dynamics model", self.dynamics, DYNAMICS)
         if self.start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {self.start_step}.")
+        if isinstance(self.controlled, str) and self.controlled not in CONTROLLED_MODES:
+            raise UnknownNameError("controlled mode", self.controlled, CONTROLLED_MODES,
+                                   fix="Or pass a tuple of agent ids.")
         if self.scenes is not None and isinstance(self.scenes, str):
             raise ValueError(f"scenes must be a sequence of scene ids, got the string {self.scenes!r}.")
 
@@ -78,6 +86,8 @@ class EnvConfig:
     def from_kwargs(cls, config: EnvConfig | None = None, **overrides) -> EnvConfig:
         """``config`` (or the defaults) with ``overrides`` applied; unknown keys raise with a suggestion."""
         check_kwargs("env keyword argument", overrides, [f.name for f in fields(cls)])
-        if "scenes" in overrides and overrides["scenes"] is not None and not isinstance(overrides["scenes"], str):
-            overrides["scenes"] = tuple(overrides["scenes"])
+        for key in ("scenes", "controlled"):
+            value = overrides.get(key)
+            if value is not None and not isinstance(value, str):
+                overrides[key] = tuple(value)
         return replace(config or cls(), **overrides)

@@ -37,6 +37,11 @@ class TrafficEngine:
                                     case_length=cfg.case_length)
         ids = list(cfg.scenes) if cfg.scenes is not None else self.dataset.scene_ids
         self.scene_indices = [self.dataset.index_of(i) for i in ids]
+        if mode == "ego" and cfg.scenes is None:  # scenes without an ego cannot host the ego env
+            self.scene_indices = [i for i in self.scene_indices if self.dataset._entries[i]["ego_index"] >= 0]
+            if not self.scene_indices:
+                raise NoEgoError(f"No scene of {cfg.dataset}/{cfg.split} has an ego candidate (a vehicle observed "
+                                 f"throughout); use trafficgym/SimAgents-v0, which needs none.")
         if not self.scene_indices:
             raise ValueError(f"No scenes selected from {cfg.dataset}/{cfg.split}.")
         entries = [self.dataset._entries[i] for i in self.scene_indices]
@@ -97,7 +102,7 @@ class TrafficEngine:
     def reset_slots(self, slots: np.ndarray, scene_positions: np.ndarray) -> None:
         """Start fresh episodes in ``slots`` on the scenes at ``scene_positions`` (indices into the selection)."""
         scenes = [self.dataset[self.scene_indices[int(p)]] for p in scene_positions]
-        controlled = "ego" if self.mode == "ego" else "all"
+        controlled = "ego" if self.mode == "ego" else [self._controlled_mask(s) for s in scenes]
         try:
             fresh = sim.reset(scenes, self.cfg.start_step, controlled, self.cfg.device, self.num_agents,
                               self.num_steps, maps=self.maps)
@@ -123,6 +128,17 @@ class TrafficEngine:
             self.traffic.reset(self.state, self._traffic_mask())
         self.done[slots] = False
         self.slot_scene[slots] = scene_positions
+
+    def _controlled_mask(self, scene) -> np.ndarray:
+        """Who the sim-agents env controls in ``scene`` (before the valid-at-start filter in ``sim.reset``)."""
+        from envs.types import AgentType
+
+        wanted = self.cfg.controlled
+        if wanted == "all":
+            return np.ones(scene.num_agents, bool)
+        if wanted == "vehicles":
+            return scene.agent_type == AgentType.VEHICLE
+        return np.isin(scene.agent_ids, np.asarray(wanted, dtype=str))
 
     def _traffic_mask(self) -> torch.Tensor:
         return self.state.agent_mask & ~self.state.controlled

@@ -199,3 +199,50 @@ def test_sb3_ppo_trains_on_the_vector_env(tiny_env_kwargs):
     model = PPO("MultiInputPolicy", venv, n_steps=128, batch_size=128, n_epochs=1, seed=0, verbose=0)
     model.learn(2000)
     assert model.num_timesteps >= 2000
+
+
+# ---- who is controlled, and the traffic hook ----------------------------------------------------------------
+
+class BrakingTraffic:
+    """A minimal traffic policy: every agent it drives brakes at 8 m/s^2 (bicycle dynamics)."""
+
+    def __init__(self):
+        from envs.dynamics import InvertibleBicycle
+
+        self.dynamics = InvertibleBicycle()
+        self.calls = 0
+
+    def act(self, state, mask):
+        import torch
+
+        from envs.types import Action
+
+        self.calls += 1
+        data = torch.zeros(*mask.shape, 2)
+        data[..., 0] = -8.0
+        return Action(data, mask.clone())
+
+
+def test_traffic_policy_drives_the_non_ego_agents(tiny_env_kwargs):
+    traffic = BrakingTraffic()
+    env = gym.make("trafficgym/Ego-v0", traffic=traffic, **tiny_env_kwargs)
+    env.reset(options={"scene_index": 0})
+    for _ in range(20):
+        env.step(np.zeros(2, np.float32))
+    state = env.unwrapped.state
+    # Track 2 (index 1) logged 5 m/s; braking at 8 m/s^2 it stands still after 0.7 s. The ego kept its speed.
+    assert traffic.calls == 20
+    assert state.current[0, 1, 3:5].norm().item() == 0.0
+    assert state.current[0, 0, 3].item() == pytest.approx(11.0, abs=1e-4)
+    with pytest.raises(TypeError, match="act\\(state, mask\\)"):
+        gym.make("trafficgym/Ego-v0", traffic=object(), **tiny_env_kwargs)
+
+
+@pytest.mark.parametrize(("controlled", "expected"), [("all", [1, 1, 1]), ("vehicles", [1, 1, 0]),
+                                                      (("0_2",), [0, 1, 0])])
+def test_sim_agents_controlled_subsets(tiny_env_kwargs, controlled, expected):
+    env = gym.make("trafficgym/SimAgents-v0", controlled=controlled, **tiny_env_kwargs)
+    obs, _ = env.reset(options={"scene_index": 0})
+    assert obs["controlled"][:3].tolist() == expected
+    with pytest.raises(UnknownNameError, match="controlled mode"):
+        gym.make("trafficgym/SimAgents-v0", controlled="cars", **tiny_env_kwargs)
