@@ -383,6 +383,8 @@ def test_lanelet_map_routing(towns_root, manifest, town):
     assert len(lanelets) == manifest["maps"][town]["lanelets"]
     no_succ = [ll for ll in lanelets if not graph.following(ll)]
     assert len(no_succ) == manifest["maps"][town]["fringe_lanelets_without_successor"]
+    assert manifest["maps"][town]["sumo_connections_missing_in_routing_graph"] == 0
+    assert manifest["maps"][town]["centres_inside_lanelets"] >= 0.99
     through_junction = 0
     for ll in lanelets:
         internal = ll.attributes["sumo_lane_id"].startswith(":")

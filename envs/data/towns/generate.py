@@ -394,6 +394,7 @@ def _manifest(seed, version, specs, config, cases, agents, traffic, files, maps)
                 "lanelets": maps[t.name]["report"].num_lanelets,
                 "internal_lanelets": maps[t.name]["report"].num_internal_lanelets,
                 "fringe_lanelets_without_successor": len(maps[t.name]["check"]["without_successor"]),
+                "sumo_connections_missing_in_routing_graph": maps[t.name]["check"]["missing_connections"],
                 "centres_inside_lanelets": maps[t.name]["inside"],
             }
             for t in specs

@@ -52,7 +52,13 @@ class _LaneletDraft:
 
 @dataclass(frozen=True)
 class MapReport:
-    """Summary of a built map: counts and topology check (see :func:`check_routing`)."""
+    """Summary of a built map (the routing check of the written file is :func:`check_map`).
+
+    Attributes:
+        num_lanelets: lanelets written (one per car-drivable SUMO lane).
+        num_internal_lanelets: of which junction-internal lanes.
+        skipped_joins: SUMO connections whose endpoint sharing was refused as degenerate.
+    """
 
     num_lanelets: int
     num_internal_lanelets: int
