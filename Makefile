@@ -30,7 +30,7 @@ lint: venv
 
 # Regenerate the committed towns dataset from SUMO (byte-identical for a seed).
 data: venv
-	$(VENV)/bin/trafficgym data generate --out envs/data/towns/assets
+	$(VENV)/bin/trafficgym data generate --out envs/data/towns/assets --compress
 
 clean:
 	rm -rf $(VENV) build *.egg-info
