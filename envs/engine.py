@@ -279,10 +279,19 @@ class TrafficEngine:
 
 
 def _write_slots(state: SimState, fresh: SimState, slots: torch.Tensor) -> SimState:
-    """Copy the per-scene rows of ``fresh`` (len(slots) scenes) into ``state`` at ``slots``."""
+    """Copy the per-scene rows of ``fresh`` (len(slots) scenes) into ``state`` at ``slots``.
+
+    Shapes match (fixed agent and step padding) except the route length, which grows to the longer of the two.
+    """
     from dataclasses import fields, replace
 
     updates = {}
+    p_old, p_new = state.route_xy.shape[2], fresh.route_xy.shape[2]
+    if p_new > p_old:
+        updates["route_xy"] = _pad_routes(state.route_xy, p_new)
+    elif p_new < p_old:
+        fresh = replace(fresh, route_xy=_pad_routes(fresh.route_xy, p_old))
+    state = replace(state, **updates)
     for f in fields(SimState):
         value = getattr(state, f.name)
         if isinstance(value, torch.Tensor):
@@ -290,8 +299,13 @@ def _write_slots(state: SimState, fresh: SimState, slots: torch.Tensor) -> SimSt
     ids = list(state.scene_ids)
     for k, s in enumerate(slots.tolist()):
         ids[s] = fresh.scene_ids[k]
-    updates["scene_ids"] = tuple(ids)
-    return replace(state, **updates)
+    return replace(state, scene_ids=tuple(ids))
+
+
+def _pad_routes(route_xy: torch.Tensor, points: int) -> torch.Tensor:
+    """Pad ``(B, A, P, 2)`` routes to ``points`` by repeating each route's last point."""
+    extra = route_xy[:, :, -1:].expand(-1, -1, points - route_xy.shape[2], -1)
+    return torch.cat([route_xy, extra], dim=2)
 
 
 def _hold(state: SimState, old_t: torch.Tensor, active: torch.Tensor) -> SimState:

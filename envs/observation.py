@@ -20,7 +20,7 @@ import torch
 from gymnasium import spaces
 
 from envs.geometry import to_local, wrap_angle
-from envs.types import AgentType, PolylineType, SimState
+from envs.types import ROUTE_SPACING, AgentType, PolylineType, SimState
 
 MAP_TYPES = (PolylineType.LANE_CENTER, PolylineType.LANE_BOUNDARY, PolylineType.ROAD_EDGE, PolylineType.CROSSWALK)
 SELF_FEATURES = ("speed", "acceleration", "yaw_rate", "length", "width")
@@ -160,30 +160,17 @@ def _chunk_centres(maps) -> torch.Tensor:
 
 
 def _route(state: SimState, observers: torch.Tensor, cfg: ObsConfig, my_xy, my_h):
-    """Points every ``route_spacing`` m ahead of the observer's projection on its logged path."""
-    bsz, o = observers.shape
-    b = torch.arange(bsz, device=state.device)
-    log = state.log[b[:, None], observers]  # (B, O, T, 5)
-    lvalid = state.log_valid[b[:, None], observers]  # (B, O, T)
-    arc = state.log_arclength[b[:, None], observers]  # (B, O, T)
-    d = (log[..., :2] - my_xy[..., None, :]).norm(dim=-1)
-    d = torch.where(lvalid, d, torch.full_like(d, float("inf")))
-    nearest = d.argmin(dim=-1, keepdim=True)
-    here = arc.gather(-1, nearest)  # (B, O, 1)
-    targets = here + cfg.route_spacing * torch.arange(1, cfg.route_points + 1, device=state.device)
-    last_valid = torch.where(lvalid, arc, torch.full_like(arc, -1.0)).amax(dim=-1, keepdim=True)
-    # Interpolate along the (non-decreasing) arclength; invalid steps are pushed past the end.
-    arc_sorted = torch.where(lvalid, arc, torch.full_like(arc, 1e9))
-    arc_sorted, order = arc_sorted.sort(dim=-1)
-    pts = log[..., :2].gather(-2, order[..., None].expand(*order.shape, 2))
-    hi = torch.searchsorted(arc_sorted.contiguous(), targets.contiguous()).clamp(1, arc.shape[-1] - 1)
-    lo = hi - 1
-    a0, a1 = arc_sorted.gather(-1, lo), arc_sorted.gather(-1, hi)
-    frac = ((targets - a0) / (a1 - a0).clamp(min=1e-6)).clamp(0, 1)[..., None]
-    p0 = pts.gather(-2, lo[..., None].expand(*lo.shape, 2))
-    p1 = pts.gather(-2, hi[..., None].expand(*hi.shape, 2))
-    world = p0 + frac * (p1 - p0)
-    ok = targets <= last_valid
+    """Points every ``route_spacing`` m ahead of the observer's tracked position on its logged path."""
+    bsz, _ = observers.shape
+    b = torch.arange(bsz, device=state.device)[:, None]
+    stride = max(1, round(cfg.route_spacing / ROUTE_SPACING))
+    ahead = torch.arange(1, cfg.route_points + 1, device=state.device) * stride
+    idx = state.route_pos[b, observers][..., None] + ahead  # (B, O, R)
+    length = state.route_len[b, observers][..., None]
+    ok = idx < length
+    routes = state.route_xy[b, observers]  # (B, O, P, 2)
+    idx = torch.minimum(idx, (length - 1).clamp(min=0))
+    world = routes.gather(2, idx[..., None].expand(*idx.shape, 2))
     local = to_local(world, my_xy, my_h) * ok[..., None]
     return local, ok.float()
 

@@ -18,9 +18,10 @@ import torch
 from envs.dynamics import Dynamics
 from envs.errors import EmptySceneError, NoEgoError
 from envs.map_index import map_index
-from envs.types import Action, MapBatch, MapData, Scene, SimState
+from envs.types import ROUTE_SPACING, Action, MapBatch, MapData, Scene, SimState
 
 CONTROL_MODES = ("ego", "all", "none")
+ROUTE_WINDOW = (-4, 12)  # route points searched around the last position each step (1 m apart: 16 m of travel)
 SDF_PAD = 1e3  # m: padding of SDF grids reads as far off-road
 
 
@@ -53,6 +54,39 @@ def stack_maps(maps: Sequence[MapData], device: torch.device | str = "cpu") -> M
                     sdf_origin=t(np.stack([ix.origin for ix in indices])), sdf_resolution=resolutions.pop(),
                     has_road_edges=t(np.array([ix.has_road_edges for ix in indices])), chunks=t(chunks),
                     chunk_mask=t(chunk_mask), chunk_type=t(chunk_type), chunk_valid=t(chunk_valid))
+
+
+def resample_routes(log: np.ndarray, log_valid: np.ndarray, spacing: float = ROUTE_SPACING,
+                    min_points: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Each agent's logged path (valid positions in time order) resampled every ``spacing`` m of arc length.
+
+    ``log``: ``(B, A, T, 5)``, ``log_valid``: ``(B, A, T)``. Returns ``route_xy`` ``(B, A, P, 2)`` float32 (padding
+    repeats the last point) and ``route_len`` ``(B, A)`` int64 (0 for agents never observed). A standing agent
+    has a one-point route. Vectorised over all agents (one batched search, no Python loop).
+    """
+    b, a, t = log_valid.shape
+    xy = log[..., :2].reshape(b * a, t, 2).astype(np.float64)
+    valid = log_valid.reshape(b * a, t)
+    steps = np.arange(t)
+    # Fill gaps with the last valid position (leading gaps with the first), so gaps add no arc length.
+    last = np.maximum.accumulate(np.where(valid, steps, -1), axis=1)
+    last = np.where(last < 0, valid.argmax(axis=1)[:, None], last)
+    filled = np.take_along_axis(xy, last[..., None], axis=1)
+    arc = np.concatenate([np.zeros((b * a, 1)), np.cumsum(np.linalg.norm(np.diff(filled, axis=1), axis=-1), axis=1)],
+                         axis=1)  # (N, T) non-decreasing
+    observed = valid.any(axis=1)
+    lengths = np.where(observed, np.floor(arc[:, -1] / spacing + 1e-9).astype(np.int64) + 1, 0)
+    p_max = max(int(lengths.max(initial=0)), min_points)
+    targets = np.minimum(np.arange(p_max) * spacing, arc[:, -1:])  # (N, P): padding repeats the end
+    hi = torch.searchsorted(torch.from_numpy(arc), torch.from_numpy(targets)).numpy().clip(1, t - 1)
+    lo = hi - 1
+    a0, a1 = np.take_along_axis(arc, lo, 1), np.take_along_axis(arc, hi, 1)
+    frac = np.clip((targets - a0) / np.maximum(a1 - a0, 1e-12), 0.0, 1.0)[..., None]
+    p0 = np.take_along_axis(filled, lo[..., None], 1)
+    p1 = np.take_along_axis(filled, hi[..., None], 1)
+    route = (p0 + frac * (p1 - p0)).astype(np.float32)
+    route[~observed] = 0.0
+    return route.reshape(b, a, p_max, 2), lengths.reshape(b, a)
 
 
 def controlled_mask(scene: Scene, mode: str | np.ndarray, start_step: int) -> np.ndarray:
@@ -137,8 +171,11 @@ def reset(scenes: Sequence[Scene], start_step: int = 10, controlled: str | Seque
         raise ValueError(f"MapBatch lacks maps {sorted(set(missing))}.")
     map_idx = np.array([maps.map_ids.index(s.map_id) for s in scenes], np.int64)
 
-    seg = np.linalg.norm(np.diff(log[..., :2], axis=2), axis=-1) * (log_valid[..., 1:] & log_valid[..., :-1])
-    arclength = np.concatenate([np.zeros((b, a_max, 1), np.float32), np.cumsum(seg, axis=2)], axis=2)
+    route_xy, route_len = resample_routes(log, log_valid)
+    current_xy = log[:, :, start_step, :2]
+    d2 = ((route_xy - current_xy[:, :, None]) ** 2).sum(-1)
+    d2[np.arange(route_xy.shape[2])[None, None] >= route_len[..., None]] = np.inf
+    route_pos = np.where(route_len > 0, d2.argmin(axis=-1), 0)
 
     traj = log.copy()
     traj[:, :, start_step + 1:] = 0.0
@@ -149,7 +186,7 @@ def reset(scenes: Sequence[Scene], start_step: int = 10, controlled: str | Seque
         return torch.as_tensor(a, device=device)
 
     return SimState(
-        log=t(log), log_valid=t(log_valid), log_arclength=t(arclength.astype(np.float32)),
+        log=t(log), log_valid=t(log_valid), route_xy=t(route_xy), route_len=t(route_len), route_pos=t(route_pos),
         agent_type=t(agent_type), extent=t(extent), agent_mask=t(agent_mask), controlled=t(ctrl), ego=t(ego),
         start=torch.full((b,), start_step, dtype=torch.long, device=device), end=t(end), map_idx=t(map_idx),
         maps=maps, traj=t(traj), valid=t(valid), t=torch.full((b,), start_step, dtype=torch.long, device=device),
@@ -188,4 +225,15 @@ def step(state: SimState, action: Action, dynamics: Dynamics,
     next_pose = torch.where(next_valid[..., None], next_pose, torch.zeros_like(next_pose))
     state.traj[b, :, t_next] = next_pose
     state.valid[b, :, t_next] = next_valid
-    return replace(state, t=t_next)
+    return replace(state, t=t_next, route_pos=track_route(state, next_pose[..., :2]))
+
+
+def track_route(state: SimState, xy: torch.Tensor) -> torch.Tensor:
+    """``(B, A)`` index of the route point nearest to ``xy`` ``(B, A, 2)``, searched in a window around
+    ``state.route_pos`` (an agent moves at most a few metres per step)."""
+    offsets = torch.arange(*ROUTE_WINDOW, device=xy.device)
+    last = (state.route_len - 1).clamp(min=0)[..., None]
+    idx = torch.minimum((state.route_pos[..., None] + offsets).clamp(min=0), last)  # (B, A, W)
+    pts = state.route_xy.gather(2, idx[..., None].expand(*idx.shape, 2))  # (B, A, W, 2)
+    d2 = ((pts - xy[:, :, None]) ** 2).sum(-1)
+    return idx.gather(2, d2.argmin(-1, keepdim=True)).squeeze(-1)

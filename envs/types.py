@@ -39,6 +39,7 @@ class TrafficLightState(IntEnum):
     RED = 2
 
 
+ROUTE_SPACING = 1.0  # m between the points of SimState.route_xy
 # Column order of ``Scene.trajectory``'s last axis.
 TRAJECTORY_FIELDS: tuple[str, ...] = ("x", "y", "heading", "vx", "vy")
 
@@ -190,7 +191,8 @@ class SimState:
 
     Static per episode:
         log: ``(B, A, T, 5)`` logged ``TRAJECTORY_FIELDS``; log_valid ``(B, A, T)`` bool.
-        log_arclength: ``(B, A, T)`` distance travelled along the logged path up to each step (m).
+        route_xy: ``(B, A, P, 2)`` each agent's logged path resampled every ``ROUTE_SPACING`` m of arc length
+            (the route that progress is measured along); route_len ``(B, A)`` long, valid points per agent.
         agent_type ``(B, A)`` long ``AgentType``; extent ``(B, A, 2)`` length, width (m).
         agent_mask: ``(B, A)`` bool, False for padding.
         controlled: ``(B, A)`` bool, the agents the env expects actions for.
@@ -201,6 +203,8 @@ class SimState:
         traj: ``(B, A, T, 5)`` simulated trajectory; steps ``<= start`` are the log (history).
         valid: ``(B, A, T)`` bool.
         t: ``(B,)`` long current step.
+        route_pos: ``(B, A)`` long index of the route point nearest to each agent (tracked by ``sim.step``
+            within a window, so the search costs O(window), not O(route)).
 
     ``sim.step`` writes step ``t + 1`` of ``traj``/``valid`` in place (an append-only buffer): an older state
     object still reads its own past correctly, but to branch (step one state twice) use ``clone()``.
@@ -208,7 +212,8 @@ class SimState:
 
     log: object
     log_valid: object
-    log_arclength: object
+    route_xy: object
+    route_len: object
     agent_type: object
     extent: object
     agent_mask: object
@@ -221,6 +226,7 @@ class SimState:
     traj: object
     valid: object
     t: object
+    route_pos: object
     dt: float
     scene_ids: tuple
 
@@ -262,7 +268,8 @@ class SimState:
         """A copy whose trajectory buffers are independent (for branching rollouts)."""
         from dataclasses import replace
 
-        return replace(self, traj=self.traj.clone(), valid=self.valid.clone(), t=self.t.clone())
+        return replace(self, traj=self.traj.clone(), valid=self.valid.clone(), t=self.t.clone(),
+                       route_pos=self.route_pos.clone())
 
 
 @dataclass(frozen=True, eq=False)

@@ -246,3 +246,21 @@ def test_mixed_controls_refuse_double_driving():
     with pytest.raises(ValueError, match="two controls"):
         sim.step(state, a, InvertibleBicycle(), more=[(a, InvertibleBicycle())])
     np.testing.assert_equal(state.t.item(), 10)
+
+
+def test_resample_routes_exact():
+    from envs.sim import resample_routes
+
+    log = np.zeros((1, 3, 6, 5), np.float32)
+    valid = np.zeros((1, 3, 6), bool)
+    log[0, 0, :, 0] = [0, 1, 2, 3, 4, 5]  # straight, 1 m per step
+    valid[0, 0] = True
+    log[0, 1, 2:5, 0] = 10.0  # standing still
+    valid[0, 1, 2:5] = True
+    log[0, 2, [0, 1, 4, 5], 1] = [0.0, 2.5, 2.5, 5.0]  # a gap in the middle adds no length
+    valid[0, 2, [0, 1, 4, 5]] = True
+    route, length = resample_routes(log, valid)
+    assert length.tolist() == [[6, 1, 6]]
+    np.testing.assert_allclose(route[0, 0], np.stack([np.arange(6), np.zeros(6)], -1))
+    np.testing.assert_allclose(route[0, 1, 0], [10, 0])
+    np.testing.assert_allclose(route[0, 2], np.stack([np.zeros(6), np.arange(6)], -1))

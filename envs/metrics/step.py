@@ -14,7 +14,7 @@ import torch
 from envs.errors import TrafficGymError, UnknownNameError
 from envs.geometry import box_corners, boxes_overlap
 from envs.map_index import sample_sdf
-from envs.types import AgentType, SimState
+from envs.types import ROUTE_SPACING, AgentType, SimState
 
 OFFROAD_TOLERANCE = 0.0  # m a box corner may lie beyond the road edge before it counts as off-road
 
@@ -120,16 +120,28 @@ def offroad(state: SimState, cache: dict) -> torch.Tensor:
     return (road_edge_distance(state, cache) > OFFROAD_TOLERANCE) & vehicle & _live(state, cache)
 
 
-@register_step_metric("progress", "m", "Distance travelled along the agent's own logged path, measured at the "
-                      "projection of its current position onto that path.")
+@register_step_metric("progress", "m", "Distance along the agent's own logged path (resampled every 1 m) to the "
+                      "projection of its current position; 0 for agents never logged.")
 def progress(state: SimState, cache: dict) -> torch.Tensor:
     xy = _current(state, cache)[..., :2]  # (B, A, 2)
-    d2 = ((state.log[..., :2] - xy[:, :, None, :]) ** 2).sum(-1)  # (B, A, T) squared distances
-    d2 = d2.masked_fill(~state.log_valid, float("inf"))
-    nearest = d2.argmin(dim=-1, keepdim=True)  # (B, A, 1)
-    p = state.log_arclength.gather(2, nearest).squeeze(-1)
-    # Agents without any logged position have progress 0 (their d2 is all inf; argmin's pick is irrelevant).
-    return p * (_live(state, cache) & torch.isfinite(d2.gather(2, nearest).squeeze(-1)))
+    pos = state.route_pos
+    last = (state.route_len - 1).clamp(min=0)
+
+    def point(i):
+        return state.route_xy.gather(2, i[..., None, None].expand(*i.shape, 1, 2)).squeeze(2)  # (B, A, 2)
+
+    # Project onto the segments before and after the nearest point; keep the closer projection.
+    best = None
+    for lo in ((pos - 1).clamp(min=0), pos):
+        hi = torch.minimum(lo + 1, last)
+        p0, p1 = point(lo), point(hi)
+        seg = p1 - p0
+        frac = (((xy - p0) * seg).sum(-1) / (seg * seg).sum(-1).clamp(min=1e-9)).clamp(0, 1)
+        dist = (p0 + frac[..., None] * seg - xy).norm(dim=-1)
+        along = (lo + frac * (hi > lo)) * ROUTE_SPACING
+        best = (dist, along) if best is None else (torch.minimum(best[0], dist),
+                                                  torch.where(dist < best[0], along, best[1]))
+    return best[1] * (_live(state, cache) & (state.route_len > 0))
 
 
 @register_step_metric("log_divergence", "m", "Distance from the agent's position to its logged position at the "
