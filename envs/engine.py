@@ -52,7 +52,7 @@ class TrafficEngine:
         self.num_agents = cfg.max_agents or largest
         self.num_steps = max(e["num_steps"] for e in entries)
         map_ids = sorted({e["map_id"] for e in entries})
-        self.maps = sim.stack_maps([self.dataset.map(m) for m in map_ids], cfg.device)
+        self.maps = sim.stack_maps([self.dataset.map_index(m) for m in map_ids], cfg.device)
         self.dynamics = make_dynamics(cfg.dynamics)
         self.traffic = self._resolve_traffic(cfg.traffic)
         low, high = self.dynamics.bounds()

@@ -17,7 +17,7 @@ import torch
 
 from envs.dynamics import Dynamics
 from envs.errors import EmptySceneError, NoEgoError
-from envs.map_index import map_index
+from envs.map_index import MapIndex, map_index
 from envs.types import ROUTE_SPACING, Action, MapBatch, MapData, Scene, SimState
 
 CONTROL_MODES = ("ego", "all", "none")
@@ -25,9 +25,10 @@ ROUTE_WINDOW = (-4, 12)  # route points searched around the last position each s
 SDF_PAD = 1e3  # m: padding of SDF grids reads as far off-road
 
 
-def stack_maps(maps: Sequence[MapData], device: torch.device | str = "cpu") -> MapBatch:
-    """Stack the per-map indices (``envs.map_index``) of distinct maps into one ``MapBatch``."""
-    indices = [map_index(m) for m in maps]
+def stack_maps(maps: Sequence[MapData | MapIndex], device: torch.device | str = "cpu") -> MapBatch:
+    """Stack the per-map indices (``envs.map_index``) of distinct maps into one ``MapBatch``. Pass ``MapIndex``
+    objects (e.g. ``SceneDataset.map_index``, cached on disk) to skip building them."""
+    indices = [m if isinstance(m, MapIndex) else map_index(m) for m in maps]
     resolutions = {ix.resolution for ix in indices}
     if len(resolutions) > 1:
         raise ValueError(f"Maps use different SDF resolutions {sorted(resolutions)}; build them with one.")

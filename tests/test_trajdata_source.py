@@ -234,3 +234,21 @@ def test_source_change_invalidates_the_cache(tmp_path):
     assert len(ds) == 1
     fixture.write_dataset(root, cases=3, splits=("val",))
     assert len(open_dataset("interaction_multi", "val", data_dir=root, cache_dir=tmp_path / "c", case_length=91)) == 3
+
+
+def test_map_index_is_cached_on_disk_and_rebuilt_when_corrupt(cached):
+    from envs.map_index import build_map_index
+
+    map_id = "interaction_multi:USA_Tiny_Road"
+    first = cached.map_index(map_id)
+    path = cached._cache.root / "maps" / "interaction_multi_USA_Tiny_Road.index.npz"
+    assert path.exists()
+    reference = build_map_index(cached.map(map_id))
+    np.testing.assert_allclose(first.sdf, reference.sdf, atol=0.02)  # stored as float16
+    np.testing.assert_array_equal(first.chunks, reference.chunks)
+    path.write_bytes(path.read_bytes()[:100])
+    fresh = open_dataset("interaction_multi", "val", data_dir=cached._cache.data_dir,
+                         cache_dir=cached._cache.root.parent, case_length=91)
+    with pytest.warns(UserWarning, match="Rebuilding"):
+        again = fresh.map_index(map_id)
+    np.testing.assert_allclose(again.sdf, reference.sdf, atol=0.02)

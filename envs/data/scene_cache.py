@@ -149,6 +149,7 @@ class SceneDataset(Sequence):
         self._entries: list[dict] = cache.index["splits"][split]["scenes"]
         self._by_id = {e["id"]: i for i, e in enumerate(self._entries)}
         self._maps: dict[str, MapData] = {}
+        self._indices: dict = {}
         self.dataset = cache.dataset
         self.dt = float(cache.index["dt"])
 
@@ -195,6 +196,22 @@ class SceneDataset(Sequence):
                 self._cache.rebuild_map(self.split, map_id)
                 self._maps[map_id] = load_map(path)
         return self._maps[map_id]
+
+    def map_index(self, map_id: str):
+        """The map's precomputed query structures (``envs.map_index.MapIndex``), built once and kept on disk
+        beside the map (the signed-distance field takes about a second per town to compute)."""
+        from envs.map_index import build_map_index, load_map_index, save_map_index
+
+        if map_id not in self._indices:
+            path = self._cache.root / "maps" / f"{_safe(map_id)}.index.npz"
+            try:
+                self._indices[map_id] = load_map_index(path)
+            except CorruptDataError as e:
+                if path.exists():
+                    warnings.warn(f"{e} Rebuilding it.", stacklevel=2)
+                self._indices[map_id] = build_map_index(self.map(map_id))
+                save_map_index(path, self._indices[map_id])
+        return self._indices[map_id]
 
     def info(self) -> dict:
         """Statistics of this split, computed from the index (no scene is loaded)."""
