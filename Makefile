@@ -19,8 +19,7 @@ $(STAMP): setup.py Makefile
 venv: $(STAMP)
 
 demo: venv
-	$(VENV)/bin/trafficgym data info --dataset towns
-	$(VENV)/bin/trafficgym data info --dataset towns --split val --json
+	$(VENV)/bin/trafficgym demo
 
 test: venv
 	$(PY) -m pytest -q -ra

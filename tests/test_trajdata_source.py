@@ -94,6 +94,13 @@ def test_long_cases_need_case_length_and_get_a_clear_error(tiny_dir, tmp_path):
         TrajdataSource("interaction_multi", tiny_dir, tmp_path / "w").load_split("val")
 
 
+def test_full_length_test_split_loads(tmp_path):
+    # The stock loader gives every "test" case the 10-frame length of the real challenge's *_obs files.
+    root = fixture.write_dataset(tmp_path / "d", cases=2, splits=("test",))
+    scenes, _ = TrajdataSource("interaction_multi", root, tmp_path / "w", case_length=91).load_split("test")
+    assert [s.num_steps for s in scenes] == [91, 91] and scenes[0].valid.sum(axis=1).tolist() == [91, 50, 81]
+
+
 def test_rebuilding_over_an_existing_trajdata_cache_works(tiny_dir, tmp_path):
     # zarr 3 raises ContainsArrayError when trajdata re-caches maps over an existing cache.
     src = TrajdataSource("interaction_multi", tiny_dir, tmp_path / "w", case_length=91)

@@ -89,6 +89,56 @@ def _data_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """Dataset statistics, then closed-loop ego rollouts on the val split with two reference controllers."""
+    import gymnasium as gym
+    import numpy as np
+    import torch
+
+    import envs  # noqa: F401  (registers the env ids)
+    from envs.dynamics import InvertibleBicycle
+
+    _data_info(argparse.Namespace(dataset="towns", data_dir=None, split=None, cache_dir=None, dt=None,
+                                  case_length=None, rebuild=False, json=False))
+    n = args.scenes
+    venv = gym.make_vec("trafficgym/Ego-v0", num_envs=n, vectorization_mode="vector_entry_point", split="val",
+                        action_bounds="clip")
+    engine = venv.unwrapped.engine
+    bicycle = InvertibleBicycle()
+
+    def log_actions():  # the ego's logged motion expressed as (normalised) bicycle actions
+        st = engine.state
+        b = torch.arange(st.batch_size)
+        nxt = st.log[b, st.ego, (st.t + 1).clamp(max=st.num_steps - 1)]
+        phys = bicycle.inverse(st.current[b, st.ego], nxt, st.dt).numpy()
+        return np.where(phys >= 0, phys / engine.physical_high, -phys / engine.physical_low)
+
+    controllers = {"log-following (inverse bicycle)": log_actions,
+                   "coasting (zero action)": lambda: np.zeros((n, 2), np.float32)}
+    print(f"\nclosed-loop Ego-v0 on {n} val scenes (8 s, log-replay traffic):")
+    print(f"{'controller':<34}{'return':>8}{'collided':>10}{'off-road':>10}{'progress m':>12}{'log dev m':>11}"
+          f"{'steps/s':>9}")
+    for name, policy in controllers.items():
+        venv.reset(options={"scene_index": list(range(n))})
+        ret, done = np.zeros(n), np.zeros(n, bool)
+        collided, offroad, progress, divergence = (np.zeros(n) for _ in range(4))
+        steps, start = 0, time.perf_counter()
+        while not done.all():
+            _, reward, terminated, truncated, info = venv.step(policy().astype(np.float32))
+            live = ~done
+            ret[live] += reward[live]
+            m = info["metrics"]
+            collided[live] = np.maximum(collided[live], m["collision"][live])
+            offroad[live] = np.maximum(offroad[live], m["offroad"][live])
+            progress[live], divergence[live] = m["progress"][live], m["log_divergence"][live]
+            done |= terminated | truncated
+            steps += int(live.sum())
+        rate = steps / (time.perf_counter() - start)
+        print(f"{name:<34}{ret.mean():>8.2f}{collided.mean():>10.2f}{offroad.mean():>10.2f}{progress.mean():>12.1f}"
+              f"{divergence.mean():>11.2f}{rate:>9.0f}")
+    return 0
+
+
 def _data_generate(args: argparse.Namespace) -> int:
     from envs.data.towns import generate_towns
 
@@ -121,6 +171,10 @@ def _open(args: argparse.Namespace, split: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trafficgym", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo run by `make demo`")
+    demo.add_argument("--scenes", type=int, default=32, help="val scenes to roll out")
+    demo.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -8,7 +8,8 @@ Known trajdata 1.4.0 problems and where they are handled (each has a test in ``t
 
 1. numpy 2 removed ``np.string_`` (used by trajdata's data index): aliased to ``np.bytes_`` before import.
 2. The INTERACTION loader hard-codes 40-frame cases (``INTERACTION_TRAIN_LENGTH``; longer cases hit an
-   IndexError): ``_interaction_patches`` sets it to the dataset's case length while trajdata reads the data.
+   IndexError) and 10-frame ``test`` cases: ``_interaction_patches`` sets both to the dataset's case length
+   while trajdata reads the data (the test length only when there are no real ``*_obs`` test files).
 3. With zarr 3, re-caching over an existing map cache raises ``ContainsArrayError``: every build starts from an
    empty trajdata work directory (the trajdata cache is only an intermediate for us).
 4. With vector maps on, the INTERACTION loader preloads all 18 real INTERACTION map names and fails on the
@@ -151,16 +152,24 @@ def check_osm(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _interaction_patches(case_length: int, locations: tuple[str, ...]):
-    """Workarounds 2 and 4: set the loader's case length and map-location list while it reads our data."""
+def _interaction_patches(case_length: int, locations: tuple[str, ...], full_length_test: bool):
+    """Workarounds 2 and 4: set the loader's case length and map-location list while it reads our data.
+
+    The stock loader also gives every ``test`` scene the 10-frame length of the real challenge's ``*_obs``
+    test files; a dataset without such files (ours) has full-length test cases, so that length is raised too.
+    """
     import trajdata.dataset_specific.interaction.interaction_dataset as idm
 
-    saved = idm.INTERACTION_TRAIN_LENGTH, idm.INTERACTION_DETAILED_LOCATIONS
+    names = ("INTERACTION_TRAIN_LENGTH", "INTERACTION_TEST_LENGTH", "INTERACTION_DETAILED_LOCATIONS")
+    saved = {n: getattr(idm, n) for n in names}
     idm.INTERACTION_TRAIN_LENGTH, idm.INTERACTION_DETAILED_LOCATIONS = case_length, locations
+    if full_length_test:
+        idm.INTERACTION_TEST_LENGTH = case_length
     try:
         yield
     finally:
-        idm.INTERACTION_TRAIN_LENGTH, idm.INTERACTION_DETAILED_LOCATIONS = saved
+        for n, v in saved.items():
+            setattr(idm, n, v)
 
 
 @contextlib.contextmanager
@@ -232,6 +241,12 @@ class TrajdataSource:
                 check_osm(p)
 
     # ---- loading -----------------------------------------------------------------------------------------
+    def _patches(self):
+        if not self._is_interaction:
+            return contextlib.nullcontext()
+        has_obs_files = any(p.stem.endswith("obs") for p in self._csvs)
+        return _interaction_patches(self.case_length, self._locations, full_length_test=not has_obs_files)
+
     def _unified_dataset(self, split: str):
         UnifiedDataset, _ = _import_trajdata()
         shutil.rmtree(self.work_dir, ignore_errors=True)  # workaround 3: never re-cache over a zarr-3 map cache
@@ -249,9 +264,7 @@ class TrajdataSource:
             num_workers=0,
             verbose=False,
         )
-        patches = (_interaction_patches(self.case_length, self._locations) if self._is_interaction
-                   else contextlib.nullcontext())
-        with patches, _quiet():
+        with self._patches(), _quiet():
             try:
                 return UnifiedDataset(**kwargs)
             except (IndexError, KeyError, ValueError, RuntimeError, TypeError) as e:
@@ -267,11 +280,9 @@ class TrajdataSource:
         self.check_split(split)
         ds = self._unified_dataset(split)
         _, DataFrameCache = _import_trajdata()
-        patches = (_interaction_patches(self.case_length, self._locations) if self._is_interaction
-                   else contextlib.nullcontext())
         scenes: list[Scene] = []
         maps: dict[str, MapData] = {}
-        with patches, _quiet():
+        with self._patches(), _quiet():
             order = sorted(range(ds.num_scenes()), key=lambda i: natural_key(str(ds._scene_index[i])))
             for i in order:
                 td_scene = ds.get_scene(i)
