@@ -38,7 +38,7 @@ from envs.data.towns.interaction_csv import (
     pack_run,
     unpack_run,
 )
-from envs.data.towns.simulate import RunTracks, fcd_to_centre, parse_fcd
+from envs.data.towns.simulate import RunTracks, front_path_to_box, parse_fcd, sumo_heading
 from envs.errors import CorruptDataError, DatasetNotFoundError, UnknownNameError
 
 SPLITS = ("train", "val", "test")
@@ -176,6 +176,28 @@ def test_heading_and_velocity_match_motion(tables, town):
     assert np.abs(along).max() < 2e-3
 
 
+def test_boxes_do_not_slip_sideways_and_turn_boundedly(tables):
+    """Committed data (val, all towns): the centre moves along the heading (no sideways slip), yaw rate bounded.
+
+    Sideways slip is the step's displacement perpendicular to the mean heading of the step (1 mm rounding
+    included). The yaw-rate bound is what the towns' geometry allows, not a comfort limit: some lane
+    shapes kink inside junctions (a road bending by up to ~60 degrees within a metre in USA_Town_Random)
+    and SUMO drives them at up to ~11 m/s; a box towed at L/2 then turns at up to speed / (L/2).
+    """
+    yaw, side = [], []
+    for town in TOWN_NAMES:
+        df = tables[(town, "val")]
+        same = ((df["case_id"].diff() == 0) & (df["track_id"].diff() == 0)).to_numpy()[1:]
+        x, y, h = df["x"].to_numpy(), df["y"].to_numpy(), df["psi_rad"].to_numpy()
+        dh = np.angle(np.exp(1j * np.diff(h)))
+        mean_h = h[:-1] + 0.5 * dh
+        yaw.append(np.abs(dh[same]) / 0.1)
+        side.append(np.abs(-np.diff(x) * np.sin(mean_h) + np.diff(y) * np.cos(mean_h))[same])
+    yaw, side = np.concatenate(yaw), np.concatenate(side)
+    assert np.quantile(side, 0.999) < 0.05 and side.max() < 0.15
+    assert np.quantile(yaw, 0.5) < 0.01 and np.quantile(yaw, 0.999) < 2.0 and yaw.max() < 5.0
+
+
 @pytest.mark.parametrize("town", TOWN_NAMES)
 def test_splits_are_separate_runs(tables, town):
     cols = ["x", "y", "vx", "vy", "psi_rad"]
@@ -297,16 +319,82 @@ def test_missing_sumo_names_the_extra(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_fcd_to_centre_exact():
-    # SUMO angle: degrees clockwise from north; position: front bumper.
-    angle = np.array([0.0, 90.0, 180.0, 270.0, 45.0])
-    x, y, vx, vy, h = fcd_to_centre(np.full(5, 10.0), np.full(5, 20.0), angle, np.full(5, 2.0), np.full(5, 4.0))
-    np.testing.assert_allclose(h, [math.pi / 2, 0.0, -math.pi / 2, math.pi, math.pi / 4], atol=1e-12)
-    np.testing.assert_allclose(x, [10.0, 8.0, 10.0, 12.0, 10.0 - math.sqrt(2)], atol=1e-12)
-    np.testing.assert_allclose(y, [18.0, 20.0, 22.0, 20.0, 20.0 - math.sqrt(2)], atol=1e-12)
-    np.testing.assert_allclose(vx, [0.0, 2.0, 0.0, -2.0, math.sqrt(2)], atol=1e-12)
-    np.testing.assert_allclose(vy, [2.0, 0.0, -2.0, 0.0, math.sqrt(2)], atol=1e-12)
+def test_sumo_heading_exact():
+    # SUMO angle: degrees clockwise from north -> radians counter-clockwise from +x, in (-pi, pi].
+    h = sumo_heading(np.array([0.0, 90.0, 180.0, 270.0, 45.0, 359.0]))
+    np.testing.assert_allclose(h, [math.pi / 2, 0.0, -math.pi / 2, math.pi, math.pi / 4, math.radians(91)],
+                               atol=1e-12)
     assert np.all((h > -math.pi) & (h <= math.pi))
+
+
+def test_front_path_to_box_exact_on_l_shaped_path():
+    """Front bumper drives 10 m east, turns a right-angle corner at (10, 0) and drives north, then stops.
+
+    The centre is towed at L/2 = 2 m: on the first leg it is exactly 2 m behind the front; after the
+    corner it follows the classical tractrix. With the front at (10, y), y = d t (d = L/2):
+    centre = (10 - d sech t, y - d tanh t), heading = direction centre -> front. A second track checks
+    the start along its own initial heading and that tracks do not mix.
+    """
+    d = 2.0
+    east = np.stack([np.arange(0.0, 10.0, 0.1), np.zeros(100)], axis=1)
+    north = np.stack([np.full(121, 10.0), np.arange(121) * 0.1], axis=1)  # (10, 0) .. (10, 12)
+    track_a = np.concatenate([east, north, north[-1:], north[-1:]])  # stops for two steps at (10, 12)
+    track_b = np.array([[100.0, 0.0], [100.0, 0.5], [100.0, 1.0]])  # northbound, inserted at 3 m/s
+    front = np.concatenate([track_a, track_b])
+    n_a = len(track_a)
+    start = np.zeros(len(front), dtype=bool)
+    start[[0, n_a]] = True
+    a_rows = np.arange(len(front)) < n_a
+    x, y, vx, vy, h = front_path_to_box(front[:, 0], front[:, 1], start, np.where(a_rows, 0.0, math.pi / 2),
+                                        np.where(a_rows, 1.0, 3.0), np.where(a_rows, 2 * d, 4.0))
+    got = np.stack([x, y], axis=1)
+
+    # Always exactly L/2 behind the front bumper, heading along centre -> front.
+    np.testing.assert_allclose(np.hypot(*(front - got).T), np.where(a_rows, d, 2.0), atol=1e-12)
+    # First leg and the corner itself: exactly L/2 behind along +x.
+    np.testing.assert_allclose(got[:101], east.tolist() + [[10.0, 0.0]] - np.array([d, 0.0]), atol=1e-12)
+    np.testing.assert_allclose(h[:101], 0.0, atol=1e-12)
+    # Second leg: the tractrix (pursuit in 12.5 mm sub-steps: within 5 mm / 5 mrad of the exact curve).
+    t = north[:, 1] / d
+    expect = np.stack([10.0 - d / np.cosh(t), north[:, 1] - d * np.tanh(t)], axis=1)
+    np.testing.assert_allclose(got[100:221], expect, atol=5e-3)
+    np.testing.assert_allclose(h[100:221], np.arctan2(d * np.tanh(t), d / np.cosh(t)), atol=5e-3)
+    assert abs(h[220] - math.pi / 2) < 0.01  # 12 m after the corner the box points north
+    # A towed box turns by at most (front's travel) / (L/2) per step.
+    front_step = np.hypot(*np.diff(track_a, axis=0).T)
+    assert np.all(np.abs(np.diff(h[:n_a])) <= front_step / d + 1e-12)
+    step = np.hypot(np.diff(x), np.diff(y))[: n_a - 1]
+    # Stopped: the box stays, the heading is kept, the speed is zero.
+    np.testing.assert_array_equal(got[n_a - 2:n_a], got[[n_a - 3, n_a - 3]])
+    np.testing.assert_array_equal(h[n_a - 2:n_a], h[[n_a - 3, n_a - 3]])
+    speed = np.hypot(vx, vy)
+    np.testing.assert_array_equal(speed[n_a - 2:n_a], 0.0)
+    # Speed: SUMO's at insertion, else the backward difference of the centre; always along the heading.
+    assert speed[0] == 1.0 and speed[n_a] == 3.0
+    np.testing.assert_allclose(speed[1:n_a], step / 0.1, atol=1e-12)
+    np.testing.assert_allclose(np.arctan2(vy, vx)[speed > 0], h[speed > 0], atol=1e-12)
+    # No lateral slip of the centre: each step's displacement is along the mean heading.
+    mean_h = h[: n_a - 1] + 0.5 * np.diff(h[:n_a])
+    side = -np.diff(x[:n_a]) * np.sin(mean_h) + np.diff(y[:n_a]) * np.cos(mean_h)
+    assert np.abs(side).max() < 1e-3
+    # Second track: starts along its own initial heading (north), never influenced by track A.
+    np.testing.assert_allclose(got[n_a:], [[100.0, -2.0], [100.0, -1.5], [100.0, -1.0]], atol=1e-12)
+    np.testing.assert_allclose(h[n_a:], math.pi / 2, atol=1e-12)
+    np.testing.assert_allclose(speed[n_a:], [3.0, 5.0, 5.0], atol=1e-12)
+
+
+def test_front_path_to_box_smooth_on_a_gentle_curve():
+    """On a smooth path the box turns smoothly and the centre moves along its heading."""
+    t = np.arange(40) * 0.1
+    front = np.stack([8.0 * t, 0.05 * (8.0 * t) ** 2 / 10], axis=1)  # a gentle left curve
+    start = np.zeros(40, dtype=bool)
+    start[0] = True
+    x, y, vx, vy, h = front_path_to_box(front[:, 0], front[:, 1], start, np.zeros(40), np.full(40, 8.0),
+                                        np.full(40, 4.6))
+    yaw_rate = np.abs(np.diff(h)) / 0.1
+    assert yaw_rate.max() < 0.2
+    side = -np.diff(x) * np.sin(h[1:]) + np.diff(y) * np.cos(h[1:])
+    assert np.abs(side).max() < 0.01
 
 
 def test_fcd_file_to_case_csv_exact(tmp_path):
@@ -318,7 +406,7 @@ def test_fcd_file_to_case_csv_exact(tmp_path):
         if f >= 1:
             rows.append(f"{t};0;{10.0 + 0.5 * f:.4f};5.0000;90.0000;car;5.0000")  # east, 4.60 m car
         if f in (2, 3):
-            rows.append(f"{t};1;20.0000;30.0000;0.0000;truck;2.0000")  # north, 8.50 m truck
+            rows.append(f"{t};1;20.0000;{30.0 + 0.2 * (f - 2):.4f};0.0000;truck;2.0000")  # north, 8.50 m truck
         if f == 3:
             rows.append(f"{t};2;50.0000;0.0000;270.0000;car_small;1.0000")  # west, 4.10 m car
     fcd = tmp_path / "fcd.csv"
@@ -331,6 +419,7 @@ def test_fcd_file_to_case_csv_exact(tmp_path):
     assert tracks.width_mm.tolist() == [1850, 2500, 1750]
     np.testing.assert_array_equal(tracks.values[0], [8200, 5000, 5000, 0, 0])  # 10.5 - 2.3
     np.testing.assert_array_equal(tracks.values[CASE_LENGTH], [20000, 25750, 0, 2000, 1571])
+    np.testing.assert_array_equal(tracks.values[CASE_LENGTH + 1], [20000, 25950, 0, 2000, 1571])
     np.testing.assert_array_equal(tracks.values[-1], [52050, 0, -1000, 0, 3141])  # pi clipped to 3.141
 
     starts = full_window_starts(tracks, stride=10, max_cases=5)
@@ -341,8 +430,23 @@ def test_fcd_file_to_case_csv_exact(tmp_path):
     assert lines[1] == "1,1,1,100,car,8.200,5.000,5.000,0.000,0.000,4.600,1.850"
     assert lines[CASE_LENGTH] == "1,1,91,9100,car,53.200,5.000,5.000,0.000,0.000,4.600,1.850"
     assert lines[CASE_LENGTH + 1] == "1,2,2,200,car,20.000,25.750,0.000,2.000,1.571,8.500,2.500"
-    assert lines[CASE_LENGTH + 2] == "1,2,3,300,car,20.000,25.750,0.000,2.000,1.571,8.500,2.500"
+    assert lines[CASE_LENGTH + 2] == "1,2,3,300,car,20.000,25.950,0.000,2.000,1.571,8.500,2.500"
     assert lines[-1] == "1,3,3,300,car,52.050,0.000,-1.000,0.000,3.141,4.100,1.750"
+
+
+def test_parse_fcd_uses_history_before_the_recording(tmp_path):
+    """Boxes come from the whole track (warm-up included), so cutting the recording does not change them."""
+    rows = ["timestep_time;vehicle_id;vehicle_x;vehicle_y;vehicle_angle;vehicle_type;vehicle_speed"]
+    for f in range(8):  # a 4.10 m car driving east at 10 m/s, inserted at t = 0
+        rows.append(f"{f / 10:.3f};0;{1.0 * f:.4f};0.0000;90.0000;car_small;10.0000")
+    fcd = tmp_path / "fcd.csv"
+    fcd.write_text("\n".join(rows) + "\n")
+    whole = parse_fcd(fcd, warmup_s=0.0, num_frames=8)
+    cut = parse_fcd(fcd, warmup_s=0.3, num_frames=5)
+    np.testing.assert_array_equal(cut.values, whole.values[3:])
+    # Inserted at x = 0: the rear starts on the backward extension, so the centre moves 1 m per step.
+    np.testing.assert_array_equal(whole.values[:, 0], 1000 * np.arange(8) - 2050)
+    np.testing.assert_array_equal(whole.values[:, 2], 10000)
 
 
 def test_windows_without_full_length_vehicle_are_dropped():

@@ -10,9 +10,11 @@ enter and leave at the map border, with a mix of cars (three sizes), vans, truck
 come from their SUMO vTypes; lane changes are continuous (3 s), teleports are off. Cases are 91-frame
 (9.1 s) windows every 3 s of long runs after a 120 s warm-up; train, val and test are separate runs
 with different seeds. Each case holds every vehicle present in any of its frames (tracks may start or
-end inside it) and at least one vehicle present throughout. Positions are box centres (SUMO's
-front-bumper FCD shifted back by half the length), headings are counter-clockwise from +x in radians,
-velocities are speed along the heading; all values are rounded to 3 decimals. Maps are Lanelet2 OSM,
+end inside it) and at least one vehicle present throughout. Boxes keep their front on SUMO's
+front-bumper FCD path and their centre is towed L/2 behind it without sideways slip (a tractrix, computed
+on each whole track from insertion; see ``simulate.front_path_to_box``), headings are counter-clockwise
+from +x in radians (direction centre -> front), velocities are the centre's speed along the heading; all
+values are rounded to 3 decimals. Maps are Lanelet2 OSM,
 one lanelet per SUMO lane including junction-internal lanes, with shared boundaries so that Lanelet2's
 routing graph has successors and neighbours. Not included: pedestrians and cyclists (the format would
 reduce them to a fixed 0.75 m box with a velocity-derived heading), traffic lights, parked vehicles,

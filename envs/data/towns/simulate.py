@@ -154,29 +154,97 @@ def run_sumo(net_path: Path, routes_path: Path, fcd_path: Path, sumo_seed: int, 
     ], cwd=fcd_path.parent)
 
 
-def fcd_to_centre(front_x: np.ndarray, front_y: np.ndarray, angle_deg: np.ndarray, speed: np.ndarray,
-                  length: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Convert SUMO FCD to box-centre state.
+def sumo_heading(angle_deg: np.ndarray) -> np.ndarray:
+    """SUMO angle (degrees clockwise from north) -> heading (rad, counter-clockwise from +x, in (-pi, pi])."""
+    heading = math.pi / 2 - np.radians(angle_deg)
+    return math.pi - np.mod(math.pi - heading, 2 * math.pi)
+
+
+PURSUIT_SUBSTEPS = 8
+"""Sub-steps per 0.1 s frame of the no-slip pursuit in :func:`front_path_to_box` (front interpolated linearly)."""
+
+
+def front_path_to_box(front_x: np.ndarray, front_y: np.ndarray, track_start: np.ndarray,
+                      initial_heading: np.ndarray, first_speed: np.ndarray, length: np.ndarray,
+                      dt: float = STEP_S, substeps: int = PURSUIT_SUBSTEPS) -> tuple[np.ndarray, ...]:
+    """Kinematically consistent box states from front-bumper paths: the centre is towed by the front.
+
+    SUMO's FCD angle is the chord from the vehicle's back to its front position along its lanes (with
+    SUMO 1.28 it agrees with "both bumpers on the driven path" to < 0.05 rad). Where a lane shape has a
+    kink (a road bending inside a junction, a short junction-internal lane) the front path turns within
+    one step, and a box derived from that chord slides sideways: its centre moves along the bisector of
+    the two directions, not along the heading. Here the box obeys a no-slip constraint instead: the
+    centre is a trailer axle towed by the front bumper at the fixed distance ``L / 2``, i.e. it moves
+    towards the front at each instant (a tractrix), so its velocity always points along the heading::
+
+        centre  <- front - (L/2) * unit(front - centre)   (per sub-step, front interpolated linearly)
+        heading = direction centre -> front                (the box front stays on the front bumper)
+        speed   = |centre(t) - centre(t-1)| / dt           (first row of a track: SUMO's speed)
+        vx, vy  = speed * (cos heading, sin heading)
+
+    Each track starts (its insertion, not a recording window) with the centre ``L / 2`` behind the front
+    along ``initial_heading``. The speed is the backward difference because that is SUMO's own update (a
+    position moves by ``speed(t) * dt`` from ``t - 1`` to ``t``), so ``centre(t) - centre(t-1)`` equals
+    ``dt * (vx, vy)(t)`` up to the heading change within the step. A stopped front leaves the box where
+    it is (heading kept). SUMO never reverses (speeds are >= 0, checked by :func:`parse_fcd`). This is
+    the reference point of ``envs.dynamics.InvertibleBicycle`` (the centre moves along the heading).
 
     Args:
-        front_x, front_y: (R,) front-bumper position (m).
-        angle_deg: (R,) SUMO angle, degrees clockwise from north.
-        speed: (R,) speed along the heading (m/s).
-        length: (R,) vehicle length (m).
+        front_x, front_y: (R,) front-bumper positions (m), rows grouped by track, in time order.
+        track_start: (R,) bool, True at the first row of each track.
+        initial_heading: (R,) heading (rad); read at track starts only.
+        first_speed: (R,) speed (m/s); read at track starts only.
+        length: (R,) vehicle length (m), constant along a track.
+        dt: time step (s).
+        substeps: pursuit sub-steps per row (>= 1).
 
     Returns:
         x, y (m, box centre), vx, vy (m/s), heading (rad, counter-clockwise from +x, in (-pi, pi]).
     """
-    heading = math.pi / 2 - np.radians(angle_deg)
-    heading = math.pi - np.mod(math.pi - heading, 2 * math.pi)  # wrap to (-pi, pi]
-    cos_h, sin_h = np.cos(heading), np.sin(heading)
-    x = front_x - 0.5 * length * cos_h
-    y = front_y - 0.5 * length * sin_h
-    return x, y, speed * cos_h, speed * sin_h, heading
+    front_x = np.asarray(front_x, dtype=np.float64)
+    front_y = np.asarray(front_y, dtype=np.float64)
+    track_start = np.asarray(track_start, dtype=bool)
+    n = len(front_x)
+    if n == 0:
+        empty = np.zeros(0)
+        return empty, empty, empty, empty, empty
+    if not track_start[0]:
+        raise ValueError("The first row must start a track.")
+    half = 0.5 * np.asarray(length, dtype=np.float64)
+    first = np.flatnonzero(track_start)
+    k = np.arange(n) - first[np.cumsum(track_start) - 1]  # row index within its track
+    h0 = np.asarray(initial_heading, dtype=np.float64)
+    cx = front_x - half * np.cos(h0)  # valid at track starts; later rows are overwritten below
+    cy = front_y - half * np.sin(h0)
+    # Time-major sweep, vectorised over the tracks that are this many rows old.
+    order = np.argsort(k, kind="stable")
+    bounds = np.searchsorted(k[order], np.arange(int(k.max()) + 2))
+    for age in range(1, int(k.max()) + 1):
+        rows = order[bounds[age]:bounds[age + 1]]
+        px, py = cx[rows - 1], cy[rows - 1]
+        ax, ay = front_x[rows - 1], front_y[rows - 1]
+        bx, by = front_x[rows], front_y[rows]
+        d = half[rows]
+        for i in range(1, substeps + 1):
+            w = i / substeps
+            fx, fy = ax + w * (bx - ax), ay + w * (by - ay)
+            ex, ey = fx - px, fy - py
+            norm = np.hypot(ex, ey)  # = d unless the front moved; never 0 (the front is d ahead)
+            px, py = fx - d * ex / norm, fy - d * ey / norm
+        cx[rows], cy[rows] = px, py
+
+    heading = np.arctan2(front_y - cy, front_x - cx)
+    speed = np.concatenate([[0.0], np.hypot(np.diff(cx), np.diff(cy))]) / dt
+    speed = np.where(track_start, np.asarray(first_speed, dtype=np.float64), speed)
+    return cx, cy, speed * np.cos(heading), speed * np.sin(heading), heading
 
 
 def parse_fcd(fcd_path: Path, warmup_s: float, num_frames: int) -> RunTracks:
-    """Read a SUMO FCD CSV and keep frames ``[0, num_frames)`` after ``warmup_s`` as :class:`RunTracks`."""
+    """Read a SUMO FCD CSV and keep frames ``[0, num_frames)`` after ``warmup_s`` as :class:`RunTracks`.
+
+    Boxes are reconstructed by :func:`front_path_to_box` on each vehicle's whole track (from insertion,
+    warm-up included) before frames are cut, so a box does not depend on where the recording starts.
+    """
     import pandas as pd  # generation only; keeps `import envs.data.towns` light
 
     value_cols = ["vehicle_x", "vehicle_y", "vehicle_angle", "vehicle_speed"]
@@ -187,9 +255,6 @@ def parse_fcd(fcd_path: Path, warmup_s: float, num_frames: int) -> RunTracks:
     t_parts = df["timestep_time"].str.split(".", n=1, expand=True)
     frame = t_parts[0].astype(np.int64).to_numpy() * 10 + t_parts[1].str[0].astype(np.int64).to_numpy()
     frame = frame - round(warmup_s / STEP_S)
-    keep = (frame >= 0) & (frame < num_frames)
-    df = df[keep]
-    frame = frame[keep]
     fixed = {c: _parse_fixed4(df[c], fcd_path) for c in value_cols}
     vid = df["vehicle_id"].astype(np.int64).to_numpy()
     sizes = {t.id: (round(t.length_m * 1000), round(t.width_m * 1000)) for t in VEHICLE_TYPES}
@@ -200,23 +265,30 @@ def parse_fcd(fcd_path: Path, warmup_s: float, num_frames: int) -> RunTracks:
     length_mm = np.array([sizes[t][0] for t in types], dtype=np.int64)
     width_mm = np.array([sizes[t][1] for t in types], dtype=np.int64)
 
-    x, y, vx, vy, psi = fcd_to_centre(
-        fixed["vehicle_x"], fixed["vehicle_y"], fixed["vehicle_angle"], fixed["vehicle_speed"], length_mm / 1000.0,
+    # Whole tracks (insertion to arrival), grouped by vehicle, in time order.
+    order = np.lexsort((frame, vid))
+    vid, frame, length_mm, width_mm = vid[order], frame[order], length_mm[order], width_mm[order]
+    fixed = {c: v[order] for c, v in fixed.items()}
+    track_start = np.concatenate([[True], vid[1:] != vid[:-1]]) if len(vid) else np.zeros(0, dtype=bool)
+    if np.any(np.diff(frame)[~track_start[1:]] != 1):
+        raise TownGenerationError(f"FCD {fcd_path}: a vehicle track has missing frames (teleport?).")
+    if np.any(fixed["vehicle_speed"] < 0):
+        raise TownGenerationError(f"FCD {fcd_path}: negative speed (reversing is not modelled).")
+    x, y, vx, vy, psi = front_path_to_box(
+        fixed["vehicle_x"], fixed["vehicle_y"], track_start, sumo_heading(fixed["vehicle_angle"]),
+        fixed["vehicle_speed"], length_mm / 1000.0,
     )
     values = np.stack([
         np.rint(x * 1000), np.rint(y * 1000), np.rint(vx * 1000), np.rint(vy * 1000),
         np.clip(np.rint(psi * 1000), -3141, 3141),
     ], axis=1).astype(np.int64)
 
-    # Group rows by vehicle; vehicles ordered by first recorded frame, then by departure order.
-    order = np.lexsort((frame, vid))
-    vid, frame, values, length_mm, width_mm = vid[order], frame[order], values[order], length_mm[order], width_mm[order]
+    keep = (frame >= 0) & (frame < num_frames)
+    vid, frame, values, length_mm, width_mm = vid[keep], frame[keep], values[keep], length_mm[keep], width_mm[keep]
+    # Vehicles ordered by first recorded frame, then by departure order.
     starts = np.flatnonzero(np.concatenate([[True], vid[1:] != vid[:-1]]))
     counts = np.diff(np.concatenate([starts, [len(vid)]]))
     first = frame[starts]
-    last = frame[starts + counts - 1]
-    if np.any(last - first + 1 != counts):
-        raise TownGenerationError(f"FCD {fcd_path}: a vehicle track has missing frames (teleport?).")
     track_order = np.lexsort((vid[starts], first))
     rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in track_order]) if len(starts) else \
         np.zeros(0, dtype=np.int64)
