@@ -36,6 +36,7 @@ setup(
         "imageio>=2.31",
         "imageio-ffmpeg>=0.4.9",
         "stable-baselines3>=2.3",
+        "safetensors>=0.4",
     ],
     extras_require={
         # Regenerating the default "towns" dataset. Pinned: byte-identical output needs the same SUMO.

@@ -17,6 +17,7 @@ from envs.errors import InvalidActionError, NoEgoError, ResetNeededError
 from envs.metrics import compute_step_metrics
 from envs.observation import observation_space, observe
 from envs.rewards import compute_reward
+from envs.traffic import assign, check_policy_action, driven_by_names, resolve_traffic
 from envs.types import Action, SimState
 
 MODES = ("ego", "sim_agents")
@@ -52,9 +53,11 @@ class TrafficEngine:
         self.num_agents = cfg.max_agents or largest
         self.num_steps = max(e["num_steps"] for e in entries)
         map_ids = sorted({e["map_id"] for e in entries})
-        self.maps = sim.stack_maps([self.dataset.map_index(m) for m in map_ids], cfg.device)
+        self.maps = sim.stack_maps([self.dataset.map(m) for m in map_ids], cfg.device,
+                                   indices=[self.dataset.map_index(m) for m in map_ids])
         self.dynamics = make_dynamics(cfg.dynamics)
-        self.traffic = self._resolve_traffic(cfg.traffic)
+        self.traffic = resolve_traffic(cfg.traffic)
+        self._assignment: torch.Tensor | None = None
         low, high = self.dynamics.bounds()
         self.physical_low, self.physical_high = low.numpy(), high.numpy()
         if cfg.action_scale == "normalized":
@@ -87,21 +90,10 @@ class TrafficEngine:
                           np.broadcast_to(self.action_high, shape).copy(), dtype=np.float32)
 
     # ---- episodes ----------------------------------------------------------------------------------------
-    def _resolve_traffic(self, traffic):
-        if isinstance(traffic, str):
-            if traffic == "log":
-                return None
-            from agents.registry import make_agent  # the one sanctioned envs -> agents import
-
-            return make_agent(traffic)
-        if not hasattr(traffic, "act") or not hasattr(traffic, "dynamics"):
-            raise TypeError(f"traffic must be 'log', a registered agent name, or an object with act(state, mask) "
-                            f"and a dynamics attribute; got {type(traffic).__name__}.")
-        return traffic
-
     @torch.inference_mode()  # the env's state never feeds autograd; this cuts torch's per-op overhead by ~30 %
-    def reset_slots(self, slots: np.ndarray, scene_positions: np.ndarray) -> None:
-        """Start fresh episodes in ``slots`` on the scenes at ``scene_positions`` (indices into the selection)."""
+    def reset_slots(self, slots: np.ndarray, scene_positions: np.ndarray, seed: int | None = None) -> None:
+        """Start fresh episodes in ``slots`` on the scenes at ``scene_positions`` (indices into the selection);
+        ``seed`` seeds the traffic policies."""
         scenes = [self.dataset[self.scene_indices[int(p)]] for p in scene_positions]
         controlled = "ego" if self.mode == "ego" else [self._controlled_mask(s) for s in scenes]
         try:
@@ -125,8 +117,16 @@ class TrafficEngine:
         else:
             idx = torch.as_tensor(slots, device=progress.device)
             self._prev_progress[idx] = progress[idx]
-        if self.traffic is not None and hasattr(self.traffic, "reset"):
-            self.traffic.reset(self.state, self._traffic_mask())
+        slots_t = torch.as_tensor(slots, device=self.state.device)
+        fresh_assignment = assign(self.state, self.traffic)
+        if self._assignment is None or self._assignment.shape != fresh_assignment.shape:
+            self._assignment = fresh_assignment
+        else:
+            self._assignment[slots_t] = fresh_assignment[slots_t]
+        for k, rule in enumerate(self.traffic):
+            if rule.policy is not None and hasattr(rule.policy, "reset"):
+                rule.policy.reset(self.state, self._assignment == k, seed=None if seed is None else seed + k,
+                                  slots=None if len(slots) == self.num_slots else slots_t)
         self.done[slots] = False
         self.slot_scene[slots] = scene_positions
 
@@ -140,9 +140,6 @@ class TrafficEngine:
         if wanted == "vehicles":
             return scene.agent_type == AgentType.VEHICLE
         return np.isin(scene.agent_ids, np.asarray(wanted, dtype=str))
-
-    def _traffic_mask(self) -> torch.Tensor:
-        return self.state.agent_mask & ~self.state.controlled
 
     # ---- observations ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -218,10 +215,12 @@ class TrafficEngine:
         active_t = torch.as_tensor(active, device=dev)
         own = Action(data, st.controlled & active_t[:, None])
         more = []
-        if self.traffic is not None:
-            mask = self._traffic_mask() & active_t[:, None]
-            traffic_action = self.traffic.act(st, mask)
-            more.append((Action(traffic_action.data, traffic_action.valid & mask), self.traffic.dynamics))
+        for k, rule in enumerate(self.traffic):
+            if rule.policy is None:
+                continue  # an explicit "log" rule
+            mask = (self._assignment == k) & active_t[:, None]
+            act = check_policy_action(rule.policy, st, mask, rule.policy.act(st, mask))
+            more.append((act, rule.policy.dynamics))
         frozen_t = st.t.clone()
         new = sim.step(st, own, self.dynamics, more)
         # Inactive slots (finished, awaiting reset) must not advance.
@@ -265,9 +264,13 @@ class TrafficEngine:
         ids = st.scene_ids
         host = {k: metrics[k].cpu().numpy() for k in INFO_METRICS}
         t = st.t.cpu().numpy()
+        controlled = st.controlled.cpu().numpy()
+        agent_mask = st.agent_mask.cpu().numpy()
+        assignment = self._assignment.cpu().numpy()
         infos = []
         for b in range(self.num_slots):
-            info = {"scene_id": ids[b], "t": int(t[b])}
+            info = {"scene_id": ids[b], "t": int(t[b]),
+                    "driven_by": driven_by_names(assignment[b], controlled[b], agent_mask[b], self.traffic)}
             if self.mode == "ego":
                 e = int(st.ego[b])
                 info["metrics"] = {k: float(v[b, e]) for k, v in host.items()}

@@ -67,3 +67,7 @@ def check_kwargs(kind: str, given: dict, known) -> None:
     for key in given:
         if key not in known:
             raise UnknownNameError(kind, key, known)
+
+
+class CheckpointError(TrafficGymError, ValueError):
+    """A checkpoint that is missing, not a trafficgym checkpoint, or made for another model or configuration."""

@@ -25,10 +25,14 @@ ROUTE_WINDOW = (-4, 12)  # route points searched around the last position each s
 SDF_PAD = 1e3  # m: padding of SDF grids reads as far off-road
 
 
-def stack_maps(maps: Sequence[MapData | MapIndex], device: torch.device | str = "cpu") -> MapBatch:
-    """Stack the per-map indices (``envs.map_index``) of distinct maps into one ``MapBatch``. Pass ``MapIndex``
-    objects (e.g. ``SceneDataset.map_index``, cached on disk) to skip building them."""
-    indices = [m if isinstance(m, MapIndex) else map_index(m) for m in maps]
+def stack_maps(maps: Sequence[MapData], device: torch.device | str = "cpu",
+               indices: Sequence[MapIndex] | None = None) -> MapBatch:
+    """Stack distinct maps into one ``MapBatch``. ``indices`` (e.g. ``SceneDataset.map_index``, cached on disk)
+    skips building each map's ``MapIndex``; the ``MapData`` objects stay reachable as ``MapBatch.sources`` for
+    policies that need the full lane graph."""
+    indices = list(indices) if indices is not None else [map_index(m) for m in maps]
+    if len(indices) != len(maps) or any(ix.map_id != m.map_id for ix, m in zip(indices, maps, strict=False)):
+        raise ValueError("stack_maps: indices must match maps one to one.")
     resolutions = {ix.resolution for ix in indices}
     if len(resolutions) > 1:
         raise ValueError(f"Maps use different SDF resolutions {sorted(resolutions)}; build them with one.")
@@ -51,7 +55,7 @@ def stack_maps(maps: Sequence[MapData | MapIndex], device: torch.device | str = 
     def t(a):
         return torch.as_tensor(a, device=device)
 
-    return MapBatch(map_ids=tuple(ix.map_id for ix in indices), sdf=t(sdf),
+    return MapBatch(map_ids=tuple(ix.map_id for ix in indices), sources=tuple(maps), sdf=t(sdf),
                     sdf_origin=t(np.stack([ix.origin for ix in indices])), sdf_resolution=resolutions.pop(),
                     has_road_edges=t(np.array([ix.has_road_edges for ix in indices])), chunks=t(chunks),
                     chunk_mask=t(chunk_mask), chunk_type=t(chunk_type), chunk_valid=t(chunk_valid))
@@ -191,6 +195,7 @@ def reset(scenes: Sequence[Scene], start_step: int = 10, controlled: str | Seque
         agent_type=t(agent_type), extent=t(extent), agent_mask=t(agent_mask), controlled=t(ctrl), ego=t(ego),
         start=torch.full((b,), start_step, dtype=torch.long, device=device), end=t(end), map_idx=t(map_idx),
         maps=maps, traj=t(traj), valid=t(valid), t=torch.full((b,), start_step, dtype=torch.long, device=device),
+        removed=torch.zeros((b, a_max), dtype=torch.bool, device=device),
         dt=float(scenes[0].dt), scene_ids=tuple(s.scene_id for s in scenes),
     )
 
@@ -212,6 +217,7 @@ def step(state: SimState, action: Action, dynamics: Dynamics,
     next_pose = state.log[b, :, t_next]  # (B, A, 5): log replay unless driven
     next_valid = state.log_valid[b, :, t_next].clone()
     taken = torch.zeros_like(movable)
+    removed = state.removed.clone()
     for act, dyn in ((action, dynamics), *more):
         driven = act.valid & movable
         if (driven & taken).any():
@@ -220,13 +226,16 @@ def step(state: SimState, action: Action, dynamics: Dynamics,
         moved = dyn.forward(current, act.data.to(current.dtype), state.dt)
         next_pose = torch.where(driven[..., None], moved, next_pose)
         next_valid |= driven
+        if act.remove is not None:
+            removed |= act.remove & driven
+    next_valid &= ~removed
     keep = ~can_step  # scenes at their last step rewrite their current row unchanged
     next_pose = torch.where(keep[:, None, None], current, next_pose)
     next_valid = torch.where(keep[:, None], current_valid, next_valid)
     next_pose = torch.where(next_valid[..., None], next_pose, torch.zeros_like(next_pose))
     state.traj[b, :, t_next] = next_pose
     state.valid[b, :, t_next] = next_valid
-    return replace(state, t=t_next, route_pos=track_route(state, next_pose[..., :2]))
+    return replace(state, t=t_next, route_pos=track_route(state, next_pose[..., :2]), removed=removed)
 
 
 def track_route(state: SimState, xy: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,11 @@ class MapBatch:
     has_road_edges: ``(M,)`` bool, whether off-road is defined on the map.
     chunks: ``(M, C, N, 2)`` polyline pieces in world coordinates; chunk_mask ``(M, C, N)`` bool point validity;
     chunk_type: ``(M, C)`` long ``PolylineType``; chunk_valid ``(M, C)`` bool (padding is False).
+    sources: the ``MapData`` of each map (full polylines and lane graph, numpy), for policies that plan on it.
     """
 
     map_ids: tuple
+    sources: tuple
     sdf: object
     sdf_origin: object
     sdf_resolution: float
@@ -205,6 +207,8 @@ class SimState:
         t: ``(B,)`` long current step.
         route_pos: ``(B, A)`` long index of the route point nearest to each agent (tracked by ``sim.step``
             within a window, so the search costs O(window), not O(route)).
+        removed: ``(B, A)`` bool, agents a policy took out of the scene (e.g. driving off the map at its
+            border); they stay invalid for the rest of the episode, whatever their log says.
 
     ``sim.step`` writes step ``t + 1`` of ``traj``/``valid`` in place (an append-only buffer): an older state
     object still reads its own past correctly, but to branch (step one state twice) use ``clone()``.
@@ -227,6 +231,7 @@ class SimState:
     valid: object
     t: object
     route_pos: object
+    removed: object
     dt: float
     scene_ids: tuple
 
@@ -269,15 +274,17 @@ class SimState:
         from dataclasses import replace
 
         return replace(self, traj=self.traj.clone(), valid=self.valid.clone(), t=self.t.clone(),
-                       route_pos=self.route_pos.clone())
+                       route_pos=self.route_pos.clone(), removed=self.removed.clone())
 
 
 @dataclass(frozen=True, eq=False)
 class Action:
     """Actions for a batch: ``data`` ``(B, A, D)`` in the units of ``dynamics`` and ``valid`` ``(B, A)`` bool.
 
-    Agents with ``valid`` False are not driven by an action: they follow their log.
+    Agents with ``valid`` False are not driven by an action: they follow their log. ``remove`` ``(B, A)`` bool
+    (optional) takes driven agents out of the scene for the rest of the episode (they leave the map).
     """
 
     data: object
     valid: object
+    remove: object = None
