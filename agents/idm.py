@@ -125,6 +125,15 @@ class IDM(Agent):
                 best_d = torch.minimum(d, best_d)
         return best_s
 
+    def _locate_rows(self, state: SimState, rows: torch.Tensor) -> torch.Tensor:
+        """Full-search arc position (m) for the ``(K, 2)`` (batch, agent) rows only."""
+        xy = state.current[rows[:, 0], rows[:, 1], :2]  # (K, 2)
+        path = self._path[rows[:, 0], rows[:, 1]]  # (K, P, 2)
+        length = self._length[rows[:, 0], rows[:, 1]]
+        d2 = ((path - xy[:, None]) ** 2).sum(-1)
+        d2 = d2.masked_fill(torch.arange(path.shape[1], device=xy.device) >= length[:, None], float("inf"))
+        return d2.argmin(-1).float() * ROUTE_SPACING
+
     def _point(self, i: torch.Tensor) -> torch.Tensor:
         return self._path.gather(2, i[..., None, None].expand(*i.shape, 1, 2)).squeeze(2)
 
@@ -139,7 +148,8 @@ class IDM(Agent):
         appeared = live & ~self._was_live
         located = self._locate(state)
         if appeared.any():
-            located = torch.where(appeared, self._locate(state, full=True), located)
+            rows = appeared.nonzero()
+            located[rows[:, 0], rows[:, 1]] = self._locate_rows(state, rows)
         self._pos = torch.where(self._placed & live, self._pos, located)
         self._was_live = live.clone()
         v = cur[..., 3:5].norm(dim=-1)
@@ -177,59 +187,68 @@ class IDM(Agent):
 
     def _obstacles(self, state, cur, live, v):
         """Gap (m, inf if none) to the nearest obstacle ahead on each agent's path and that obstacle's speed
-        along the path."""
+        along the path. Pairs are pre-filtered (in reach, roughly ahead) so the exact tests run on few."""
         bsz, a = live.shape
         dev = cur.device
         steps = torch.arange(1, int(self.lookahead / ROUTE_SPACING) + 1, device=dev)
         ahead_idx = torch.minimum(self._pos.floor().long()[..., None] + steps, (self._length - 1)[..., None])
-        ahead = self._path.gather(2, ahead_idx[..., None].expand(*ahead_idx.shape, 2))  # (B, A, W, 2)
-        # Candidate pairs (i follows j): both live, j within reach of i's lookahead.
-        centre_d = torch.cdist(cur[..., :2], cur[..., :2])
-        eye = torch.eye(a, dtype=torch.bool, device=dev)
-        reach = self.lookahead + 10 + v[..., None] * self.yield_horizon
-        cand = live[:, :, None] & live[:, None, :] & ~eye & (centre_d < reach)
-        pairs = cand.nonzero()  # (K, 3): b, i, j
         gap = torch.full((bsz, a), float("inf"), device=dev)
         lead_speed = torch.zeros(bsz, a, device=dev)
+        # Candidate pairs (i follows j): both live, j within reach and not behind i.
+        # (component-wise arithmetic: reductions over a size-2 axis are slow on CPU)
+        rx = cur[:, None, :, 0] - cur[:, :, None, 0]  # (B, i, j)
+        ry = cur[:, None, :, 1] - cur[:, :, None, 1]
+        along = rx * torch.cos(cur[..., 2])[..., None] + ry * torch.sin(cur[..., 2])[..., None]
+        reach = self.lookahead + 10 + v[..., None] * self.yield_horizon
+        eye = torch.eye(a, dtype=torch.bool, device=dev)
+        cand = live[:, :, None] & live[:, None, :] & ~eye & (along > -2.0) & (rx * rx + ry * ry < reach * reach)
+        pairs = cand.nonzero()  # (K, 3): b, i, j
         if len(pairs) == 0:
             return gap, lead_speed
         pb, pi, pj = pairs.unbind(-1)
-        path_pts = ahead[pb, pi]  # (K, W, 2)
+        idx = ahead_idx[pb, pi]  # (K, W)
+        path_pts = self._path[pb, pi].gather(1, idx[..., None].expand(*idx.shape, 2))  # (K, W, 2)
         width = state.extent[..., 1]
-        corridor = 0.5 * (width[pb, pi] + width[pb, pj]) + self.lateral_margin  # (K,)
+        corridor2 = (0.5 * (width[pb, pi] + width[pb, pj]) + self.lateral_margin) ** 2  # (K,)
         half_len = 0.5 * (state.extent[pb, pi, 0] + state.extent[pb, pj, 0])
+        other = cur[pb, pj]  # (K, 5)
         # (1) obstacles on the path now
-        d_now = (path_pts - cur[pb, pj, None, :2]).norm(dim=-1)  # (K, W)
-        on_path = d_now.min(-1).values < corridor
-        k_now = d_now.argmin(-1).float() + 1  # metres ahead
-        dirs = path_pts[:, 1:] - path_pts[:, :-1]
-        dirs = torch.cat([dirs, dirs[:, -1:]], 1)
-        k_int = d_now.argmin(-1)
-        tangent = dirs[torch.arange(len(pairs), device=dev), k_int]
+        dx, dy = path_pts[..., 0] - other[:, None, 0], path_pts[..., 1] - other[:, None, 1]
+        d2_now = dx * dx + dy * dy  # (K, W)
+        best_d2, k_int = d2_now.min(-1)
+        on_path = best_d2 < corridor2
+        seg = path_pts[:, 1:] - path_pts[:, :-1]
+        seg = torch.cat([seg, seg[:, -1:]], 1)
+        tangent = seg[torch.arange(len(pairs), device=dev), k_int]
         tangent = tangent / tangent.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        speed_along = (cur[pb, pj, 3:5] * tangent).sum(-1).clamp(min=0)
-        cand_gap = torch.where(on_path, k_now - half_len, torch.full_like(k_now, float("inf")))
+        speed_along = (other[:, 3:5] * tangent).sum(-1).clamp(min=0)
+        cand_gap = torch.where(on_path, (k_int + 1).float() * ROUTE_SPACING - half_len,
+                               torch.full_like(half_len, float("inf")))
         cand_speed = speed_along
-        # (2) crossing agents predicted to reach the path first
-        if self.yield_horizon > 0:
+        # (2) moving agents off the path, predicted (constant velocity) to reach it before this agent gets there
+        crossing = (~on_path & (other[:, 3:5].norm(dim=-1) > 0.5)).nonzero().squeeze(-1)
+        if self.yield_horizon > 0 and len(crossing):
             taus = torch.arange(0.5, self.yield_horizon + 1e-6, 0.5, device=dev)  # (H,)
-            pred = cur[pb, pj, None, :2] + cur[pb, pj, None, 3:5] * taus[:, None]  # (K, H, 2)
-            d_pred = (path_pts[:, None] - pred[:, :, None]).norm(dim=-1)  # (K, H, W)
-            hit = d_pred < corridor[:, None, None]
-            k_hit = torch.where(hit, steps.float().expand_as(d_pred), torch.full_like(d_pred, float("inf")))
-            first_k, _ = k_hit.min(-1)  # (K, H) metres ahead where j's predicted box meets the path
-            my_arrival = first_k / v[pb, pi].clamp(min=0.5)[:, None]
-            yields = torch.isfinite(first_k) & (taus[None] < my_arrival) & ~on_path[:, None]
+            o = other[crossing]
+            pred = o[:, None, :2] + o[:, None, 3:5] * taus[:, None]  # (Kc, H, 2)
+            pts = path_pts[crossing]
+            dx = pts[:, None, :, 0] - pred[:, :, None, 0]  # (Kc, H, W)
+            dy = pts[:, None, :, 1] - pred[:, :, None, 1]
+            hit = dx * dx + dy * dy < corridor2[crossing][:, None, None]
+            k_hit = torch.where(hit, steps.float().expand_as(hit), torch.full(hit.shape, float("inf"), device=dev))
+            first_k = k_hit.min(-1).values * ROUTE_SPACING  # (Kc, H) metres ahead where j meets the path
+            my_arrival = first_k / v[pb[crossing], pi[crossing]].clamp(min=0.5)[:, None]
+            yields = torch.isfinite(first_k) & (taus[None] < my_arrival)
             conflict = torch.where(yields, first_k, torch.full_like(first_k, float("inf"))).min(-1).values
-            conflict_gap = conflict - half_len
-            better = conflict_gap < cand_gap
-            cand_gap = torch.where(better, conflict_gap, cand_gap)
-            cand_speed = torch.where(better, torch.zeros_like(cand_speed), cand_speed)
+            conflict_gap = conflict - half_len[crossing]
+            better = conflict_gap < cand_gap[crossing]
+            cand_gap[crossing] = torch.where(better, conflict_gap, cand_gap[crossing])
+            cand_speed[crossing] = torch.where(better, torch.zeros_like(conflict_gap), cand_speed[crossing])
         # nearest obstacle per (b, i)
         flat = pb * a + pi
         best = torch.full((bsz * a,), float("inf"), device=dev).scatter_reduce(0, flat, cand_gap, "amin")
         gap = best.view(bsz, a)
-        is_best = cand_gap == best[flat]
+        is_best = torch.isfinite(cand_gap) & (cand_gap == best[flat])
         lead_speed.view(-1).scatter_(0, flat[is_best], cand_speed[is_best])
         return gap, lead_speed
 

@@ -45,3 +45,16 @@ def test_data_maps_writes_a_png(tiny_args, tmp_path, capsys):
 def test_data_errors_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_compares_agents_and_writes_json(tiny_args, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--agent", "log_replay", "--agent", "constant_velocity", *tiny_args, "--split", "val",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["agent"] for r in rows] == ["log_replay", "constant_velocity"]
+    assert rows[0]["ade_m"] == 0.0 and rows[0]["collision_rate"] == 0.0 and rows[0]["scenes"] == 2
+    assert rows[1]["ade_m"] > 0.0
+    assert "log_replay" in capsys.readouterr().out
+    assert main(["eval", "--agent", "log_replya", *tiny_args]) == 2
+    assert "Did you mean 'log_replay'" in capsys.readouterr().err

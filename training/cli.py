@@ -139,6 +139,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_agent, format_table, to_json_ready
+
+    ds = _open(args, args.split)
+    rows = [evaluate_agent(name, ds, num_scenes=args.scenes, batch_size=args.batch_size, seed=args.seed,
+                           checkpoint=args.checkpoint, progress_bar=True) for name in args.agent]
+    print(f"closed-loop sim agents: {rows[0]['dataset']}/{rows[0]['split']}, {rows[0]['scenes']} scenes, every agent "
+          f"valid at step 10 driven by the policy for 8 s")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json_ready(rows), indent=1))
+    return 0
+
+
 def _data_generate(args: argparse.Namespace) -> int:
     from envs.data.towns import generate_towns
 
@@ -175,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the end-to-end demo run by `make demo`")
     demo.add_argument("--scenes", type=int, default=32, help="val scenes to roll out")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval", help="closed-loop evaluation of one or more agents (sim-agents setting)")
+    ev.add_argument("--agent", action="append", required=True, help="registered agent name; repeat to compare")
+    ev.add_argument("--checkpoint", default=None, help="weights for an agent that has them")
+    _add_dataset_args(ev, split_default="val", split_help="split to evaluate on")
+    ev.add_argument("--scenes", type=int, default=None, help="first N scenes (default: all)")
+    ev.add_argument("--batch-size", type=int, default=32, help="scenes simulated together")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.set_defaults(func=_eval)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
