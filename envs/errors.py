@@ -71,3 +71,16 @@ def check_kwargs(kind: str, given: dict, known) -> None:
 
 class CheckpointError(TrafficGymError, ValueError):
     """A checkpoint that is missing, not a trafficgym checkpoint, or made for another model or configuration."""
+
+
+class RenderError(TrafficGymError, ValueError):
+    """Bad renderer input: a render config out of range, a map that is not the scene's, a batch index outside
+    the state, per-agent arrays of the wrong shape."""
+
+
+class VideoWriteError(TrafficGymError, OSError):
+    """A video path that cannot be written (missing permissions, a directory, a parent that is a file)."""
+
+
+class NoDisplayError(TrafficGymError, RuntimeError):
+    """``render_mode="human"`` where no display exists (headless machine, ``SDL_VIDEODRIVER=dummy``)."""

@@ -19,19 +19,31 @@ RESET_OPTIONS = ("scene_id", "scene_index")
 
 
 class _TrafficEnv(gym.Env):
-    # Render modes appear here once the renderer exists (render/renderer.py); until then none is offered.
-    metadata = {"render_modes": [], "render_fps": 10}
+    # "human" is offered where a display exists: the instance's metadata drops it on headless machines, so
+    # Gymnasium's env checker (which tries every declared mode) and wrappers see only what can work here.
+    metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 10}
     _mode: str
 
-    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None, **overrides: Any):
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None,
+                 render_config: Any = None, **overrides: Any):
+        """``render_config``: a ``render.renderer.RenderConfig`` for ``render()`` (default: 512x512, ego camera)."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise UnknownNameError("render_mode", render_mode, self.metadata["render_modes"])
+        if render_mode == "human":
+            from render.display import require_display
+
+            require_display()  # fail at construction, not after the first episode
         self.config = EnvConfig.from_kwargs(config, **overrides)
         self.render_mode = render_mode
+        self.render_config = render_config
+        self._window = None
         self.engine = TrafficEngine(self.config, num_slots=1, mode=self._mode, single=True)
         self.observation_space = self.engine.observation_space()
         self.action_space = self.engine.action_space()
-        self.metadata = {**self.metadata, "render_fps": round(1.0 / self.engine.dataset.dt)}
+        from render.display import display_available
+
+        modes = [m for m in self.metadata["render_modes"] if m != "human" or display_available()]
+        self.metadata = {**self.metadata, "render_modes": modes, "render_fps": round(1.0 / self.engine.dataset.dt)}
 
     @property
     def scene_ids(self) -> list[str]:
@@ -72,10 +84,28 @@ class _TrafficEnv(gym.Env):
         return obs, float(reward[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
 
     def render(self):
+        """``rgb_array``: the current frame, ``uint8 (H, W, 3)`` (``render.renderer.render_frame``); ``human``:
+        shows it in a window and returns None; no render mode: None."""
         if self.render_mode is None:
             return None
-        raise NotImplementedError("Rendering arrives with the renderer (render/renderer.py); until then "
-                                  "render_mode must be None.")
+        from render.renderer import RenderConfig, render_engine  # lazy: pygame only for envs that render
+
+        frame = render_engine(self.engine, 0, self.render_config or RenderConfig())
+        if self.render_mode == "rgb_array":
+            return frame
+        if self._window is None:
+            from render.display import HumanWindow
+
+            self._window = HumanWindow(f"trafficgym {self.spec.id if self.spec else type(self).__name__}",
+                                       self.metadata["render_fps"])
+        self._window.show(frame)
+        return None
+
+    def close(self):
+        if getattr(self, "_window", None) is not None:
+            self._window.close()
+            self._window = None
+        super().close()
 
     @property
     def state(self):
@@ -114,7 +144,8 @@ class SimAgentsEnv(_TrafficEnv):
 
     _mode = "sim_agents"
 
-    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None, **overrides: Any):
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None,
+                 render_config: Any = None, **overrides: Any):
         overrides.setdefault("terminate_on_collision", False)
         overrides.setdefault("terminate_on_offroad", False)
-        super().__init__(config, render_mode, **overrides)
+        super().__init__(config, render_mode, render_config, **overrides)

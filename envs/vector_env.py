@@ -25,12 +25,15 @@ VECTOR_RESET_OPTIONS = ("scene_index", "scene_id")
 
 class _TrafficVectorEnv(VectorEnv):
     _mode: str
-    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+    # Like SyncVectorEnv: render() returns one frame per sub-env (a tuple). No window mode for the batch.
+    metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int, config: EnvConfig | None = None, render_mode: str | None = None,
-                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **overrides: Any):
-        if render_mode is not None:
-            raise UnknownNameError("render_mode", render_mode, self.metadata["render_modes"])
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, render_config: Any = None,
+                 **overrides: Any):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise UnknownNameError("render_mode", render_mode, self.metadata["render_modes"],
+                                   fix="Vector envs render rgb_array frames (one per env); show them yourself.")
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -41,7 +44,8 @@ class _TrafficVectorEnv(VectorEnv):
             overrides.setdefault("terminate_on_offroad", False)
         self.config = EnvConfig.from_kwargs(config, **overrides)
         self.num_envs = num_envs
-        self.render_mode = None
+        self.render_mode = render_mode
+        self.render_config = render_config
         self.engine = TrafficEngine(self.config, num_slots=num_envs, mode=self._mode)
         self.single_observation_space = self.engine.observation_space()
         self.single_action_space = self.engine.action_space()
@@ -111,6 +115,15 @@ class _TrafficVectorEnv(VectorEnv):
         else:
             self._needs_reset = ended
         return self.engine.observe(), reward, terminated, truncated, infos
+
+    def render(self):
+        """``rgb_array``: a tuple of ``uint8 (H, W, 3)`` frames, one per env (as Gymnasium's SyncVectorEnv)."""
+        if self.render_mode is None:
+            return None
+        from render.renderer import RenderConfig, render_engine  # lazy: pygame only for envs that render
+
+        config = self.render_config or RenderConfig()
+        return tuple(render_engine(self.engine, i, config) for i in range(self.num_envs))
 
     @property
     def state(self):
