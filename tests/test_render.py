@@ -130,8 +130,9 @@ def test_bad_input_is_reported_clearly(tmp_path, tiny_env_kwargs):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(VideoWriteError, match="Cannot create the folder"):
         write_video(frames, tmp_path / "file" / "clip.mp4", fps=10)
+    (tmp_path / "dir.mp4").mkdir()
     with pytest.raises(VideoWriteError, match="is a directory"):
-        write_video(frames, tmp_path / "dir.mp4", fps=10) if (tmp_path / "dir.mp4").mkdir() is None else None
+        write_video(frames, tmp_path / "dir.mp4", fps=10)
     # The path is checked before the episode runs: the env is never even reset.
     from render.video import record_episode
 
