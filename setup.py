@@ -43,7 +43,9 @@ setup(
         "sumo": ["eclipse-sumo==1.28.0", "sumolib==1.28.0"],
         # The PettingZoo view of the sim-agents env (envs/multi_agent.py).
         "marl": ["pettingzoo>=1.24"],
-        "dev": ["pytest>=7", "hypothesis>=6", "ruff>=0.4"],
+        # Gymnasium's RecordVideo wrapper writes through moviepy.
+        "video": ["moviepy>=1.0"],
+        "dev": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "moviepy>=1.0"],
     },
     entry_points={"console_scripts": ["trafficgym=training.cli:main"]},
 )

@@ -58,3 +58,19 @@ def test_eval_compares_agents_and_writes_json(tiny_args, tmp_path, capsys):
     assert "log_replay" in capsys.readouterr().out
     assert main(["eval", "--agent", "log_replya", *tiny_args]) == 2
     assert "Did you mean 'log_replay'" in capsys.readouterr().err
+
+
+def test_render_writes_a_closed_loop_video(tiny_args, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    out = tmp_path / "idm.gif"
+    assert main(["render", "--agent", "idm", *tiny_args, "--split", "val", "--scene", "DR_USA_Tiny_Road_val_0",
+                 "--out", str(out), "--size", "128", "--side-by-side"]) == 0
+    frames = iio.imread(out, index=None)
+    assert frames.shape[0] == 81 and frames.shape[2] == 2 * 128 + 4  # 80 steps + the start, log | sim
+    assert main(["render", "--agent", "idm", *tiny_args, "--scene", "DR_USA_Tiny_Road_val_0",
+                 "--out", str(tmp_path / "x.avi")]) == 2
+    assert "extension" in capsys.readouterr().err
+    assert main(["render", "--agent", "idm", *tiny_args, "--scene", "DR_USA_Tiny_Road_val_7",
+                 "--out", str(tmp_path / "x.gif")]) == 2
+    assert "Did you mean" in capsys.readouterr().err

@@ -90,52 +90,11 @@ def _data_maps(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Dataset statistics, then closed-loop ego rollouts on the val split with two reference controllers."""
-    import gymnasium as gym
-    import numpy as np
-    import torch
-
-    import envs  # noqa: F401  (registers the env ids)
-    from envs.dynamics import InvertibleBicycle
+    from training.demo import run_demo
 
     _data_info(argparse.Namespace(dataset="towns", data_dir=None, split=None, cache_dir=None, dt=None,
                                   case_length=None, rebuild=False, json=False))
-    n = args.scenes
-    venv = gym.make_vec("trafficgym/Ego-v0", num_envs=n, vectorization_mode="vector_entry_point", split="val",
-                        action_bounds="clip")
-    engine = venv.unwrapped.engine
-    bicycle = InvertibleBicycle()
-
-    def log_actions():  # the ego's logged motion expressed as (normalised) bicycle actions
-        st = engine.state
-        b = torch.arange(st.batch_size)
-        nxt = st.log[b, st.ego, (st.t + 1).clamp(max=st.num_steps - 1)]
-        phys = bicycle.inverse(st.current[b, st.ego], nxt, st.dt).numpy()
-        return np.where(phys >= 0, phys / engine.physical_high, -phys / engine.physical_low)
-
-    controllers = {"log-following (inverse bicycle)": log_actions,
-                   "coasting (zero action)": lambda: np.zeros((n, 2), np.float32)}
-    print(f"\nclosed-loop Ego-v0 on {n} val scenes (8 s, log-replay traffic):")
-    print(f"{'controller':<34}{'return':>8}{'collided':>10}{'off-road':>10}{'progress m':>12}{'log dev m':>11}"
-          f"{'steps/s':>9}")
-    for name, policy in controllers.items():
-        venv.reset(options={"scene_index": list(range(n))})
-        ret, done = np.zeros(n), np.zeros(n, bool)
-        collided, offroad, progress, divergence = (np.zeros(n) for _ in range(4))
-        steps, start = 0, time.perf_counter()
-        while not done.all():
-            _, reward, terminated, truncated, info = venv.step(policy().astype(np.float32))
-            live = ~done
-            ret[live] += reward[live]
-            m = info["metrics"]
-            collided[live] = np.maximum(collided[live], m["collision"][live])
-            offroad[live] = np.maximum(offroad[live], m["offroad"][live])
-            progress[live], divergence[live] = m["progress"][live], m["log_divergence"][live]
-            done |= terminated | truncated
-            steps += int(live.sum())
-        rate = steps / (time.perf_counter() - start)
-        print(f"{name:<34}{ret.mean():>8.2f}{collided.mean():>10.2f}{offroad.mean():>10.2f}{progress.mean():>12.1f}"
-              f"{divergence.mean():>11.2f}{rate:>9.0f}")
+    run_demo(num_scenes=args.scenes, out_dir=Path(args.out))
     return 0
 
 
@@ -150,6 +109,19 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(to_json_ready(rows), indent=1))
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from render.renderer import RenderConfig
+    from training.rollout import record_agent_video
+
+    ds = _open(args, args.split)
+    config = RenderConfig(width=args.size, height=args.size, px_per_m=args.px_per_m, camera=args.camera)
+    out = record_agent_video(args.agent, ds, args.scene, args.out, setting=args.setting, traffic=args.traffic,
+                             checkpoint=args.checkpoint, side_by_side=args.side_by_side, config=config,
+                             fps=args.fps, seed=args.seed)
+    print(out)
     return 0
 
 
@@ -188,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the end-to-end demo run by `make demo`")
     demo.add_argument("--scenes", type=int, default=32, help="val scenes to roll out")
+    demo.add_argument("--out", default="runs/demo", help="where the demo writes its files")
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="closed-loop evaluation of one or more agents (sim-agents setting)")
@@ -199,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
     ev.set_defaults(func=_eval)
+
+    ren = sub.add_parser("render", help="one closed-loop episode of an agent on one scene, as mp4 or gif")
+    ren.add_argument("--agent", required=True, help="registered agent name (e.g. idm, log_replay)")
+    ren.add_argument("--checkpoint", default=None)
+    ren.add_argument("--setting", default="sim_agents", choices=["sim_agents", "ego"],
+                     help="sim_agents: the agent drives every agent valid at the start; ego: only the ego")
+    ren.add_argument("--traffic", default="log", help="who drives the others in the ego setting (agent name or log)")
+    _add_dataset_args(ren, split_default="val", split_help="split holding the scene")
+    ren.add_argument("--scene", required=True, help="scene id (trafficgym data info lists the dataset)")
+    ren.add_argument("--out", required=True, help="output .mp4 or .gif")
+    ren.add_argument("--side-by-side", action="store_true", help="log on the left, simulation on the right")
+    ren.add_argument("--camera", default="ego", choices=["ego", "scene"])
+    ren.add_argument("--size", type=int, default=512, help="frame width and height in pixels")
+    ren.add_argument("--px-per-m", type=float, default=4.0)
+    ren.add_argument("--fps", type=float, default=None, help="default: real time")
+    ren.add_argument("--seed", type=int, default=0)
+    ren.set_defaults(func=_render)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -77,10 +77,13 @@ def collision_pairs(state: SimState, cache: dict | None = None) -> torch.Tensor:
         return cache["pairs"]
     cur, live = _current(state, cache), _live(state, cache)
     radius = 0.5 * state.extent.norm(dim=-1)  # (B, A)
-    dist = torch.cdist(cur[..., :2], cur[..., :2])  # (B, A, A)
+    # Squared centre distances by broadcasting (torch.cdist's thread pool stalls when the other core is busy).
+    dx = cur[:, :, None, 0] - cur[:, None, :, 0]
+    dy = cur[:, :, None, 1] - cur[:, None, :, 1]
+    reach = radius[:, :, None] + radius[:, None, :]
     ar = torch.arange(state.num_agents, device=state.device)
     upper = ar[:, None] < ar[None, :]  # (torch.triu is pathologically slow on tiny bool matrices)
-    candidates = (dist < radius[:, :, None] + radius[:, None, :]) & live[:, :, None] & live[:, None, :] & upper
+    candidates = (dx * dx + dy * dy < reach * reach) & live[:, :, None] & live[:, None, :] & upper
     idx = candidates.nonzero()  # (K, 3)
     corners = _corners(state, cache)
     hit = boxes_overlap(corners[idx[:, 0], idx[:, 1]], corners[idx[:, 0], idx[:, 2]])

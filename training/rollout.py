@@ -1,0 +1,60 @@
+"""One closed-loop episode of registered agents on one scene, rendered to a video (``trafficgym render``).
+
+Settings:
+- ``sim_agents``: the agent drives every agent valid at the start step; the others replay their log.
+- ``ego``: the agent drives the ego; ``traffic`` (a registered agent name, or ``"log"``) drives everyone else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SETTINGS = ("sim_agents", "ego")
+
+
+@torch.inference_mode()
+def record_agent_video(agent_name: str, dataset, scene_id: str, out: str | Path, setting: str = "sim_agents",
+                       traffic: str = "log", checkpoint: str | None = None, side_by_side: bool = False,
+                       config=None, fps: float | None = None, start_step: int = 10, seed: int = 0) -> Path:
+    """Roll the agent out on ``scene_id`` of ``dataset`` (a ``SceneDataset``) and write the video to ``out``.
+
+    The output path and extension are checked before any simulation; ``fps`` defaults to real time.
+    """
+    from agents.registry import make_agent
+    from envs import sim
+    from envs.errors import UnknownNameError
+    from render.renderer import RenderConfig, render_frame
+    from render.video import check_video_path, side_by_side_frame, write_video
+
+    if setting not in SETTINGS:
+        raise UnknownNameError("setting", setting, SETTINGS)
+    path = check_video_path(out)
+    scene = dataset[dataset.index_of(scene_id)]
+    config = config or RenderConfig()
+    agent = make_agent(agent_name, checkpoint=checkpoint)
+    other = None if traffic == "log" else make_agent(traffic)
+    maps = sim.stack_maps([scene.map], indices=[dataset.map_index(scene.map_id)])
+    state = sim.reset([scene], start_step=start_step, controlled="all" if setting == "sim_agents" else "ego",
+                      maps=maps)
+    mine = state.controlled.clone()
+    rest = state.agent_mask & ~mine
+    agent.reset(state, mine, seed=seed)
+    if other is not None:
+        other.reset(state, rest, seed=seed + 1)
+    # Outline colours: 1 = the agent, 2 = the traffic policy, -1 = log replay.
+    driven_by = np.where(mine[0].numpy(), 1, np.where(rest[0].numpy() & (other is not None), 2, -1))
+
+    def frame() -> np.ndarray:
+        if side_by_side:
+            return side_by_side_frame(state, scene.map, 0, config, driven_by=driven_by)
+        return render_frame(state, scene.map, 0, config, driven_by=driven_by, title=f"{agent_name} ({setting})")
+
+    frames = [frame()]
+    while int(state.t[0]) < int(state.end[0]):
+        more = [(other(state, rest), other.dynamics)] if other is not None else []
+        state = sim.step(state, agent(state, mine), agent.dynamics, more)
+        frames.append(frame())
+    return write_video(frames, path, fps or 1.0 / scene.dt)
