@@ -2,7 +2,8 @@
 
 1. sim agents: every agent valid at the start step driven by each baseline for 8 s (the table of
    ``trafficgym eval``);
-2. ego: the ``trafficgym/Ego-v0`` vector env with reactive IDM traffic, driven by two reference controllers.
+2. ego: the ``trafficgym/Ego-v0`` vector env with reactive IDM traffic, driven by two reference controllers;
+3. a video: IDM driving every agent of one val scene, next to the log.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 DEMO_AGENTS = ("log_replay", "idm", "constant_velocity", "random")
+DEMO_VIDEO_SCENE = "DR_USA_Town_Spider_val_17"  # a busy junction
 
 
 def log_following_actions(engine) -> np.ndarray:
@@ -67,17 +69,20 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     val = open_dataset("towns", "val")
-    print(f"\\nsim agents: {num_scenes} towns val scenes, every agent valid at step 10 driven for 8 s")
+    print(f"\nsim agents: {num_scenes} towns val scenes, every agent valid at step 10 driven for 8 s")
     sim_rows = [evaluate_agent(name, val, num_scenes=num_scenes) for name in DEMO_AGENTS]
     print(format_table(sim_rows))
 
-    print(f"\\nego (trafficgym/Ego-v0, vector env): {num_scenes} val scenes, reactive IDM traffic")
+    print(f"\nego (trafficgym/Ego-v0, vector env): {num_scenes} val scenes, reactive IDM traffic")
     ego_rows = ego_rollouts(num_scenes)
     print(f"{'controller':<26}{'return':>8}{'collided':>10}{'off-road':>10}{'progress m':>12}{'env steps/s':>13}")
     for r in ego_rows:
         print(f"{r['controller']:<26}{r['return']:>8.2f}{r['collided']:>10.2f}{r['offroad']:>10.2f}"
               f"{r['progress_m']:>12.1f}{r['env_steps_per_s']:>13,.0f}")
-    result = {"sim_agents": to_json_ready(sim_rows), "ego": to_json_ready(ego_rows)}
+    from training.rollout import record_agent_video
+
+    video = record_agent_video("idm", val, DEMO_VIDEO_SCENE, out_dir / "idm_vs_log.mp4", side_by_side=True)
+    result = {"sim_agents": to_json_ready(sim_rows), "ego": to_json_ready(ego_rows), "video": str(video)}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
-    print(f"\\nwrote {out_dir / 'demo.json'}")
+    print(f"\nwrote {video} (log | IDM, side by side) and {out_dir / 'demo.json'}")
     return result
