@@ -3,7 +3,8 @@
 (a) the batched core: B scenes x up to A agents, all controlled (bicycle), with collision + off-road + progress
     computed every step: agent-steps per second (agents counted = live agents, not padding);
 (b) the single ``trafficgym/Ego-v0`` env through the Gymnasium API with observations and reward: steps/s;
-(c) ``reset`` latency of that env (scene load from the warm cache + state build + first observation).
+(c) ``reset`` latency of that env (scene load from the warm cache + state build + first observation);
+(d) the native vector env (``gym.make_vec(..., vectorization_mode="vector_entry_point")``): env-steps/s.
 
     python benchmarks/sim_throughput.py [--dataset towns --split val --batch 64 --steps 80]
 """
@@ -75,6 +76,23 @@ def env_throughput(kwargs: dict, episodes: int) -> dict:
             "reset_ms_p95": round(1e3 * float(np.percentile(resets, 95)), 2)}
 
 
+def vector_throughput(kwargs: dict, num_envs: int, steps: int = 200) -> dict:
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+
+    venv = gym.make_vec("trafficgym/Ego-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
+                        action_bounds="clip", **kwargs)
+    venv.reset(seed=0)
+    action = np.zeros((num_envs, 2), np.float32)
+    for _ in range(5):
+        venv.step(action)
+    start = time.perf_counter()
+    for _ in range(steps):
+        venv.step(action)
+    return {"num_envs": num_envs, "env_steps_per_s": round(num_envs * steps / (time.perf_counter() - start))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="towns")
@@ -94,6 +112,8 @@ def main() -> None:
     result["core"] = core_throughput(ds, args.batch, args.steps, args.max_agents)
     result["ego_env"] = env_throughput({"dataset": args.dataset, "split": args.split, "data_dir": args.data_dir},
                                        args.episodes)
+    result["vector_env"] = [vector_throughput({"dataset": args.dataset, "split": args.split,
+                                               "data_dir": args.data_dir}, n) for n in (16, 64)]
     print(json.dumps(result, indent=1))
 
 
