@@ -1,0 +1,149 @@
+"""Episode metrics: evaluate R closed-loop rollouts of one scene against its log.
+
+``Rollouts`` is the one input every episode metric takes; ``EPISODE_METRICS`` is the registry
+(``register_episode_metric``), and ``compute_episode_metrics`` runs a chosen set. The metric families live in
+their own modules (``realism.py``: WOSAC-style likelihoods and minADE; ``blm.py``: BLM's safety / diversity
+set; ``planning.py``: ego planning metrics) and register themselves here.
+
+Conventions: 10 Hz is not assumed (``dt`` is carried); the first ``history_steps`` steps are the logged
+history shared by every rollout; metrics are computed on the future steps unless a metric says otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from envs.errors import TrafficGymError, UnknownNameError
+
+
+class RolloutError(TrafficGymError, ValueError):
+    """Rollouts with wrong shapes, NaNs, mismatched agent ids, or too few samples for a metric."""
+
+
+@dataclass(frozen=True, eq=False)
+class Rollouts:
+    """R simulated futures of one scene, plus its log. Torch tensors (any device), float32 unless noted.
+
+    Attributes:
+        scene_id: the scene.
+        agent_ids: ``(A,)`` str ids of the evaluated agents (the log's ids, same order as every tensor below).
+        agent_type: ``(A,)`` long ``AgentType``; extent ``(A, 2)`` length, width (m).
+        sim: ``(R, A, T, 5)`` simulated x, y, heading, vx, vy over the whole scene (steps ``< history_steps``
+            equal the log); sim_valid ``(R, A, T)`` bool.
+        log: ``(A, T, 5)`` logged states; log_valid ``(A, T)`` bool.
+        history_steps: number of leading logged steps (WOSAC: 11, i.e. steps 0..10).
+        dt: seconds per step.
+        map_index: the scene's ``envs.map_index.MapIndex`` (road-edge signed distance field), or None.
+        ego_index: index of the ego among the agents (-1: none).
+        context: optional ``(A2, T, 5)`` states of other agents in the scene (not evaluated, e.g. log-replayed),
+            with ``context_valid`` ``(A2, T)`` and ``context_extent`` ``(A2, 2)``, for interaction features.
+    """
+
+    scene_id: str
+    agent_ids: np.ndarray
+    agent_type: torch.Tensor
+    extent: torch.Tensor
+    sim: torch.Tensor
+    sim_valid: torch.Tensor
+    log: torch.Tensor
+    log_valid: torch.Tensor
+    history_steps: int
+    dt: float
+    map_index: object = None
+    ego_index: int = -1
+    context: torch.Tensor | None = None
+    context_valid: torch.Tensor | None = None
+    context_extent: torch.Tensor | None = None
+
+    @property
+    def num_rollouts(self) -> int:
+        return int(self.sim.shape[0])
+
+    @property
+    def num_agents(self) -> int:
+        return int(self.sim.shape[1])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sim.shape[2])
+
+    def validate(self) -> None:
+        """Raise ``RolloutError`` naming the first inconsistency."""
+        r, a, t, f = self.sim.shape if self.sim.dim() == 4 else (None,) * 4
+        if self.sim.dim() != 4 or f != 5:
+            raise RolloutError(f"Rollouts {self.scene_id}: sim must be (R, A, T, 5), got {tuple(self.sim.shape)}.")
+        checks = {"sim_valid": (self.sim_valid, (r, a, t)), "log": (self.log, (a, t, 5)),
+                  "log_valid": (self.log_valid, (a, t)), "agent_type": (self.agent_type, (a,)),
+                  "extent": (self.extent, (a, 2))}
+        for name, (value, shape) in checks.items():
+            if tuple(value.shape) != shape:
+                raise RolloutError(f"Rollouts {self.scene_id}: {name} has shape {tuple(value.shape)}, "
+                                   f"expected {shape}.")
+        if len(self.agent_ids) != a:
+            raise RolloutError(f"Rollouts {self.scene_id}: {len(self.agent_ids)} agent ids for {a} agents.")
+        if len(set(map(str, self.agent_ids))) != a:
+            raise RolloutError(f"Rollouts {self.scene_id}: agent ids are not unique.")
+        if not 0 < self.history_steps < t:
+            raise RolloutError(f"Rollouts {self.scene_id}: history_steps={self.history_steps} outside (0, {t}).")
+        if not torch.isfinite(self.sim[self.sim_valid]).all():
+            raise RolloutError(f"Rollouts {self.scene_id}: sim holds NaN/inf at valid steps.")
+        if not torch.isfinite(self.log[self.log_valid]).all():
+            raise RolloutError(f"Rollouts {self.scene_id}: log holds NaN/inf at valid steps.")
+
+
+@dataclass(frozen=True)
+class EpisodeMetric:
+    name: str
+    units: str
+    doc: str
+    fn: Callable[[Rollouts], dict[str, float]]
+    family: str
+
+
+EPISODE_METRICS: dict[str, EpisodeMetric] = {}
+
+
+def register_episode_metric(name: str, units: str, doc: str, family: str):
+    """Decorator registering ``fn(rollouts) -> {name: value, ...}`` (one metric may report several values,
+    e.g. per-feature likelihoods). Duplicate names are refused."""
+
+    def wrap(fn):
+        if name in EPISODE_METRICS:
+            raise TrafficGymError(f"Episode metric {name!r} is already registered.")
+        EPISODE_METRICS[name] = EpisodeMetric(name, units, doc, fn, family)
+        return fn
+
+    return wrap
+
+
+def _load_families() -> None:
+    import importlib
+
+    for module in ("envs.metrics.realism", "envs.metrics.blm", "envs.metrics.planning"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def episode_metric_names(family: str | None = None) -> list[str]:
+    _load_families()
+    return sorted(n for n, m in EPISODE_METRICS.items() if family is None or m.family == family)
+
+
+def compute_episode_metrics(rollouts: Rollouts, names=None) -> dict[str, float]:
+    """Every requested metric (default: all registered) of one scene's rollouts, flattened into one dict."""
+    _load_families()
+    rollouts.validate()
+    names = list(EPISODE_METRICS) if names is None else list(names)
+    out: dict[str, float] = {}
+    for name in names:
+        if name not in EPISODE_METRICS:
+            raise UnknownNameError("episode metric", name, EPISODE_METRICS)
+        out.update(EPISODE_METRICS[name].fn(rollouts))
+    return out
