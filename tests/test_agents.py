@@ -245,3 +245,38 @@ def test_env_traffic_rules_and_driven_by(tiny_env_kwargs):
     with pytest.raises(UnknownNameError, match="Did you mean 'idm'"):
         gym.make("trafficgym/Ego-v0", traffic="imd", **tiny_env_kwargs)
     assert "idm" in AGENTS
+
+
+def _braking_dataset(root):
+    """Two cars 20 m apart in lane 0 of the fixture road at 12 m/s for 9.1 s (leader first: it is the ego)."""
+    from tests import interaction_fixture as fx
+
+    (root / "maps").mkdir(parents=True)
+    fx.write_map(root / "maps" / f"DR_{fx.LOCATION}.osm")
+    (root / "val").mkdir()
+    rows = [fx.COLUMNS]
+    for track, x0 in ((1, 40.0), (2, 20.0)):
+        for f in range(1, 92):
+            x = x0 + 12.0 * (f - 1) * 0.1
+            rows.append(f"1,{track},{f},{f * 100},car,{x:.3f},0.000,12.000,0.000,0.000,4.500,1.800")
+    (root / "val" / f"DR_{fx.LOCATION}_val.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("traffic", "expect_collision"), [("idm", False), ("log", True)])
+def test_ego_env_brake_test_idm_follower_reacts(tmp_path, traffic, expect_collision):
+    root = _braking_dataset(tmp_path / "brake")
+    env = gym.make("trafficgym/Ego-v0", dataset="interaction_multi", data_dir=str(root), case_length=91,
+                   split="val", cache_dir=str(tmp_path / "cache"), traffic=traffic, terminate_on_collision=False)
+    env.reset(seed=0)
+    assert env.unwrapped.state.ego.item() == 0
+    collided, speeds = False, []
+    for _ in range(60):
+        _, _, _, _, info = env.step(np.array([-0.8, 0.0], np.float32))  # -8 m/s^2: hard braking
+        collided |= bool(info["collided_with"])
+        speeds.append(float(env.unwrapped.state.current[0, 1, 3:5].norm()))
+    assert collided is expect_collision
+    if traffic == "idm":
+        assert speeds[-1] < 0.5 and info["driven_by"].tolist() == ["env", "idm"]
+    else:
+        assert min(speeds) > 11.9
