@@ -114,7 +114,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from render.renderer import RenderConfig
-    from training.rollout import record_agent_video
+    from training.record import record_agent_video
 
     ds = _open(args, args.split)
     config = RenderConfig(width=args.size, height=args.size, px_per_m=args.px_per_m, camera=args.camera)

@@ -79,7 +79,7 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
     for r in ego_rows:
         print(f"{r['controller']:<26}{r['return']:>8.2f}{r['collided']:>10.2f}{r['offroad']:>10.2f}"
               f"{r['progress_m']:>12.1f}{r['env_steps_per_s']:>13,.0f}")
-    from training.rollout import record_agent_video
+    from training.record import record_agent_video
 
     video = record_agent_video("idm", val, DEMO_VIDEO_SCENE, out_dir / "idm_vs_log.mp4", side_by_side=True)
     result = {"sim_agents": to_json_ready(sim_rows), "ego": to_json_ready(ego_rows), "video": str(video)}

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SETTINGS = ("sim_agents", "ego")
-
 
 @torch.inference_mode()
 def record_agent_video(agent_name: str, dataset, scene_id: str, out: str | Path, setting: str = "sim_agents",
@@ -28,6 +26,7 @@ def record_agent_video(agent_name: str, dataset, scene_id: str, out: str | Path,
     from envs.errors import UnknownNameError
     from render.renderer import RenderConfig, render_frame
     from render.video import check_video_path, side_by_side_frame, write_video
+    from training.rollouts import SETTINGS, drive
 
     if setting not in SETTINGS:
         raise UnknownNameError("setting", setting, SETTINGS)
@@ -39,22 +38,18 @@ def record_agent_video(agent_name: str, dataset, scene_id: str, out: str | Path,
     maps = sim.stack_maps([scene.map], indices=[dataset.map_index(scene.map_id)])
     state = sim.reset([scene], start_step=start_step, controlled="all" if setting == "sim_agents" else "ego",
                       maps=maps)
-    mine = state.controlled.clone()
-    rest = state.agent_mask & ~mine
-    agent.reset(state, mine, seed=seed)
-    if other is not None:
-        other.reset(state, rest, seed=seed + 1)
+    mine = state.controlled[0].numpy()
+    rest = state.agent_mask[0].numpy() & ~mine
     # Outline colours: 1 = the agent, 2 = the traffic policy, -1 = log replay.
-    driven_by = np.where(mine[0].numpy(), 1, np.where(rest[0].numpy() & (other is not None), 2, -1))
+    driven_by = np.where(mine, 1, np.where(rest & (other is not None), 2, -1))
+    frames = []
 
-    def frame() -> np.ndarray:
+    def frame(st) -> None:
         if side_by_side:
-            return side_by_side_frame(state, scene.map, 0, config, driven_by=driven_by)
-        return render_frame(state, scene.map, 0, config, driven_by=driven_by, title=f"{agent_name} ({setting})")
+            frames.append(side_by_side_frame(st, scene.map, 0, config, driven_by=driven_by))
+        else:
+            frames.append(render_frame(st, scene.map, 0, config, driven_by=driven_by,
+                                       title=f"{agent_name} ({setting})"))
 
-    frames = [frame()]
-    while int(state.t[0]) < int(state.end[0]):
-        more = [(other(state, rest), other.dynamics)] if other is not None else []
-        state = sim.step(state, agent(state, mine), agent.dynamics, more)
-        frames.append(frame())
+    drive(state, agent, other, seed, on_step=frame)
     return write_video(frames, path, fps or 1.0 / scene.dt)
