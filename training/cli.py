@@ -99,16 +99,24 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_agent, format_table, to_json_ready
+    from training.evaluate import evaluate, format_metric_table
 
     ds = _open(args, args.split)
-    rows = [evaluate_agent(name, ds, num_scenes=args.scenes, batch_size=args.batch_size, seed=args.seed,
-                           checkpoint=args.checkpoint, progress_bar=True) for name in args.agent]
-    print(f"closed-loop sim agents: {rows[0]['dataset']}/{rows[0]['split']}, {rows[0]['scenes']} scenes, every agent "
-          f"valid at step 10 driven by the policy for 8 s")
-    print(format_table(rows))
+    results = []
+    for name in args.agent:
+        result = evaluate(name, ds, num_rollouts=args.rollouts, setting=args.setting, traffic=args.traffic,
+                          num_scenes=args.scenes, seed=args.seed, checkpoint=args.checkpoint,
+                          metrics=args.metric, save_dir=args.save_rollouts and str(Path(args.save_rollouts) / name),
+                          progress_bar=True)
+        if result is None:  # a non-zero torchrun rank: rank 0 reports
+            return 0
+        results.append(result)
+    first = results[0]
+    print(f"{first['dataset']}/{first['split']}: {first['scenes']} scenes x {first['rollouts']} rollouts, "
+          f"setting {first['setting']}" + (f", traffic {first['traffic']}" if first["setting"] == "ego" else ""))
+    print(format_metric_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(to_json_ready(rows), indent=1))
+        Path(args.json).write_text(json.dumps(results if len(results) > 1 else first, indent=1))
     return 0
 
 
@@ -163,14 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its files")
     demo.set_defaults(func=_demo)
 
-    ev = sub.add_parser("eval", help="closed-loop evaluation of one or more agents (sim-agents setting)")
+    ev = sub.add_parser("eval", help="closed-loop evaluation: rollouts per scene and every episode metric")
     ev.add_argument("--agent", action="append", required=True, help="registered agent name; repeat to compare")
     ev.add_argument("--checkpoint", default=None, help="weights for an agent that has them")
     _add_dataset_args(ev, split_default="val", split_help="split to evaluate on")
     ev.add_argument("--scenes", type=int, default=None, help="first N scenes (default: all)")
-    ev.add_argument("--batch-size", type=int, default=32, help="scenes simulated together")
+    ev.add_argument("--rollouts", type=int, default=32, help="samples per scene (WOSAC: 32)")
+    ev.add_argument("--setting", default="sim_agents", choices=["sim_agents", "ego"],
+                    help="sim_agents: the agent drives every agent valid at step 10; ego: the ego only")
+    ev.add_argument("--traffic", default="log", help="ego setting: who drives the others (agent name or log)")
+    ev.add_argument("--metric", action="append", default=None, help="only these episode metrics (repeatable)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--json", default=None, help="also write the results (means and per scene) to this file")
+    ev.add_argument("--save-rollouts", default=None,
+                    help="write every scene's rollouts as npz (format: training/rollouts.py) under DIR/<agent>/")
     ev.set_defaults(func=_eval)
 
     ren = sub.add_parser("render", help="one closed-loop episode of an agent on one scene, as mp4 or gif")
