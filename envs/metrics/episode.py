@@ -19,6 +19,8 @@ import torch
 
 from envs.errors import TrafficGymError, UnknownNameError
 
+HISTORY_TOLERANCE = 0.01  # m: sim and log must agree at the last history step (they are the same data)
+
 
 class RolloutError(TrafficGymError, ValueError):
     """Rollouts with wrong shapes, NaNs, mismatched agent ids, or too few samples for a metric."""
@@ -93,6 +95,32 @@ class Rollouts:
             raise RolloutError(f"Rollouts {self.scene_id}: sim holds NaN/inf at valid steps.")
         if not torch.isfinite(self.log[self.log_valid]).all():
             raise RolloutError(f"Rollouts {self.scene_id}: log holds NaN/inf at valid steps.")
+        if not torch.isfinite(self.extent).all() or (self.extent <= 0).any():
+            raise RolloutError(f"Rollouts {self.scene_id}: extent must be finite and > 0 m.")
+        if not -1 <= self.ego_index < a:
+            raise RolloutError(f"Rollouts {self.scene_id}: ego_index {self.ego_index} outside [-1, {a}).")
+        # The history is the log, so agents in another order than agent_ids / the log show up here.
+        h = self.history_steps - 1
+        both = self.sim_valid[:, :, h] & self.log_valid[None, :, h]
+        off = (self.sim[:, :, h, :2] - self.log[None, :, h, :2]).norm(dim=-1) > HISTORY_TOLERANCE
+        if (both & off).any():
+            bad = int((both & off).any(dim=0).nonzero()[0, 0])
+            raise RolloutError(f"Rollouts {self.scene_id}: agent {self.agent_ids[bad]!r} is not at its logged "
+                               f"position at the last history step {h}; sim and log agents must be in the "
+                               "order of agent_ids.")
+        given = [x is not None for x in (self.context, self.context_valid, self.context_extent)]
+        if any(given) and not all(given):
+            raise RolloutError(f"Rollouts {self.scene_id}: context, context_valid and context_extent go together.")
+        if all(given):
+            a2 = self.context.shape[0] if self.context.dim() == 3 else -1
+            for name, value, shape in (("context", self.context, (a2, t, 5)),
+                                       ("context_valid", self.context_valid, (a2, t)),
+                                       ("context_extent", self.context_extent, (a2, 2))):
+                if a2 < 0 or tuple(value.shape) != shape:
+                    raise RolloutError(f"Rollouts {self.scene_id}: {name} has shape {tuple(value.shape)}, "
+                                       f"expected {shape}.")
+            if not torch.isfinite(self.context[self.context_valid]).all():
+                raise RolloutError(f"Rollouts {self.scene_id}: context holds NaN/inf at valid steps.")
 
 
 @dataclass(frozen=True)
@@ -147,3 +175,30 @@ def compute_episode_metrics(rollouts: Rollouts, names=None) -> dict[str, float]:
             raise UnknownNameError("episode metric", name, EPISODE_METRICS)
         out.update(EPISODE_METRICS[name].fn(rollouts))
     return out
+
+
+def rollouts_from_log(scene, num_rollouts: int, history_steps: int = 11, map_index=None,
+                      sim: np.ndarray | torch.Tensor | None = None,
+                      sim_valid: np.ndarray | torch.Tensor | None = None) -> Rollouts:
+    """``Rollouts`` of a ``Scene``: the evaluated agents are those valid at the last history step (WOSAC), the
+    others become log-replayed context. ``sim`` ``(R, A_eval, T, 5)`` / ``sim_valid`` default to R copies of the
+    log (the "perfect" rollouts, handy as an upper bound and for tests)."""
+    h = history_steps
+    live = np.flatnonzero(scene.valid[:, h - 1])
+    others = np.setdiff1d(np.arange(scene.num_agents), live)
+    log = torch.as_tensor(scene.trajectory[live], dtype=torch.float32)
+    log_valid = torch.as_tensor(scene.valid[live])
+    if sim is None:
+        sim = log[None].repeat(num_rollouts, 1, 1, 1)
+        sim_valid = log_valid[None].repeat(num_rollouts, 1, 1)
+    ego = int(np.searchsorted(live, scene.ego_index)) if scene.ego_index in live else -1
+    ctx = len(others) > 0
+    return Rollouts(scene_id=scene.scene_id, agent_ids=scene.agent_ids[live],
+                    agent_type=torch.as_tensor(scene.agent_type[live]).long(),
+                    extent=torch.as_tensor(scene.extent[live], dtype=torch.float32),
+                    sim=torch.as_tensor(sim, dtype=torch.float32), sim_valid=torch.as_tensor(sim_valid),
+                    log=log, log_valid=log_valid, history_steps=h, dt=float(scene.dt), map_index=map_index,
+                    ego_index=ego,
+                    context=torch.as_tensor(scene.trajectory[others], dtype=torch.float32) if ctx else None,
+                    context_valid=torch.as_tensor(scene.valid[others]) if ctx else None,
+                    context_extent=torch.as_tensor(scene.extent[others], dtype=torch.float32) if ctx else None)
