@@ -31,7 +31,7 @@ from envs.types import AgentType
 
 TTC_CAP = 5.0  # s: time-to-collision values (and "nothing ahead") are capped here (WOSAC)
 TTC_MAX_HEADING_DIFF = math.radians(75.0)  # an object is "followed" only if headed within this of the agent
-NEAREST_CANDIDATES = 6  # broad-phase candidates per agent for the exact box distance (exactness is certified)
+NEIGHBOURS = 8  # objects per agent (nearest centres) for the pair features; nearest distance stays exact
 OFFROAD_THRESHOLD = 0.0  # m: a vehicle is off-road when its worst corner is beyond the road edge by more
 # RSS parameters (BLM): response time, longitudinal accel / brake, lateral accel / brake, lateral margin.
 RSS_RHO = 0.5  # s
@@ -150,8 +150,15 @@ def projected_half_extents(rel_heading: torch.Tensor, length: torch.Tensor, widt
 
 def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, extent: torch.Tensor,
                          others: torch.Tensor | None = None, others_valid: torch.Tensor | None = None,
-                         others_extent: torch.Tensor | None = None) -> dict[str, Feature]:
-    """Box-to-box features of every agent against every other object at the same step.
+                         others_extent: torch.Tensor | None = None,
+                         neighbours: int = NEIGHBOURS) -> dict[str, Feature]:
+    """Box-to-box features of every agent against the other objects at the same step.
+
+    Each agent is compared with its ``neighbours`` nearest objects by centre distance (broad phase, one
+    ``topk`` over all pairs). The nearest-object distance, collision and overlap counts are exact regardless:
+    rows whose answer a farther object could change (its bounding-circle lower bound is below the best exact
+    distance, or it could overlap) are redone against every object. TTC, RSS and closest approach consider only
+    the neighbours (an object beyond the ``neighbours`` nearest is in practice neither followed nor alongside).
 
     Args:
         agents: ``(B, A, T, 5)`` x, y, heading, vx, vy of the evaluated agents; agents_valid ``(B, A, T)``;
@@ -162,12 +169,12 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         at least one other object are valid), ``collision`` (bool, that distance < 0), ``overlaps_agents`` /
         ``overlaps_context`` (number of evaluated / context boxes overlapping the agent's),
         ``time_to_collision`` (s, with the object followed ahead: heading within 75°, centre ahead, lateral box
-        overlap; longitudinal box gap over the closing speed of the velocities projected on the agent's
-        heading; 0 if the boxes already overlap lengthwise, ``TTC_CAP`` if nothing is followed or it is not
-        closing), ``follow_gap`` (m, that gap; inf without a followed object), ``rss_longitudinal`` /
-        ``rss_lateral`` (bool RSS violations, see ``blm.py``), ``closest_approach_ttc`` (s, minimum over
-        objects of the time of closest approach at constant velocities, for approaching pairs whose bounding
-        circles would touch; ``TTC_CAP`` otherwise).
+        overlap; the nearest such object's longitudinal box gap over the closing speed of the two velocities
+        projected on the agent's heading; 0 if the boxes already overlap lengthwise, ``TTC_CAP`` if nothing is
+        followed or it is not closing), ``follow_gap`` (m, that gap; inf without a followed object),
+        ``rss_longitudinal`` / ``rss_lateral`` (bool RSS violations, see ``blm.py``), ``closest_approach_ttc``
+        (s, minimum over objects of the time of closest approach at constant velocities, for approaching pairs
+        whose bounding circles would touch then; ``TTC_CAP`` otherwise).
     """
     b, a, t, _ = agents.shape
     if others is not None and others.shape[1] > 0:
@@ -177,114 +184,120 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
     else:
         objs, objs_valid, objs_extent = agents, agents_valid, extent
     n = objs.shape[1]
-    # Frames first: (F = B*T, N, ...), agents are the first A objects.
+    # Frames first: (F = B*T, N, ...); the agents are the first A objects.
     s = objs.permute(0, 2, 1, 3).reshape(b * t, n, 5)
     v = objs_valid.permute(0, 2, 1).reshape(b * t, n)
-    f = s.shape[0]
-    length, width = objs_extent[:, 0], objs_extent[:, 1]
-    boxes = torch.cat([s[..., :3], objs_extent[None].expand(f, n, 2)], dim=-1)  # (F, N, 5)
-    ai = torch.arange(a, device=s.device)
-    nj = torch.arange(n, device=s.device)
-    pair_ok = v[:, :a, None] & v[:, None, :] & (ai[:, None] != nj[None, :])  # (F, A, N)
-
-    dx = s[:, None, :, 0] - s[:, :a, None, 0]  # (F, A, N) from agent to object
-    dy = s[:, None, :, 1] - s[:, :a, None, 1]
-    cd = torch.sqrt(dx * dx + dy * dy)
-    radius = 0.5 * torch.sqrt(length * length + width * width)  # (N,)
-    inf = torch.tensor(float("inf"), dtype=s.dtype, device=s.device)
-
-    # ---- nearest object: broad phase on centre distance minus bounding radii (a lower bound on the box
-    # distance), exact distance on the k best, certified against the (k+1)-th bound; uncertified rows (and rows
-    # with more than k possibly overlapping objects, for exact overlap counts) are redone against every object.
-    lower = torch.where(pair_ok, cd - radius[:a, None] - radius[None, :], inf)
-    k = min(NEAREST_CANDIDATES, n - 1)
-    if k <= 0:
-        nearest = torch.full((f, a), float("inf"), dtype=s.dtype, device=s.device)
-        n_agents = n_context = torch.zeros((f, a), dtype=torch.long, device=s.device)
+    f, dev, dtype = s.shape[0], s.device, s.dtype
+    radius = 0.5 * objs_extent.norm(dim=-1)  # (N,) bounding circles
+    inf = torch.tensor(float("inf"), dtype=dtype, device=dev)
+    zeros_fa = torch.zeros((f, a), dtype=dtype, device=dev)
+    if n < 2:
+        nearest = torch.full((f, a), float("inf"), dtype=dtype, device=dev)
+        n_agents = n_context = torch.zeros((f, a), dtype=torch.long, device=dev)
+        ttc = approach = torch.full((f, a), TTC_CAP, dtype=dtype, device=dev)
+        gap = nearest.clone()
+        rss_long = rss_lat = torch.zeros((f, a), dtype=torch.bool, device=dev)
     else:
-        kk = min(k + 1, n)
-        low_vals, low_idx = lower.topk(kk, dim=-1, largest=False)
-        cand_idx, cand_low = low_idx[..., :k], low_vals[..., :k]
-        bi = torch.arange(f, device=s.device)[:, None, None]
-        exact = box_signed_distance(boxes[:, :a, None, :].expand(f, a, k, 5), boxes[bi, cand_idx])
-        exact = torch.where(torch.isfinite(cand_low), exact, inf)
+        # ---- broad phase: squared centre distances as |p|^2 + |q|^2 - 2 p.q (one batched matmul instead of
+        # five passes over all pairs); positions are taken relative to each frame's first object for precision,
+        # and invalid objects are parked far away so no mask pass over the pairs is needed.
+        xy = s[..., :2] - s[:, :1, :2]
+        xy = torch.where(v[..., None], xy, torch.full_like(xy, 1e6))
+        sq = xy.square().sum(-1)  # (F, N)
+        d2 = torch.baddbmm(sq[:, :a, None] + sq[:, None, :], xy[:, :a], xy.transpose(1, 2), alpha=-2.0)
+        d2.diagonal(dim1=1, dim2=2)[:] = float("inf")  # never one's own neighbour
+        kk = min(neighbours + 1, n - 1)
+        k = min(neighbours, n - 1)
+        near_d2, idx_all = d2.topk(kk, dim=-1, largest=False)  # (F, A, kk)
+        idx = idx_all[..., :k]
+        fi = torch.arange(f, device=dev)[:, None, None]
+        own = s[:, :a, None, :]  # (F, A, 1, 5)
+        oth = s[fi, idx]  # (F, A, K, 5)
+        ok = v[fi, idx] & v[:, :a, None]  # (F, A, K)
+        ext_o = objs_extent[idx]  # (F, A, K, 2)
+        ext_a = objs_extent[:a]
+
+        own_box = torch.cat([own[..., :3], ext_a[None, :, None, :].expand(f, a, 1, 2)], dim=-1)
+        oth_box = torch.cat([oth[..., :3], ext_o], dim=-1)
+        exact = torch.where(ok, box_signed_distance(own_box, oth_box), inf)  # (F, A, K)
         nearest = exact.amin(dim=-1)
         over = exact < 0
-        n_agents = (over & (cand_idx < a)).sum(-1)
-        n_context = (over & (cand_idx >= a)).sum(-1)
+        n_agents, n_context = (over & (idx < a)).sum(-1), (over & (idx >= a)).sum(-1)
         if kk > k:
-            bound = low_vals[..., k]
-            redo = (nearest > bound) | (bound < 0)
+            # Farther objects are at least (centre distance - both radii) away; redo rows they could change.
+            bound = near_d2[..., k].clamp(min=0).sqrt() - radius[:a] - radius.max()
+            redo = v[:, :a] & ((nearest > bound) | (bound < 0))
             if redo.any():
                 rf, ra = redo.nonzero(as_tuple=True)
-                full = box_signed_distance(boxes[rf, ra][:, None, :].expand(-1, n, 5), boxes[rf])  # (M, N)
-                full = torch.where(pair_ok[rf, ra], full, inf)
+                boxes = torch.cat([s[rf, :, :3], objs_extent[None].expand(len(rf), n, 2)], dim=-1)  # (M, N, 5)
+                own_r = torch.cat([s[rf, ra, :3], objs_extent[ra]], dim=-1)[:, None].expand(-1, n, 5)
+                full = box_signed_distance(own_r, boxes)
+                full = torch.where(v[rf] & (torch.arange(n, device=dev)[None] != ra[:, None]), full, inf)
                 nearest[rf, ra] = full.amin(dim=-1)
                 n_agents[rf, ra] = (full[:, :a] < 0).sum(-1)
                 n_context[rf, ra] = (full[:, a:] < 0).sum(-1)
-    has_other = torch.isfinite(nearest)
-    nearest_value = torch.where(has_other, nearest, torch.zeros_like(nearest))
 
-    # ---- object followed ahead, in each agent's frame.
-    ca, sa = torch.cos(s[:, :a, 2])[..., None], torch.sin(s[:, :a, 2])[..., None]  # (F, A, 1)
-    lx, ly = dx * ca + dy * sa, -dx * sa + dy * ca
-    rel = wrap_angle(s[:, None, :, 2] - s[:, :a, None, 2])
-    hx, hy = projected_half_extents(rel, length[None, None], width[None, None])  # (F, A, N)
-    half_l, half_w = length[:a, None] / 2, width[:a, None] / 2
-    ahead = pair_ok & (rel.abs() <= TTC_MAX_HEADING_DIFF) & (lx > 0) & (ly.abs() < half_w + hy)
-    gap_all = torch.where(ahead, lx - half_l - hx, inf)
-    gap, lead = gap_all.min(dim=-1)  # (F, A)
-    followed = torch.isfinite(gap)
-    vx, vy = s[..., 3], s[..., 4]  # (F, N)
-    v_own = vx[:, :a] * ca[..., 0] + vy[:, :a] * sa[..., 0]  # own velocity along own heading
-    lead_vx, lead_vy = vx.gather(1, lead), vy.gather(1, lead)
-    v_lead = lead_vx * ca[..., 0] + lead_vy * sa[..., 0]
-    closing = v_own - v_lead
-    ttc = torch.where(closing > 0, gap.clamp(min=0) / closing.clamp(min=1e-9), inf)
-    ttc = torch.where(followed, ttc, inf).clamp(max=TTC_CAP)
+        # ---- neighbours in each agent's frame.
+        dx, dy = oth[..., 0] - own[..., 0], oth[..., 1] - own[..., 1]
+        ca, sa = torch.cos(own[..., 2]), torch.sin(own[..., 2])  # (F, A, 1)
+        lx, ly = dx * ca + dy * sa, dy * ca - dx * sa
+        rel = wrap_angle(oth[..., 2] - own[..., 2])
+        hx, hy = projected_half_extents(rel, ext_o[..., 0], ext_o[..., 1])
+        half_l, half_w = ext_a[None, :, None, 0] / 2, ext_a[None, :, None, 1] / 2
+        ovx, ovy = oth[..., 3], oth[..., 4]
+        v_oth_long = ovx * ca + ovy * sa  # object's velocity along the agent's heading
+        v_oth_lat = ovy * ca - ovx * sa
+        v_own_long = (own[..., 3] * ca + own[..., 4] * sa)[..., 0]  # (F, A)
+        v_own_lat = (own[..., 4] * ca - own[..., 3] * sa)  # (F, A, 1)
 
-    # ---- RSS longitudinal: safe following distance for the followed object (same direction).
-    v_r, v_f = v_own.clamp(min=0), v_lead.clamp(min=0)
-    d_long = (v_r * RSS_RHO + 0.5 * RSS_ACCEL * RSS_RHO**2 + (v_r + RSS_RHO * RSS_ACCEL) ** 2 / (2 * RSS_BRAKE)
-              - v_f**2 / (2 * RSS_BRAKE)).clamp(min=0)
-    rss_long = followed & (gap < d_long)
+        # ---- object followed ahead: TTC and RSS longitudinal.
+        ahead = ok & (rel.abs() <= TTC_MAX_HEADING_DIFF) & (lx > 0) & (ly.abs() < half_w + hy)
+        gap, lead = torch.where(ahead, lx - half_l - hx, inf).min(dim=-1)  # (F, A)
+        followed = torch.isfinite(gap)
+        v_lead = v_oth_long.gather(-1, lead[..., None])[..., 0]
+        closing = v_own_long - v_lead
+        ttc = torch.where(followed & (closing > 0), gap.clamp(min=0) / closing.clamp(min=1e-9), inf)
+        ttc = ttc.clamp(max=TTC_CAP)
+        v_r, v_f = v_own_long.clamp(min=0), v_lead.clamp(min=0)
+        d_long = (v_r * RSS_RHO + 0.5 * RSS_ACCEL * RSS_RHO**2 + (v_r + RSS_RHO * RSS_ACCEL) ** 2 / (2 * RSS_BRAKE)
+                  - v_f**2 / (2 * RSS_BRAKE)).clamp(min=0)
+        rss_long = followed & (gap < d_long)
 
-    # ---- RSS lateral: objects beside the agent (longitudinal box overlap), positive direction = towards them.
-    side = torch.where(ly >= 0, 1.0, -1.0)
-    v1 = side * (-vx[:, :a, None] * sa + vy[:, :a, None] * ca)  # agent's lateral velocity towards the object
-    v2 = side * (-vx[:, None, :] * sa + vy[:, None, :] * ca)  # object's lateral velocity away from the agent
-    rho, acc, brk = RSS_RHO, RSS_LAT_ACCEL, RSS_LAT_BRAKE
-    reach1 = (2 * v1 + rho * acc) / 2 * rho + (v1 + rho * acc) ** 2 / (2 * brk)
-    reach2 = (2 * v2 - rho * acc) / 2 * rho - (v2 - rho * acc) ** 2 / (2 * brk)
-    d_lat = RSS_MU + (reach1 - reach2).clamp(min=0)
-    beside = pair_ok & (lx.abs() < half_l + hx)
-    rss_lat = (beside & (ly.abs() - half_w - hy < d_lat)).any(dim=-1)
+        # ---- RSS lateral, objects alongside (longitudinal box overlap); positive = from the agent towards them.
+        side = torch.where(ly >= 0, 1.0, -1.0)
+        v1, v2 = side * v_own_lat, side * v_oth_lat
+        rho, acc, brk = RSS_RHO, RSS_LAT_ACCEL, RSS_LAT_BRAKE
+        reach1 = (2 * v1 + rho * acc) / 2 * rho + (v1 + rho * acc) ** 2 / (2 * brk)
+        reach2 = (2 * v2 - rho * acc) / 2 * rho - (v2 - rho * acc) ** 2 / (2 * brk)
+        d_lat = RSS_MU + (reach1 - reach2).clamp(min=0)
+        rss_lat = (ok & (lx.abs() < half_l + hx) & (ly.abs() - half_w - hy < d_lat)).any(dim=-1)
 
-    # ---- closest approach at constant velocities (BLM min TTC).
-    rvx, rvy = vx[:, None, :] - vx[:, :a, None], vy[:, None, :] - vy[:, :a, None]
-    closing_dot = dx * rvx + dy * rvy
-    rv2 = (rvx * rvx + rvy * rvy).clamp(min=1e-9)
-    t_star = (-closing_dot / rv2).clamp(min=0)
-    mx, my = dx + t_star * rvx, dy + t_star * rvy
-    reach = radius[:a, None] + radius[None, :]
-    hit = pair_ok & (closing_dot < 0) & (mx * mx + my * my < reach * reach)
-    approach = torch.where(hit, t_star, inf).amin(dim=-1).clamp(max=TTC_CAP)
+        # ---- closest approach at constant velocities (BLM minimum TTC), world frame.
+        rvx, rvy = ovx - own[..., 3], ovy - own[..., 4]
+        dot = dx * rvx + dy * rvy
+        t_star = (-dot / (rvx * rvx + rvy * rvy).clamp(min=1e-9)).clamp(min=0)
+        mx, my = dx + t_star * rvx, dy + t_star * rvy
+        reach = radius[:a, None] + radius[idx]
+        hit = ok & (dot < 0) & (mx * mx + my * my < reach * reach)
+        approach = torch.where(hit, t_star, inf).amin(dim=-1).clamp(max=TTC_CAP)
 
     def back(x: torch.Tensor) -> torch.Tensor:  # (F, A) -> (B, A, T)
         return x.reshape(b, t, a).permute(0, 2, 1)
 
-    own = agents_valid
-    zero = torch.zeros_like(own, dtype=s.dtype)
+    own_valid = agents_valid
+    has_other = back(torch.isfinite(nearest)) & own_valid
+    nearest_value = back(torch.where(torch.isfinite(nearest), nearest, zeros_fa))
+    zero = torch.zeros_like(nearest_value)
     return {
-        "distance_to_nearest_object": Feature(back(nearest_value), back(has_other) & own),
-        "collision": Feature(back(nearest_value < 0) & own, back(has_other) & own),
-        "overlaps_agents": Feature(back(n_agents), own),
-        "overlaps_context": Feature(back(n_context), own),
-        "time_to_collision": Feature(torch.where(own, back(ttc), zero), own),
-        "follow_gap": Feature(back(torch.where(followed, gap, inf)), own),
-        "rss_longitudinal": Feature(back(rss_long) & own, own),
-        "rss_lateral": Feature(back(rss_lat) & own, own),
-        "closest_approach_ttc": Feature(torch.where(own, back(approach), zero), own),
+        "distance_to_nearest_object": Feature(torch.where(has_other, nearest_value, zero), has_other),
+        "collision": Feature((nearest_value < 0) & has_other, has_other),
+        "overlaps_agents": Feature(back(n_agents) * own_valid, own_valid),
+        "overlaps_context": Feature(back(n_context) * own_valid, own_valid),
+        "time_to_collision": Feature(torch.where(own_valid, back(ttc), zero), own_valid),
+        "follow_gap": Feature(back(torch.where(torch.isfinite(gap), gap, inf)), own_valid),
+        "rss_longitudinal": Feature(back(rss_long) & own_valid, own_valid),
+        "rss_lateral": Feature(back(rss_lat) & own_valid, own_valid),
+        "closest_approach_ttc": Feature(torch.where(own_valid, back(approach), zero), own_valid),
     }
 
 

@@ -1,0 +1,120 @@
+"""BLM's safety / distribution / diversity metrics (METHODS.md §6), over the future steps of the rollouts.
+
+Rates and counts are computed per rollout and averaged over rollouts. Distribution metrics pool every valid
+simulated value (all rollouts, agents, future steps) and every valid logged value into fixed histograms.
+Unlike the BLM seed (which compared signed simulated acceleration with unsigned logged acceleration), the
+simulated and logged acceleration and jerk are signed the same way (derivatives of speed, from the same
+``kinematic_features`` function).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from envs.metrics.episode import Rollouts, register_episode_metric
+from envs.metrics.features import Feature, require_rollouts, scene_features
+from envs.metrics.realism import HistogramSpec
+from envs.types import AgentType
+
+# Fixed bins of the Jensen-Shannon divergences (values outside are clipped into the end bins).
+JSD_BINS: dict[str, HistogramSpec] = {
+    "linear_speed": HistogramSpec(0.0, 30.0, 30),  # m/s, 1 m/s bins
+    "linear_accel": HistogramSpec(-10.0, 10.0, 40),  # m/s^2, 0.5 m/s^2 bins
+    "jerk": HistogramSpec(-20.0, 20.0, 40),  # m/s^3, 1 m/s^3 bins
+}
+JSD_NAMES = {"linear_speed": "speed", "linear_accel": "accel", "jerk": "jerk"}
+
+
+def histogram(values: torch.Tensor, valid: torch.Tensor, spec: HistogramSpec) -> torch.Tensor:
+    """Normalised ``(bins,)`` histogram of the valid entries of ``values`` (any shape); zeros if none is valid."""
+    idx = ((values.float() - spec.low) / (spec.high - spec.low) * spec.bins).floor().clamp(0, spec.bins - 1).long()
+    counts = torch.zeros(spec.bins, dtype=torch.float64, device=values.device)
+    counts.index_add_(0, idx[valid], torch.ones_like(idx[valid], dtype=torch.float64))
+    return counts / counts.sum().clamp(min=1)
+
+
+def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence of two discrete distributions ``(K,)``, natural log: 0 for identical
+    distributions, ``ln 2`` for disjoint supports. NaN if either is empty (all zeros)."""
+    if p.sum() <= 0 or q.sum() <= 0:
+        return float("nan")
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        nz = a > 0  # 0 log 0 = 0; where a > 0, m > 0 too
+        return (a[nz] * (a[nz] / m[nz]).log()).sum()
+
+    return float(0.5 * kl(p) + 0.5 * kl(q))
+
+
+def _per_rollout_mean(x: torch.Tensor) -> float:
+    return float(x.float().mean())
+
+
+@register_episode_metric(
+    "blm_safety", "rates (fraction), counts, s",
+    "blm_collision_rate: overlapping box pairs (evaluated-evaluated pairs once, evaluated-context pairs) summed over "
+    "future steps / number of valid evaluated agent-steps (N·T); blm_offroad_rate: fraction of valid vehicle "
+    "agent-steps with a box corner beyond the road edge (NaN without road edges); blm_min_ttc (s): minimum over "
+    "agents, objects and future steps of the closest-approach time at constant velocities (approaching pairs whose "
+    "bounding circles would touch), capped at 5 s; blm_rss_longitudinal / blm_rss_lateral: agent-steps violating "
+    "the RSS safe distance (rho 0.5 s, accel 2 / brake 4 m/s^2; lateral accel 1.5 / brake 2.5 m/s^2, mu 0.2 m) to "
+    "the followed object / an object alongside. All per rollout, mean over rollouts.", family="blm")
+def blm_safety(rollouts: Rollouts) -> dict[str, float]:
+    f = scene_features(rollouts).sim
+    own = scene_features(rollouts).sim_valid  # (R, A, Tf)
+    n = own.sum(dim=(1, 2)).clamp(min=1).float()
+    pairs = f["overlaps_agents"].value.sum(dim=(1, 2)) / 2 + f["overlaps_context"].value.sum(dim=(1, 2))
+    off: Feature = f["offroad"]
+    vehicle_steps = off.valid & (rollouts.agent_type == AgentType.VEHICLE)[None, :, None]
+    off_rate = off.value.sum(dim=(1, 2)) / vehicle_steps.sum(dim=(1, 2)).clamp(min=1)
+    ttc = f["closest_approach_ttc"]
+    min_ttc = torch.where(ttc.valid, ttc.value, torch.full_like(ttc.value, float("inf"))).amin(dim=(1, 2))
+    return {
+        "blm_collision_rate": _per_rollout_mean(pairs / n),
+        "blm_offroad_rate": _per_rollout_mean(off_rate) if vehicle_steps.any() else float("nan"),
+        "blm_min_ttc": _per_rollout_mean(min_ttc.clamp(max=5.0)) if ttc.valid.any() else float("nan"),
+        "blm_rss_longitudinal": _per_rollout_mean(f["rss_longitudinal"].value.sum(dim=(1, 2))),
+        "blm_rss_lateral": _per_rollout_mean(f["rss_lateral"].value.sum(dim=(1, 2))),
+    }
+
+
+@register_episode_metric(
+    "blm_jsd", "nats in [0, ln 2]",
+    "Jensen-Shannon divergence (natural log) between the histograms of simulated (all rollouts) and logged future "
+    "values of speed (m/s, [0, 30], 30 bins), signed acceleration (m/s^2, [-10, 10], 40 bins) and signed jerk "
+    "(m/s^3, [-20, 20], 40 bins), each from central differences, valid values only, clipped into the end bins.",
+    family="blm")
+def blm_jsd(rollouts: Rollouts) -> dict[str, float]:
+    f = scene_features(rollouts)
+    out = {}
+    for name, spec in JSD_BINS.items():
+        sim, log = f.sim[name], f.log[name]
+        out[f"blm_jsd_{JSD_NAMES[name]}"] = jensen_shannon(histogram(sim.value, sim.valid, spec),
+                                                           histogram(log.value, log.valid, spec))
+    return out
+
+
+def final_displacement_diversity(rollouts: Rollouts) -> float:
+    """FDD (m): per agent, the mean pairwise distance between the rollouts' final positions (each rollout's last
+    valid step), averaged over agents valid in at least two rollouts. Needs R >= 2."""
+    require_rollouts(rollouts, 2, "final displacement diversity")
+    h = rollouts.history_steps
+    valid = rollouts.sim_valid[:, :, h:]  # (R, A, Tf)
+    tf = valid.shape[-1]
+    last = torch.where(valid, torch.arange(tf), -1).amax(dim=-1)  # (R, A)
+    ok = last >= 0
+    xy = rollouts.sim[:, :, h:, :2].gather(2, last.clamp(min=0)[..., None, None].expand(-1, -1, 1, 2))[:, :, 0]
+    d = (xy[:, None] - xy[None]).norm(dim=-1)  # (R, R, A)
+    pair = ok[:, None] & ok[None] & ~torch.eye(ok.shape[0], dtype=torch.bool)[..., None]
+    npair = pair.sum(dim=(0, 1))
+    per_agent = (d * pair).sum(dim=(0, 1)) / npair.clamp(min=1)
+    has = npair > 0
+    return float(per_agent[has].mean()) if has.any() else float("nan")
+
+
+@register_episode_metric(
+    "blm_fdd", "m", "blm_fdd: final displacement diversity, the mean over agents of the mean pairwise distance "
+    "between the rollouts' final positions (last valid step). Needs R >= 2.", family="blm")
+def blm_fdd(rollouts: Rollouts) -> dict[str, float]:
+    return {"blm_fdd": final_displacement_diversity(rollouts)}

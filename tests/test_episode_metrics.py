@@ -1,0 +1,391 @@
+"""Episode metrics: hand-computed features and metrics, geometric properties, every error path, and realism on
+real logs (the log scores near the top of the scale and above constant-velocity rollouts)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from envs.errors import NoEgoError, UnknownNameError
+from envs.geometry import box_corners, boxes_overlap
+from envs.map_index import build_map_index
+from envs.metrics.blm import JSD_BINS, final_displacement_diversity, histogram, jensen_shannon
+from envs.metrics.episode import (
+    RolloutError,
+    Rollouts,
+    compute_episode_metrics,
+    episode_metric_names,
+    rollouts_from_log,
+)
+from envs.metrics.features import (
+    TTC_CAP,
+    box_signed_distance,
+    interaction_features,
+    kinematic_features,
+    road_edge_features,
+)
+from envs.metrics.planning import ego_planning_metrics
+from envs.metrics.realism import (
+    META_WEIGHTS,
+    REALISM_FEATURES,
+    HistogramSpec,
+    displacement_errors,
+    histogram_log_likelihood,
+    min_ade,
+    realism_meta,
+)
+from envs.types import AgentType
+from tests.scenes import make_scene, straight_road
+
+DT = 0.1
+
+
+def box(x, y, h, length, width) -> torch.Tensor:
+    return torch.tensor([x, y, h, length, width], dtype=torch.float64)
+
+
+def frame(states, extents):
+    """One-step, one-sample inputs of ``interaction_features``: states ``[(x, y, h, vx, vy)]``."""
+    s = torch.tensor(states, dtype=torch.float32)[None, :, None, :]  # (1, A, 1, 5)
+    return s, torch.ones(s.shape[:3], dtype=torch.bool), torch.tensor(extents, dtype=torch.float32)
+
+
+def scene_rollouts(tracks, rollouts: int = 2, **kw) -> Rollouts:
+    scene = make_scene(tracks, **kw)
+    return rollouts_from_log(scene, rollouts, 11, build_map_index(scene.map))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Features
+# ------------------------------------------------------------------------------------------------------------
+
+def test_box_distance_overlap_gap_and_corner_cases():
+    a = box(0, 0, 0, 4, 2)
+    assert float(box_signed_distance(a, box(3, 0, 0, 4, 2))) == pytest.approx(-1.0)  # 1 m lengthwise overlap
+    assert float(box_signed_distance(a, box(0, 1.5, 0, 4, 2))) == pytest.approx(-0.5)  # sideways is shallower
+    assert float(box_signed_distance(a, box(6, 0, 0, 4, 2))) == pytest.approx(2.0)  # 2 m gap
+    assert float(box_signed_distance(a, box(4, 0, 0, 4, 2))) == pytest.approx(0.0, abs=1e-9)  # touching
+    # Corner to corner: nearest points (2, 1) and (3, 2) -> sqrt(2).
+    assert float(box_signed_distance(a, box(5, 3, 0, 4, 2))) == pytest.approx(math.sqrt(2))
+    # A diamond (2x2 square turned 45°) whose corner points at a's front face from 1 m away.
+    d = box_signed_distance(a, box(3 + math.sqrt(2), 0, math.pi / 4, 2, 2))
+    assert float(d) == pytest.approx(1.0)
+
+
+finite = st.floats(-50, 50, allow_nan=False)
+boxes = st.tuples(finite, finite, st.floats(-4, 4), st.floats(0.5, 8), st.floats(0.5, 3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(boxes, boxes, st.floats(-math.pi, math.pi), finite, finite)
+def test_box_distance_symmetric_rigid_invariant_and_matches_overlap(ba, bb, turn, tx, ty):
+    a, b = box(*ba), box(*bb)
+    d = float(box_signed_distance(a, b))
+    assert float(box_signed_distance(b, a)) == pytest.approx(d, abs=1e-6)
+
+    def moved(q):
+        c, s = math.cos(turn), math.sin(turn)
+        return box(c * q[0] - s * q[1] + tx, s * q[0] + c * q[1] + ty, q[2] + turn, q[3], q[4])
+
+    assert float(box_signed_distance(moved(ba), moved(bb))) == pytest.approx(d, abs=1e-6)
+    if abs(d) > 1e-6:
+        ca = box_corners(a[0], a[1], a[2], a[3], a[4])
+        cb = box_corners(b[0], b[1], b[2], b[3], b[4])
+        assert bool(boxes_overlap(ca, cb)) == (d < 0)
+        # Separated: no corner of one box is closer than d to the other's corners (d is a lower bound).
+        if d > 0:
+            assert torch.cdist(ca, cb).min() >= d - 1e-6
+
+
+def test_interaction_features_distance_collision_and_overlap_counts():
+    s, v, ext = frame([(0, 0, 0, 0, 0), (3, 0, 0, 0, 0), (0, 10, 0, 0, 0)], [(4, 2)] * 3)
+    f = interaction_features(s, v, ext)
+    np.testing.assert_allclose(f["distance_to_nearest_object"].value[0, :, 0], [-1.0, -1.0, 8.0], atol=1e-5)
+    assert f["collision"].value[0, :, 0].tolist() == [True, True, False]
+    assert f["overlaps_agents"].value[0, :, 0].tolist() == [1, 1, 0]
+    # A context object overlapping agent 2 counts as context, and invalid objects are ignored.
+    ctx = torch.tensor([[[0.0, 10.5, 0, 0, 0]], [[0.0, 0.0, 0, 0, 0]]])[None]  # (1, 2, 1, 5)
+    f = interaction_features(s, v, ext, ctx, torch.tensor([[[True], [False]]]), torch.tensor([[4.0, 2], [4, 2]]))
+    assert f["overlaps_context"].value[0, :, 0].tolist() == [0, 0, 1]
+    assert float(f["distance_to_nearest_object"].value[0, 2, 0]) == pytest.approx(-1.5)
+    # Alone: distance is invalid, not a made-up number.
+    f = interaction_features(*frame([(0, 0, 0, 0, 0)], [(4, 2)]))
+    assert not f["distance_to_nearest_object"].valid.any()
+
+
+def test_nearest_distance_exact_beyond_the_neighbour_broad_phase():
+    # A long truck whose centre is far but whose box is nearest: the certificate must redo the row.
+    states = [(0, 0, 0, 0, 0), (30, 0, 0, 0, 0)] + [(0, 8 + 2 * i, 0, 0, 0) for i in range(5)]
+    extents = [(4, 2), (50, 2)] + [(1, 1)] * 5
+    f = interaction_features(*frame(states, extents), neighbours=2)
+    assert float(f["distance_to_nearest_object"].value[0, 0, 0]) == pytest.approx(3.0)  # truck rear at x=5
+
+
+def test_time_to_collision_follower_closing():
+    # Follower (4.5 m) at 10 m/s, leader 10 m ahead (bumper to bumper) at 5 m/s: TTC = 10 / 5 = 2 s.
+    s, v, ext = frame([(0, 0, 0, 10, 0), (14.5, 0, 0, 5, 0)], [(4.5, 2), (4.5, 2)])
+    f = interaction_features(s, v, ext)
+    ttc = f["time_to_collision"].value[0, :, 0]
+    assert float(ttc[0]) == pytest.approx(2.0) and float(ttc[1]) == TTC_CAP  # the leader follows nobody
+    assert float(f["follow_gap"].value[0, 0, 0]) == pytest.approx(10.0)
+    # Not closing, crossing at 90°, or one lane over: nothing to collide with.
+    for other in [(14.5, 0, 0, 12, 0), (14.5, 0, math.pi / 2, 0, 5), (14.5, 3.5, 0, 0, 0)]:
+        f = interaction_features(*frame([(0, 0, 0, 10, 0), other], [(4.5, 2), (4.5, 2)]))
+        assert float(f["time_to_collision"].value[0, 0, 0]) == TTC_CAP
+    # Closest approach (BLM): head-on at 10 m/s each, 20 m apart centre to centre -> 1 s.
+    f = interaction_features(*frame([(0, 0, 0, 10, 0), (20, 0, math.pi, -10, 0)], [(4.5, 2), (4.5, 2)]))
+    assert float(f["closest_approach_ttc"].value[0, 0, 0]) == pytest.approx(1.0)
+
+
+def test_rss_longitudinal_and_lateral():
+    # 10 m/s behind a stopped car 5 m away: RSS needs 10*0.5 + 0.5*2*0.25 + 11^2/8 = 20.375 m.
+    f = interaction_features(*frame([(0, 0, 0, 10, 0), (9.5, 0, 0, 0, 0)], [(4.5, 2), (4.5, 2)]))
+    assert bool(f["rss_longitudinal"].value[0, 0, 0]) and not bool(f["rss_longitudinal"].value[0, 1, 0])
+    f = interaction_features(*frame([(0, 0, 0, 10, 0), (40, 0, 0, 0, 0)], [(4.5, 2), (4.5, 2)]))
+    assert not f["rss_longitudinal"].value.any()
+    # Side by side 0.1 m apart, not moving sideways: below mu + 0.5*1.5*0.25... -> violation; 5 m apart -> fine.
+    f = interaction_features(*frame([(0, 0, 0, 10, 0), (0, 2.1, 0, 10, 0)], [(4.5, 2), (4.5, 2)]))
+    assert f["rss_lateral"].value.all()
+    f = interaction_features(*frame([(0, 0, 0, 10, 0), (0, 7.0, 0, 10, 0)], [(4.5, 2), (4.5, 2)]))
+    assert not f["rss_lateral"].value.any()
+
+
+def test_kinematics_of_a_constant_acceleration_track():
+    t = torch.arange(20, dtype=torch.float64) * DT
+    v0, acc = 3.0, 1.5
+    x = v0 * t + 0.5 * acc * t**2
+    traj = torch.stack([x, torch.zeros_like(t), torch.zeros_like(t), torch.zeros_like(t), torch.zeros_like(t)], -1)
+    valid = torch.ones(20, dtype=torch.bool)
+    valid[15] = False  # a gap: features using step 15 become invalid
+    k = kinematic_features(traj[None], valid[None], DT)
+    speed, accel = k["linear_speed"], k["linear_accel"]
+    ok = speed.valid[0]
+    assert ok.tolist() == [False] + [True] * 13 + [False] * 3 + [True] * 2 + [False]
+    np.testing.assert_allclose(speed.value[0][ok], (v0 + acc * t)[ok], atol=1e-9)
+    assert accel.valid[0].sum() == 11 + 0  # steps 2..12 (central differences of valid speeds)
+    np.testing.assert_allclose(accel.value[0][accel.valid[0]], acc, atol=1e-9)
+    np.testing.assert_allclose(k["jerk"].value[0][k["jerk"].valid[0]], 0, atol=1e-8)
+    # Turning at 0.3 rad/s across the ±pi wrap: angular speed exact, angular acceleration 0.
+    heading = torch.remainder(3.0 + 0.3 * t + math.pi, 2 * math.pi) - math.pi
+    traj[..., 2] = heading
+    k = kinematic_features(traj[None], torch.ones(1, 20, dtype=torch.bool), DT)
+    np.testing.assert_allclose(k["angular_speed"].value[0, 1:-1], 0.3, atol=1e-9)
+    np.testing.assert_allclose(k["angular_accel"].value[0, 2:-2], 0.0, atol=1e-8)
+
+
+def test_road_edge_distance_on_a_straight_road():
+    ix = build_map_index(straight_road())  # road |y| <= 3.5, SDF grid 0.25 m
+    ys = [0.0, 2.5, 4.5, -10.0]  # 4 x 2 boxes: worst corner at |y| + 1
+    traj = torch.tensor([[[[100.0, y, 0, 0, 0]] for y in ys]])  # (1, 4, 1, 5)
+    ext = torch.tensor([[4.0, 2.0]] * 4)
+    types = torch.tensor([AgentType.VEHICLE, AgentType.VEHICLE, AgentType.VEHICLE, AgentType.PEDESTRIAN])
+    f = road_edge_features(traj, torch.ones(1, 4, 1, dtype=torch.bool), ext, types, ix)
+    d = f["distance_to_road_edge"].value[0, :, 0]
+    np.testing.assert_allclose(d, [-2.5, 0.0, 2.0, 7.5], atol=ix.resolution + 1e-3)  # rasterised edge: one cell
+    assert f["offroad"].value[0, :, 0].tolist() == [False, False, True, False]  # pedestrians never off-road
+    f = road_edge_features(traj, torch.ones(1, 4, 1, dtype=torch.bool), ext, types, None)
+    assert not f["distance_to_road_edge"].valid.any() and not f["offroad"].valid.any()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Realism
+# ------------------------------------------------------------------------------------------------------------
+
+def test_histogram_likelihood_exact():
+    spec = HistogramSpec(0.0, 2.0, 2)
+    sim = torch.tensor([[[0.5, 0.5]], [[1.5, -3.0]]])  # (R=2, A=1, T=2); -3 clips into bin 0
+    log = torch.tensor([[0.5, 7.0]])  # 7 clips into bin 1
+    ok = torch.ones(2, 1, 2, dtype=torch.bool)
+    lik, scored = histogram_log_likelihood(sim, ok, log, torch.ones(1, 2, dtype=torch.bool), spec)
+    assert scored.tolist() == [True]
+    assert float(lik) == pytest.approx(math.sqrt(3.1 * 1.1) / 4.2)  # bins [3, 1] + 0.1 each over 4.2
+    # Invalid sim values do not count; an object with no valid logged value is skipped (NaN).
+    ok[1, 0, 1] = False
+    log_ok = torch.tensor([[True, False]])
+    lik, _ = histogram_log_likelihood(sim, ok, log, log_ok, spec)
+    assert float(lik) == pytest.approx(2.1 / 3.2)
+    lik, scored = histogram_log_likelihood(sim, ok, log, torch.zeros(1, 2, dtype=torch.bool), spec)
+    assert not scored.any() and torch.isnan(lik).all()
+
+
+def test_boolean_likelihood_any_over_time():
+    sim = torch.zeros(4, 1, 3, dtype=torch.bool)
+    sim[0, 0, 2] = True  # one rollout of four collides at some step
+    ok = torch.ones(4, 1, 3, dtype=torch.bool)
+    log = torch.tensor([[False, True, False]])
+    lik, _ = histogram_log_likelihood(sim, ok, log, torch.ones(1, 3, dtype=torch.bool), HistogramSpec())
+    assert float(lik) == pytest.approx(1.1 / 4.2)
+    lik, _ = histogram_log_likelihood(sim, ok, torch.zeros_like(log), torch.ones(1, 3, dtype=torch.bool),
+                                      HistogramSpec())
+    assert float(lik) == pytest.approx(1 - 1.1 / 4.2)
+
+
+def test_meta_metric_weighting_and_presets():
+    ones = dict.fromkeys(REALISM_FEATURES, 1.0)
+    for preset, weights in META_WEIGHTS.items():
+        assert sum(weights.values()) == pytest.approx(1.0)
+        assert realism_meta(ones, preset) == pytest.approx(1.0)
+    assert realism_meta({**ones, "collision": 0.0}, "wosac2024") == pytest.approx(0.75)
+    assert realism_meta({**ones, "distance_to_road_edge": 0.0}, "wosac2024") == pytest.approx(0.90)
+    assert realism_meta({**ones, "distance_to_road_edge": 0.0}, "wosac2025") == pytest.approx(0.95)
+    assert realism_meta({**ones, "traffic_light_violation": 0.0}, "wosac2024") == pytest.approx(1.0)
+    # NaN features (no road edges) are dropped, the rest renormalised.
+    half = {**ones, "offroad": float("nan"), "distance_to_road_edge": float("nan"), "collision": 0.5}
+    assert realism_meta(half, "wosac2024") == pytest.approx((0.65 - 0.125) / 0.65)
+    with pytest.raises(UnknownNameError, match="wosac2024"):
+        realism_meta(ones, "wosac2042")
+
+
+def test_min_ade_ade_fde_exact():
+    r = scene_rollouts([dict(x0=10, y0=-1.75, speed=5.0), dict(x0=60, y0=-1.75, speed=5.0)], num_steps=21)
+    sim = r.sim.clone()
+    h = r.history_steps
+    for ri, agent, dy in [(0, 0, 1.0), (0, 1, 3.0), (1, 0, 2.0), (1, 1, 0.5)]:
+        sim[ri, agent, h:, 1] += dy
+    r = replace(r, sim=sim)
+    assert min_ade(r) == pytest.approx(1.25)  # rollout means 2.0 and 1.25
+    ade, fde, ok = displacement_errors(r)
+    np.testing.assert_allclose(ade, [[1, 3], [2, 0.5]], atol=1e-5)
+    np.testing.assert_allclose(fde, [[1, 3], [2, 0.5]], atol=1e-5)
+    m = compute_episode_metrics(r, ["min_ade"])
+    assert m["ade"] == pytest.approx(1.625) and m["min_ade"] == pytest.approx(1.25)
+
+
+def test_realism_of_the_log_itself_on_a_hand_built_scene():
+    r = scene_rollouts([dict(x0=10, y0=-1.75, speed=8.0), dict(x0=40, y0=-1.75, speed=5.0)], rollouts=4)
+    m = compute_episode_metrics(r, ["realism"])
+    assert set(m) == {f"realism_{k}" for k in REALISM_FEATURES} | {"realism_meta_wosac2024", "realism_meta_wosac2025"}
+    # Each agent's speeds all fall in one bin: 79 valid future steps x 4 rollouts, + 0.1 in each of 10 bins.
+    assert m["realism_linear_speed"] == pytest.approx(316.1 / 317.0, abs=1e-6)
+    assert m["realism_collision"] == pytest.approx(4.1 / 4.2)
+    # A closing gap sweeps the distance histogram's bins, so even the log's own likelihood is far below 1 there.
+    assert m["realism_distance_to_nearest_object"] < 0.5
+    per_feature = {k: m[f"realism_{k}"] for k in REALISM_FEATURES}
+    for preset, weights in META_WEIGHTS.items():
+        assert m[f"realism_meta_{preset}"] == pytest.approx(sum(w * per_feature[k] for k, w in weights.items()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# BLM and planning
+# ------------------------------------------------------------------------------------------------------------
+
+def test_jensen_shannon_identical_and_disjoint():
+    spec = JSD_BINS["linear_speed"]
+    p = histogram(torch.tensor([1.5, 2.5, 2.5]), torch.ones(3, dtype=torch.bool), spec)
+    q = histogram(torch.tensor([20.5, 21.5]), torch.ones(2, dtype=torch.bool), spec)
+    assert jensen_shannon(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert jensen_shannon(p, q) == pytest.approx(math.log(2))  # natural log: disjoint supports give ln 2
+    # By hand: m = [0.75, 0.25, 0]; JSD = (KL(p||m) + KL(q||m)) / 2.
+    expected = 0.5 * math.log(1 / 0.75) + 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    assert jensen_shannon(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.5, 0.5, 0.0])) == pytest.approx(expected)
+    assert math.isnan(jensen_shannon(p, torch.zeros_like(p)))
+
+
+def test_blm_collision_rate_fdd_and_jsd_of_the_log():
+    # Two overlapping cars side by side for the whole scene: 1 pair per step over 2 agents -> rate 0.5.
+    r = scene_rollouts([dict(x0=10, y0=-1.75, speed=5.0), dict(x0=11, y0=-1.0, speed=5.0)], rollouts=3,
+                       num_steps=31)
+    m = compute_episode_metrics(r, ["blm_safety", "blm_jsd", "blm_fdd"])
+    assert m["blm_collision_rate"] == pytest.approx(0.5)
+    assert m["blm_offroad_rate"] == 0.0
+    assert m["blm_jsd_speed"] == pytest.approx(0.0) and m["blm_jsd_accel"] == pytest.approx(0.0)
+    assert m["blm_fdd"] == pytest.approx(0.0)
+    sim = r.sim.clone()
+    sim[1, :, -1, 0] += 3.0  # rollout 1 ends 3 m further: pairwise distances 3, 3, 0 -> FDD 2
+    assert final_displacement_diversity(replace(r, sim=sim)) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_planning_metrics_of_a_constant_speed_ego():
+    r = scene_rollouts([dict(x0=10, y0=-1.75, speed=5.0), dict(x0=100, y0=-1.75, speed=5.0)], num_steps=31)
+    m = ego_planning_metrics(r)
+    assert m["planning_progress"] == pytest.approx(5.0 * 2.0, abs=1e-3)  # 20 future steps at 5 m/s
+    assert m["planning_collision"] == 0 and m["planning_offroad"] == 0
+    assert m["planning_max_jerk"] == pytest.approx(0, abs=1e-3) and m["planning_ade"] == pytest.approx(0)
+    assert m["planning_min_ttc"] == TTC_CAP
+    no_ego = replace(r, ego_index=-1)
+    with pytest.raises(NoEgoError, match="ego_index=-1"):
+        ego_planning_metrics(no_ego)
+    assert all(math.isnan(v) for v in compute_episode_metrics(no_ego, ["planning"]).values())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Error paths
+# ------------------------------------------------------------------------------------------------------------
+
+def test_errors_name_the_problem():
+    r = scene_rollouts([dict(x0=10, y0=-1.75, speed=5.0), dict(x0=40, y0=-1.75, speed=5.0)], num_steps=21)
+    bad_sim = r.sim.clone()
+    bad_sim[0, 0, 15, 0] = float("nan")
+    reordered = r.sim.clone().flip(1)
+    cases = [
+        (replace(r, sim=r.sim[..., :4]), "sim must be"),
+        (replace(r, log_valid=r.log_valid[:, :5]), "log_valid has shape"),
+        (replace(r, sim=bad_sim), "NaN"),
+        (replace(r, agent_ids=np.array(["0"])), "1 agent ids for 2"),
+        (replace(r, agent_ids=np.array(["a", "a"])), "not unique"),
+        (replace(r, sim=reordered), "order of agent_ids"),
+        (replace(r, history_steps=0), "history_steps"),
+        (replace(r, context=r.log), "go together"),
+        (replace(r, context=r.log, context_valid=r.log_valid, context_extent=r.extent[:1]), "context_extent"),
+        (replace(r, extent=-r.extent), "extent"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(RolloutError, match=match):
+            compute_episode_metrics(bad, ["min_ade"])
+    one = replace(r, sim=r.sim[:1], sim_valid=r.sim_valid[:1])
+    with pytest.raises(RolloutError, match="at least 2 rollouts"):
+        compute_episode_metrics(one, ["realism"])
+    with pytest.raises(RolloutError, match="at least 2 rollouts"):
+        compute_episode_metrics(one, ["blm_fdd"])
+    with pytest.raises(UnknownNameError, match="Did you mean 'realism'"):
+        compute_episode_metrics(r, ["realsim"])
+    assert {"realism", "min_ade", "blm_safety", "blm_jsd", "blm_fdd", "planning"} <= set(episode_metric_names())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real logs
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def towns_val():
+    from envs.data import open_dataset
+
+    return open_dataset("towns", "val")
+
+
+def constant_velocity(scene, rollouts: int, current: int) -> tuple[np.ndarray, np.ndarray]:
+    """R copies of the log whose future continues the state at ``current`` at constant velocity."""
+    sim = np.repeat(scene.trajectory[None], rollouts, axis=0)
+    valid = np.repeat(scene.valid[None], rollouts, axis=0)
+    t = (np.arange(scene.num_steps - current - 1) + 1) * scene.dt
+    cur = scene.trajectory[:, current]  # (A, 5)
+    fut = np.repeat(cur[:, None], len(t), axis=1)
+    fut[..., 0] += cur[:, None, 3] * t
+    fut[..., 1] += cur[:, None, 4] * t
+    live = scene.valid[:, current]
+    sim[:, live, current + 1:] = fut[live]
+    valid[:, live, current + 1:] = True
+    return sim, valid
+
+
+def test_realism_on_towns_log_beats_constant_velocity(towns_val):
+    scene = towns_val[0]
+    ix = towns_val.map_index(scene.map_id)
+    live = scene.valid[:, 10]
+    log_r = rollouts_from_log(scene, 8, 11, ix)
+    sim, valid = constant_velocity(scene, 8, 10)
+    cv_r = rollouts_from_log(scene, 8, 11, ix, sim=sim[:, live], sim_valid=valid[:, live])
+    log_m = compute_episode_metrics(log_r, ["realism", "min_ade"])
+    cv_m = compute_episode_metrics(cv_r, ["realism", "min_ade"])
+    assert log_m["min_ade"] == 0.0 and cv_m["min_ade"] > 1.0
+    for preset in META_WEIGHTS:
+        key = f"realism_meta_{preset}"
+        assert log_m[key] > 0.8, log_m  # WOSAC's logged-data upper bound is ~0.83
+        assert log_m[key] > cv_m[key] + 0.05, (log_m, cv_m)
+    assert log_m["realism_collision"] > 0.95 and log_m["realism_traffic_light_violation"] > 0.9
