@@ -63,6 +63,7 @@ def test_npz_round_trip(tiny_val, tmp_path):
 def test_evaluate_is_deterministic_and_orders_scenes(tiny_val):
     a = evaluate("random", tiny_val, num_rollouts=3, metrics=["test_mean_final_x"], seed=5)
     b = evaluate("random", tiny_val, num_rollouts=3, metrics=["test_mean_final_x"], seed=5)
+    assert a.pop("timing")["rollout_s_per_scene"] > 0 and b.pop("timing")
     assert a == b and [r["scene_id"] for r in a["per_scene"]] == [f"DR_USA_Tiny_Road_val_{i}" for i in range(3)]
     mean = np.mean([r["test_mean_final_x"] for r in a["per_scene"]])
     assert a["metrics"]["test_mean_final_x"] == pytest.approx(mean)
@@ -81,4 +82,4 @@ def test_two_processes_match_one(tiny_env_kwargs, tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                     "-m", "training.cli", *common, "--json", str(two)], check=True, env=env, capture_output=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert a["per_scene"] == b["per_scene"] and a["metrics"] == b["metrics"]
+    assert a["per_scene"] == b["per_scene"] and a["metrics"] == b["metrics"] and a["scenes"] == 3

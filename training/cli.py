@@ -115,6 +115,9 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{first['dataset']}/{first['split']}: {first['scenes']} scenes x {first['rollouts']} rollouts, "
           f"setting {first['setting']}" + (f", traffic {first['traffic']}" if first["setting"] == "ego" else ""))
     print(format_metric_table(results))
+    for r in results:
+        print(f"{r['agent']}: rollouts {r['timing']['rollout_s_per_scene']:.2f} s/scene, metrics "
+              f"{r['timing']['metrics_s_per_scene']:.2f} s/scene")
     if args.json:
         Path(args.json).write_text(json.dumps(results if len(results) > 1 else first, indent=1))
     return 0

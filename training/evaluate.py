@@ -58,22 +58,27 @@ def evaluate(agent_name: str, ds, *, num_rollouts: int = 32, setting: str = "sim
         mine = tqdm(mine, desc=f"eval {agent_name} ({num_rollouts} rollouts)", unit="scene")
     rows = []
     for i in mine:
+        start = time.perf_counter()
         rollouts = simulate_scene(agent, ds, i, num_rollouts, setting, other, start_step=start_step, seed=seed + i)
         if save_dir is not None:
             save_rollouts(rollouts, save_dir)
+        middle = time.perf_counter()
         values = compute_episode_metrics(rollouts, metrics)
-        rows.append({"scene_index": i, "scene_id": rollouts.scene_id, **{k: float(v) for k, v in values.items()}})
+        rows.append({"scene_index": i, "scene_id": rollouts.scene_id, **{k: float(v) for k, v in values.items()},
+                     "_rollout_s": middle - start, "_metrics_s": time.perf_counter() - middle})
     gathered = gather_to_rank0(rows, rank, world)
     if gathered is None:
         return None
     per_scene = sorted((r for part in gathered for r in part), key=lambda r: r["scene_index"])
+    timing = {"rollout_s_per_scene": sum(r.pop("_rollout_s") for r in per_scene) / max(len(per_scene), 1),
+              "metrics_s_per_scene": sum(r.pop("_metrics_s") for r in per_scene) / max(len(per_scene), 1)}
     keys = [k for k in per_scene[0] if k not in ("scene_index", "scene_id")] if per_scene else []
     means = {}
     for k in keys:
         finite = [r[k] for r in per_scene if k in r and math.isfinite(r[k])]
         means[k] = sum(finite) / len(finite) if finite else float("nan")
     return {"agent": agent_name, "dataset": ds.dataset, "split": ds.split, "setting": setting, "traffic": traffic,
-            "scenes": count, "rollouts": num_rollouts, "metrics": means, "per_scene": per_scene}
+            "scenes": count, "rollouts": num_rollouts, "metrics": means, "timing": timing, "per_scene": per_scene}
 
 
 @torch.inference_mode()
