@@ -32,6 +32,7 @@ from envs.types import AgentType
 TTC_CAP = 5.0  # s: time-to-collision values (and "nothing ahead") are capped here (WOSAC)
 TTC_MAX_HEADING_DIFF = math.radians(75.0)  # an object is "followed" only if headed within this of the agent
 NEIGHBOURS = 8  # objects per agent (nearest centres) for the pair features; nearest distance stays exact
+EXACT_CANDIDATES = 2  # neighbours per agent whose exact box distance is computed (certified, see below)
 OFFROAD_THRESHOLD = 0.0  # m: a vehicle is off-road when its worst corner is beyond the road edge by more
 # RSS parameters (BLM): response time, longitudinal accel / brake, lateral accel / brake, lateral margin.
 RSS_RHO = 0.5  # s
@@ -97,28 +98,43 @@ def kinematic_features(traj: torch.Tensor, valid: torch.Tensor, dt: float) -> di
 # Box geometry
 # ------------------------------------------------------------------------------------------------------------
 
+def _box_frames(box_a: torch.Tensor, box_b: torch.Tensor):
+    """Centre of each box in the other's frame, relative heading and half sizes (shared by the two below)."""
+    dx, dy = box_b[..., 0] - box_a[..., 0], box_b[..., 1] - box_a[..., 1]
+    ca, sa = torch.cos(box_a[..., 2]), torch.sin(box_a[..., 2])
+    cb, sb = torch.cos(box_b[..., 2]), torch.sin(box_b[..., 2])
+    # Centre of b in a's frame, and of a in b's frame.
+    ab = (dx * ca + dy * sa, -dx * sa + dy * ca)
+    ba = (-(dx * cb + dy * sb), dx * sb - dy * cb)
+    halves = (box_a[..., 3] / 2, box_a[..., 4] / 2, box_b[..., 3] / 2, box_b[..., 4] / 2)
+    return ab, ba, box_b[..., 2] - box_a[..., 2], halves
+
+
+def separating_gap(box_a: torch.Tensor, box_b: torch.Tensor, frames=None) -> torch.Tensor:
+    """Largest separating-axis gap over the four edge normals of two oriented boxes ``(..., 5)`` -> ``(...)`` (m).
+
+    A lower bound on the distance between separated boxes, and exactly minus the penetration depth (the signed
+    distance) when they overlap (gap < 0), since for convex polygons the minimum translation is along an edge
+    normal. Boxes are ``x, y, heading, length, width``.
+    """
+    (ax_, ay_), (bx_, by_), rel, (la, wa, lb, wb) = frames or _box_frames(box_a, box_b)
+    cr, sr = torch.cos(rel).abs(), torch.sin(rel).abs()
+    # Projections of a rectangle on another's axis have half-extent |cos| l + |sin| w.
+    return torch.maximum(torch.maximum(ax_.abs() - la - (cr * lb + sr * wb), ay_.abs() - wa - (sr * lb + cr * wb)),
+                         torch.maximum(bx_.abs() - lb - (cr * la + sr * wa), by_.abs() - wb - (sr * la + cr * wa)))
+
+
 def box_signed_distance(box_a: torch.Tensor, box_b: torch.Tensor) -> torch.Tensor:
     """Exact signed distance between oriented boxes, ``(..., 5)`` x ``(..., 5)`` -> ``(...)`` (m).
 
     Boxes are ``x, y, heading, length, width``. Separated boxes: the Euclidean distance between them (the
     closest pair of points always involves a corner of one box, so it is the smaller of the corner-to-box
-    distances of either box's corners). Overlapping boxes: minus the penetration depth, i.e. the largest
-    separating-axis gap over the four edge normals (exact for convex polygons). Touching boxes: 0.
-    Symmetric in its arguments and invariant to a shared rigid transform.
+    distances of either box's corners). Overlapping boxes: minus the penetration depth (``separating_gap``).
+    Touching boxes: 0. Symmetric in its arguments and invariant to a shared rigid transform.
     """
-    dx, dy = box_b[..., 0] - box_a[..., 0], box_b[..., 1] - box_a[..., 1]
-    rel = box_b[..., 2] - box_a[..., 2]
-    ca, sa = torch.cos(box_a[..., 2]), torch.sin(box_a[..., 2])
-    cr, sr = torch.cos(rel).abs(), torch.sin(rel).abs()
-    la, wa, lb, wb = box_a[..., 3] / 2, box_a[..., 4] / 2, box_b[..., 3] / 2, box_b[..., 4] / 2
-    # Centre of b in a's frame, and in b's frame the centre of a (the same vector, rotated by -rel, negated).
-    ax_, ay_ = dx * ca + dy * sa, -dx * sa + dy * ca
-    cb, sb = torch.cos(box_b[..., 2]), torch.sin(box_b[..., 2])
-    bx_, by_ = -(dx * cb + dy * sb), -(-dx * sb + dy * cb)
-    # Separating-axis gaps: projections of a rectangle on another's axis have half-extent |cos| l + |sin| w.
-    gaps = torch.stack([ax_.abs() - la - (cr * lb + sr * wb), ay_.abs() - wa - (sr * lb + cr * wb),
-                        bx_.abs() - lb - (cr * la + sr * wa), by_.abs() - wb - (sr * la + cr * wa)], dim=-1)
-    depth = gaps.amax(dim=-1)
+    frames = _box_frames(box_a, box_b)
+    (ax_, ay_), (bx_, by_), rel, (la, wa, lb, wb) = frames
+    depth = separating_gap(box_a, box_b, frames)
     sep = torch.minimum(_corners_to_box(ax_, ay_, rel, lb, wb, la, wa),
                         _corners_to_box(bx_, by_, -rel, la, wa, lb, wb))
     return torch.where(depth < 0, depth, sep)
@@ -219,23 +235,33 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
 
         own_box = torch.cat([own[..., :3], ext_a[None, :, None, :].expand(f, a, 1, 2)], dim=-1)
         oth_box = torch.cat([oth[..., :3], ext_o], dim=-1)
-        exact = torch.where(ok, box_signed_distance(own_box, oth_box), inf)  # (F, A, K)
-        nearest = exact.amin(dim=-1)
-        over = exact < 0
+        # Separating-axis gaps of all neighbours: exact for overlaps, a lower bound otherwise, so only the
+        # EXACT_CANDIDATES best need the (costlier) corner distances; rows a third one could change are redone.
+        gap_lb = torch.where(ok, separating_gap(own_box, oth_box), inf)  # (F, A, K)
+        over = gap_lb < 0
         n_agents, n_context = (over & (idx < a)).sum(-1), (over & (idx >= a)).sum(-1)
+        m = min(EXACT_CANDIDATES, k)
+        best_lb, best = gap_lb.topk(min(m + 1, k), dim=-1, largest=False)
+        pick = best[..., :m]
+        picked = oth_box.gather(2, pick[..., None].expand(-1, -1, -1, 5))
+        exact = box_signed_distance(own_box.expand(f, a, m, 5), picked)
+        nearest = torch.where(torch.isfinite(best_lb[..., :m]), exact, inf).amin(dim=-1)
+        redo = torch.zeros_like(ok[..., 0])
+        if m < k:
+            redo = v[:, :a] & (nearest > best_lb[..., m])
         if kk > k:
             # Farther objects are at least (centre distance - both radii) away; redo rows they could change.
             bound = near_d2[..., k].clamp(min=0).sqrt() - radius[:a] - radius.max()
-            redo = v[:, :a] & ((nearest > bound) | (bound < 0))
-            if redo.any():
-                rf, ra = redo.nonzero(as_tuple=True)
-                boxes = torch.cat([s[rf, :, :3], objs_extent[None].expand(len(rf), n, 2)], dim=-1)  # (M, N, 5)
-                own_r = torch.cat([s[rf, ra, :3], objs_extent[ra]], dim=-1)[:, None].expand(-1, n, 5)
-                full = box_signed_distance(own_r, boxes)
-                full = torch.where(v[rf] & (torch.arange(n, device=dev)[None] != ra[:, None]), full, inf)
-                nearest[rf, ra] = full.amin(dim=-1)
-                n_agents[rf, ra] = (full[:, :a] < 0).sum(-1)
-                n_context[rf, ra] = (full[:, a:] < 0).sum(-1)
+            redo = redo | (v[:, :a] & ((nearest > bound) | (bound < 0)))
+        if redo.any():
+            rf, ra = redo.nonzero(as_tuple=True)
+            boxes = torch.cat([s[rf, :, :3], objs_extent[None].expand(len(rf), n, 2)], dim=-1)  # (M, N, 5)
+            own_r = torch.cat([s[rf, ra, :3], objs_extent[ra]], dim=-1)[:, None].expand(-1, n, 5)
+            full = box_signed_distance(own_r, boxes)
+            full = torch.where(v[rf] & (torch.arange(n, device=dev)[None] != ra[:, None]), full, inf)
+            nearest[rf, ra] = full.amin(dim=-1)
+            n_agents[rf, ra] = (full[:, :a] < 0).sum(-1)
+            n_context[rf, ra] = (full[:, a:] < 0).sum(-1)
 
         # ---- neighbours in each agent's frame.
         dx, dy = oth[..., 0] - own[..., 0], oth[..., 1] - own[..., 1]
