@@ -1,6 +1,18 @@
-"""Metrics: per-step metrics computed inside the simulation step (they feed rewards and ``info``) and, later,
-episode metrics for evaluation. One registry: ``STEP_METRICS`` maps a name to its definition."""
+"""Metrics: per-step metrics computed inside the simulation step (they feed rewards and ``info``) and episode
+metrics for evaluation (R rollouts of a scene against its log: realism, BLM, planning families).
+``STEP_METRICS`` / ``EPISODE_METRICS`` map a name to its definition."""
 
+from envs.metrics.episode import (
+    EPISODE_METRICS,
+    RolloutError,
+    Rollouts,
+    compute_episode_metrics,
+    episode_metric_names,
+    register_episode_metric,
+    rollouts_from_log,
+)
 from envs.metrics.step import STEP_METRICS, StepMetric, compute_step_metrics, register_step_metric
 
-__all__ = ["STEP_METRICS", "StepMetric", "compute_step_metrics", "register_step_metric"]
+__all__ = ["EPISODE_METRICS", "STEP_METRICS", "RolloutError", "Rollouts", "StepMetric", "compute_episode_metrics",
+           "compute_step_metrics", "episode_metric_names", "register_episode_metric", "register_step_metric",
+           "rollouts_from_log"]
