@@ -55,25 +55,28 @@ class IDM(Agent):
     # ---- episode set-up ----------------------------------------------------------------------------------
     def reset(self, state, mask, seed=None, slots=None):
         super().reset(state, mask, seed, slots)
-        rows = range(state.batch_size) if slots is None else [int(s) for s in slots]
+        b_size, a_size = state.batch_size, state.num_agents
+        full = slots is None or self._path is None or tuple(self._path.shape[:2]) != (b_size, a_size)
+        rows = list(range(b_size)) if full else [int(s) for s in slots]
         route = state.route_xy.cpu().numpy()
-        heading = _last_logged_heading(state)
         route_len = state.route_len.cpu().numpy()
+        heading = _last_logged_heading(state)
+        driven = mask.cpu().numpy()
         paths: dict[tuple[int, int], np.ndarray] = {}
         for b in rows:
-            source = state.maps.sources[int(state.map_idx[b])]
-            lanes = _LaneIndex.of(source)
-            for a in range(state.num_agents):
+            lanes = _LaneIndex.of(state.maps.sources[int(state.map_idx[b])])
+            for a in range(a_size):
                 n = int(route_len[b, a])
                 base = route[b, a, :max(n, 1)]
-                paths[(b, a)] = _resample(lanes.extend(base, self.continuation, float(heading[b, a])) if n else base)
+                # Only agents this IDM drives need the lane-graph continuation (the rest never move by it).
+                paths[(b, a)] = _resample(lanes.extend(base, self.continuation, float(heading[b, a]))
+                                          if n and driven[b, a] else base)
         longest = max([len(p) for p in paths.values()] + [2])
-        if self._path is None or self._path.shape[0] != state.batch_size or slots is None:
-            path = np.zeros((state.batch_size, state.num_agents, longest, 2), np.float32)
-            length = np.ones((state.batch_size, state.num_agents), np.int64)
+        if full:
+            path = np.zeros((b_size, a_size, longest, 2), np.float32)
+            length = np.ones((b_size, a_size), np.int64)
         else:
-            path = self._path.cpu().numpy()
-            length = self._length.cpu().numpy()
+            path, length = self._path.cpu().numpy(), self._length.cpu().numpy()
             if longest > path.shape[2]:
                 path = np.concatenate([path, np.repeat(path[:, :, -1:], longest - path.shape[2], axis=2)], axis=2)
         for (b, a), p in paths.items():
@@ -82,20 +85,19 @@ class IDM(Agent):
             length[b, a] = len(p)
         dev = state.device
         self._path, self._length = torch.as_tensor(path, device=dev), torch.as_tensor(length, device=dev)
-        self._pos = self._locate(state, full=True) if slots is None else self._merge_pos(state, slots)
-        self._was_live = (state.current_valid & state.agent_mask).clone()
-        self._placed = torch.zeros_like(self._was_live)
+        rows_t = torch.as_tensor(rows, device=dev)
+        pairs = torch.cartesian_prod(rows_t, torch.arange(a_size, device=dev))
+        live = state.current_valid & state.agent_mask
+        if full:
+            self._pos = torch.zeros(b_size, a_size, device=dev)
+            self._was_live = live.clone()
+            self._placed = torch.zeros_like(live)
+        self._pos[pairs[:, 0], pairs[:, 1]] = self._locate_rows(state, pairs)
+        self._was_live[rows_t] = live[rows_t]
+        self._placed[rows_t] = False
         speed = state.log[..., 3:5].norm(dim=-1).masked_fill(~state.log_valid, float("nan"))
         v0 = torch.nanquantile(speed.float(), 0.95, dim=-1).nan_to_num(self.v_min)
         self._v0 = v0.clamp(self.v_min, self.v_max)
-
-    def _merge_pos(self, state, slots):
-        fresh = self._locate(state, full=True)
-        if getattr(self, "_pos", None) is None or self._pos.shape != fresh.shape:
-            return fresh
-        pos = self._pos.clone()
-        pos[slots] = fresh[slots]
-        return pos
 
     def _locate(self, state: SimState, full: bool = False) -> torch.Tensor:
         """``(B, A)`` arc position (m) of each agent's projection on its path: the nearest path point (searched
@@ -270,6 +272,13 @@ class _LaneIndex:
         self.flat = np.concatenate(self.points) if self.points else np.zeros((0, 2))
         self.owner = np.concatenate(owner) if owner else np.zeros(0, int)
         self.offset = np.concatenate([np.arange(len(p)) for p in self.points]) if self.points else np.zeros(0, int)
+        # First and last flat index of each lane (neighbours of a point never cross into another lane).
+        sizes = np.array([len(p) for p in self.points], int)
+        self.lane_start = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(sizes) else np.zeros(0, int)
+        self.lane_end = self.lane_start + sizes - 1
+        from scipy.spatial import cKDTree
+
+        self.tree = cKDTree(self.flat if len(self.flat) else np.zeros((1, 2)))
 
     @classmethod
     def of(cls, m: MapData) -> _LaneIndex:
@@ -290,17 +299,17 @@ class _LaneIndex:
         if np.linalg.norm(direction) < 1e-6:
             direction = np.array([np.cos(heading), np.sin(heading)])
         direction = direction / max(np.linalg.norm(direction), 1e-9)
-        d = np.linalg.norm(self.flat - end, axis=1)
-        near = np.flatnonzero(d < 3.0)
-        best, best_score = None, -np.inf
-        for k in near:  # the closest point whose lane runs the same way
-            lane, off = self.owner[k], self.offset[k]
-            pts = self.points[lane]
-            seg = pts[min(off + 1, len(pts) - 1)] - pts[max(off - 1, 0)]
-            align = float(seg @ direction) / max(np.linalg.norm(seg), 1e-9)
-            score = align - 0.3 * d[k]
-            if align > 0.7 and score > best_score:
-                best, best_score = k, score
+        near = np.asarray(self.tree.query_ball_point(end, 3.0), dtype=int)
+        if len(near) == 0:
+            return path
+        # The closest point whose lane runs the same way (alignment of the lane's local direction > 0.7).
+        lane = self.owner[near]
+        ahead = self.flat[np.minimum(near + 1, self.lane_end[lane])]
+        behind = self.flat[np.maximum(near - 1, self.lane_start[lane])]
+        seg = ahead - behind
+        align = (seg @ direction) / np.maximum(np.linalg.norm(seg, axis=1), 1e-9)
+        score = np.where(align > 0.7, align - 0.3 * np.linalg.norm(self.flat[near] - end, axis=1), -np.inf)
+        best = near[int(np.argmax(score))] if np.isfinite(score).any() else None
         if best is None:
             return path
         lane, off = self.owner[best], self.offset[best]
