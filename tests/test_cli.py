@@ -50,14 +50,17 @@ def test_data_errors_exit_2_with_a_message(argv, message, capsys):
 def test_eval_compares_agents_and_writes_json(tiny_args, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", "--agent", "log_replay", "--agent", "constant_velocity", *tiny_args, "--split", "val",
-                 "--json", str(out)]) == 0
+                 "--rollouts", "2", "--metric", "min_ade", "--metric", "blm_safety", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["agent"] for r in rows] == ["log_replay", "constant_velocity"]
-    assert rows[0]["ade_m"] == 0.0 and rows[0]["collision_rate"] == 0.0 and rows[0]["scenes"] == 2
-    assert rows[1]["ade_m"] > 0.0
-    assert "log_replay" in capsys.readouterr().out
+    assert [r["agent"] for r in rows] == ["log_replay", "constant_velocity"] and rows[0]["scenes"] == 2
+    assert rows[0]["metrics"]["min_ade"] == 0.0 and rows[0]["metrics"]["blm_collision_rate"] == 0.0
+    assert rows[1]["metrics"]["min_ade"] > 0.0 and len(rows[1]["per_scene"]) == 2
+    printed = capsys.readouterr().out
+    assert "log_replay" in printed and "blm_offroad_rate" in printed
     assert main(["eval", "--agent", "log_replya", *tiny_args]) == 2
     assert "Did you mean 'log_replay'" in capsys.readouterr().err
+    assert main(["eval", "--agent", "idm", *tiny_args, "--metric", "realsim"]) == 2
+    assert "Did you mean 'realism'" in capsys.readouterr().err
 
 
 def test_render_writes_a_closed_loop_video(tiny_args, tmp_path, capsys):

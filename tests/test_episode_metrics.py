@@ -389,3 +389,20 @@ def test_realism_on_towns_log_beats_constant_velocity(towns_val):
         assert log_m[key] > 0.8, log_m  # WOSAC's logged-data upper bound is ~0.83
         assert log_m[key] > cv_m[key] + 0.05, (log_m, cv_m)
     assert log_m["realism_collision"] > 0.95 and log_m["realism_traffic_light_violation"] > 0.9
+
+
+def test_distance_travelled_exact():
+    from envs.metrics.episode import Rollouts as _R
+    from envs.metrics.episode import compute_episode_metrics
+
+    t = 21
+    log = torch.zeros(2, t, 5)
+    log[0, :, 0] = torch.arange(t) * 1.0  # 1 m per step
+    log[1, :, 1] = torch.arange(t) * 0.5  # 0.5 m per step
+    sim = log[None].repeat(3, 1, 1, 1)
+    valid = torch.ones(3, 2, t, dtype=torch.bool)
+    r = _R(scene_id="s", agent_ids=np.array(["a", "b"]), agent_type=torch.zeros(2, dtype=torch.long),
+           extent=torch.tensor([[4.0, 2.0], [4.0, 2.0]]), sim=sim, sim_valid=valid, log=log,
+           log_valid=torch.ones(2, t, dtype=torch.bool), history_steps=11, dt=0.1)
+    # 10 future steps after the current one: (10 * 1.0 + 10 * 0.5) / 2 agents
+    assert compute_episode_metrics(r, ["distance_travelled"])["distance_travelled"] == pytest.approx(7.5)

@@ -1,7 +1,7 @@
 """The end-to-end demo behind ``make demo``: what the project can do today, on the bundled towns data.
 
-1. sim agents: every agent valid at the start step driven by each baseline for 8 s (the table of
-   ``trafficgym eval``);
+1. sim agents: every agent valid at the start step driven by each baseline for 8 s (one rollout per scene:
+   collision / off-road rates, ADE, distance travelled — ``trafficgym eval --rollouts 1`` with those metrics);
 2. ego: the ``trafficgym/Ego-v0`` vector env with reactive IDM traffic, driven by two reference controllers;
 3. a video: IDM driving every agent of one val scene, next to the log.
 """
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 DEMO_AGENTS = ("log_replay", "idm", "constant_velocity", "random")
+DEMO_METRICS = ("blm_safety", "min_ade", "distance_travelled")
 DEMO_VIDEO_SCENE = "DR_USA_Town_Spider_val_17"  # a busy junction
 
 
@@ -65,13 +66,14 @@ def ego_rollouts(num_scenes: int, traffic: str = "idm") -> list[dict]:
 
 def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
     from envs.data import open_dataset
-    from training.evaluate import evaluate_agent, format_table, to_json_ready
+    from training.evaluate import evaluate, format_metric_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     val = open_dataset("towns", "val")
     print(f"\nsim agents: {num_scenes} towns val scenes, every agent valid at step 10 driven for 8 s")
-    sim_rows = [evaluate_agent(name, val, num_scenes=num_scenes) for name in DEMO_AGENTS]
-    print(format_table(sim_rows))
+    sim_rows = [evaluate(name, val, num_rollouts=1, num_scenes=num_scenes, metrics=DEMO_METRICS)
+                for name in DEMO_AGENTS]
+    print(format_metric_table(sim_rows))
 
     print(f"\nego (trafficgym/Ego-v0, vector env): {num_scenes} val scenes, reactive IDM traffic")
     ego_rows = ego_rollouts(num_scenes)
@@ -82,7 +84,8 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
     from training.record import record_agent_video
 
     video = record_agent_video("idm", val, DEMO_VIDEO_SCENE, out_dir / "idm_vs_log.mp4", side_by_side=True)
-    result = {"sim_agents": to_json_ready(sim_rows), "ego": to_json_ready(ego_rows), "video": str(video)}
+    result = {"sim_agents": [{k: v for k, v in r.items() if k != "per_scene"} for r in sim_rows], "ego": ego_rows,
+              "video": str(video)}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
     print(f"\nwrote {video} (log | IDM, side by side) and {out_dir / 'demo.json'}")
     return result

@@ -94,3 +94,15 @@ def planning(rollouts: Rollouts) -> dict[str, float]:
     if rollouts.ego_index < 0:
         return dict.fromkeys(PLANNING_KEYS, float("nan"))
     return ego_planning_metrics(rollouts)
+
+
+@register_episode_metric(
+    "distance_travelled", "m",
+    "Mean over rollouts and evaluated agents of the path length driven over the future steps (sum of the "
+    "step displacements where consecutive simulated states are valid).", family="planning")
+def distance_travelled(rollouts: Rollouts) -> dict[str, float]:
+    h = rollouts.history_steps
+    xy = rollouts.sim[:, :, h - 1:, :2]  # from the current step on
+    ok = rollouts.sim_valid[:, :, h - 1:]
+    step = (xy[:, :, 1:] - xy[:, :, :-1]).norm(dim=-1) * (ok[:, :, 1:] & ok[:, :, :-1])
+    return {"distance_travelled": float(step.sum(-1).mean())}
