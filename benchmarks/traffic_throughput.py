@@ -1,5 +1,9 @@
-"""Cost of reactive traffic: agent-steps per second of the batched core when every agent is driven by a
-policy (64 scenes x up to 64 agents), compared with log replay. Prints JSON.
+"""Cost of reactive traffic. Prints JSON.
+
+core: agent-steps per second of the batched core when every agent is driven by a policy (64 scenes x up to
+64 agents), compared with log replay;
+env: env-steps per second of the 64-scene ``trafficgym/Ego-v0`` vector env with log-replay vs IDM traffic
+(observations, metrics, rewards and autoresets included) — what reactive traffic costs an RL user.
 
     python benchmarks/traffic_throughput.py [--dataset towns --split val --batch 64 --steps 80]
 """
@@ -35,6 +39,24 @@ def throughput(ds, agent_name: str, batch: int, steps: int) -> dict:
             "agent_reset_s": round(reset_s, 3)}
 
 
+def env_throughput(traffic: str, kwargs: dict, num_envs: int = 64, steps: int = 100) -> float:
+    import gymnasium as gym
+    import numpy as np
+
+    import envs  # noqa: F401
+
+    venv = gym.make_vec("trafficgym/Ego-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
+                        action_bounds="clip", traffic=traffic, **kwargs)
+    venv.reset(seed=0)
+    action = np.zeros((num_envs, 2), np.float32)
+    for _ in range(5):
+        venv.step(action)
+    start = time.perf_counter()
+    for _ in range(steps):
+        venv.step(action)
+    return round(num_envs * steps / (time.perf_counter() - start))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="towns")
@@ -57,6 +79,9 @@ def main() -> None:
         base = result["log_replay"]["agent_steps_per_s"]
         for name in args.agents:
             result[name]["relative_to_log_replay"] = round(result[name]["agent_steps_per_s"] / base, 3)
+    kwargs = {"dataset": args.dataset, "split": args.split, "data_dir": args.data_dir}
+    env = {name: env_throughput(name, kwargs) for name in ("log", "idm")}
+    result["env_steps_per_s"] = {**env, "idm_relative_to_log": round(env["idm"] / env["log"], 3)}
     print(json.dumps(result, indent=1))
 
 
