@@ -39,22 +39,10 @@ def throughput(ds, agent_name: str, batch: int, steps: int) -> dict:
             "agent_reset_s": round(reset_s, 3)}
 
 
-def env_throughput(traffic: str, kwargs: dict, num_envs: int = 64, steps: int = 100) -> float:
-    import gymnasium as gym
-    import numpy as np
+def env_throughput(traffic: str, kwargs: dict, num_envs: int = 64, steps: int = 100) -> int:
+    from sim_throughput import vector_throughput  # the sibling benchmark script (benchmarks/ is on sys.path)
 
-    import envs  # noqa: F401
-
-    venv = gym.make_vec("trafficgym/Ego-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
-                        action_bounds="clip", traffic=traffic, **kwargs)
-    venv.reset(seed=0)
-    action = np.zeros((num_envs, 2), np.float32)
-    for _ in range(5):
-        venv.step(action)
-    start = time.perf_counter()
-    for _ in range(steps):
-        venv.step(action)
-    return round(num_envs * steps / (time.perf_counter() - start))
+    return vector_throughput({**kwargs, "traffic": traffic}, num_envs, steps)["env_steps_per_s"]
 
 
 def main() -> None:
