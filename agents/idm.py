@@ -208,8 +208,9 @@ class IDM(Agent):
         if len(pairs) == 0:
             return gap, lead_speed
         pb, pi, pj = pairs.unbind(-1)
-        idx = ahead_idx[pb, pi]  # (K, W)
-        path_pts = self._path[pb, pi].gather(1, idx[..., None].expand(*idx.shape, 2))  # (K, W, 2)
+        # The look-ahead window of each agent's path, gathered once per agent, then per pair.
+        window = self._path.gather(2, ahead_idx[..., None].expand(*ahead_idx.shape, 2))  # (B, A, W, 2)
+        path_pts = window[pb, pi]  # (K, W, 2)
         width = state.extent[..., 1]
         corridor2 = (0.5 * (width[pb, pi] + width[pb, pj]) + self.lateral_margin) ** 2  # (K,)
         half_len = 0.5 * (state.extent[pb, pi, 0] + state.extent[pb, pj, 0])
