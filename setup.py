@@ -23,6 +23,8 @@ setup(
         "gymnasium>=1.0,<2",
         "numpy>=1.24",
         "shapely>=2.0",
+        "scipy>=1.9",  # distance transforms (map SDF) and KD-trees (IDM lane lookup)
+        "pillow>=9",  # rasterising the drivable area
         # trajdata 1.4.0 is the data layer; its `interaction` extra brings lanelet2 (our default data's
         # map format). Its numpy-2 / zarr-3 / fixed-case-length issues are worked around in
         # envs/data/trajdata_source.py.
