@@ -39,6 +39,9 @@ setup(
         "imageio-ffmpeg>=0.4.9",
         "stable-baselines3>=2.3",
         "safetensors>=0.4",
+        # Compiled loops for the per-pair work that is dispatch-bound as torch ops at this size (IDM's
+        # obstacle search). 0.60 is the first release with numpy 2 support.
+        "numba>=0.60",
     ],
     extras_require={
         # Regenerating the default "towns" dataset. Pinned: byte-identical output needs the same SUMO.

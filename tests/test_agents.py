@@ -122,6 +122,27 @@ def test_idm_free_road_reaches_desired_speed_and_follows_the_lane():
     assert abs(state.current[0, 0, 1].item() + 1.75) < 1e-3 and abs(state.current[0, 0, 2].item()) < 1e-6
 
 
+@pytest.mark.parametrize(("name", "expect_collision"), [("idm", False), ("constant_velocity", True)])
+def test_idm_yields_to_a_crossing_agent_that_arrives_first(name, expect_collision):
+    # Agent 0 drives east along y = -1.75; agent 1 (log replay) crosses its path northbound at x = 60 about
+    # 0.2 s before agent 0 gets there at constant speed. IDM yields (treats the crossing point as an
+    # obstacle once agent 1 is within its 3 s yield horizon) and lets it pass; constant velocity hits it.
+    scene = make_scene([dict(x0=10, y0=-1.75, speed=10),
+                        dict(x0=60, y0=-50, heading=math.pi / 2, speed=10)])
+    state = sim.reset([scene], start_step=10, controlled=[np.array([True, False])])
+    agent = make_agent(name)
+    agent.reset(state, state.controlled, seed=0)
+    collided, min_speed = False, 10.0
+    for _ in range(80):
+        state = sim.step(state, agent(state, state.controlled), agent.dynamics)
+        collided |= bool(compute_step_metrics(state, ["collision"])["collision"].any())
+        min_speed = min(min_speed, state.current[0, 0, 3:5].norm().item())
+    assert collided == expect_collision
+    if name == "idm":
+        assert min_speed < 8.0  # it slowed down for the crossing agent ...
+        assert state.current[0, 0, 0].item() > 65  # ... and crossed x = 60 after it had passed
+
+
 def test_idm_continues_along_successor_lanes_past_the_log():
     # An L-shaped lane graph: east along y = 0 to x = 50, then a lane turning north. The log ends at x = 40.
     east = np.array([[0.0, 0.0], [50.0, 0.0]])

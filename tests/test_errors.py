@@ -59,6 +59,10 @@ def test_agent_and_traffic_argument_errors(tiny_env_kwargs):
         make_agent("random", accel_std=-1.0)
     with pytest.raises(ValueError, match="IDM time_headway must be > 0"):
         make_agent("idm", time_headway=0.0)
+    with pytest.raises(ValueError, match="IDM lookahead must be >= 2"):
+        make_agent("idm", lookahead=1.5)
+    with pytest.raises(ValueError, match="IDM yield_horizon must be >= 0"):
+        make_agent("idm", yield_horizon=-1.0)
     with pytest.raises(ValueError, match="radius > 0 m"):
         gym.make("trafficgym/Ego-v0", traffic=[("idm", -5.0)], **tiny_env_kwargs)
     env = gym.make("trafficgym/Ego-v0", **tiny_env_kwargs)
