@@ -14,6 +14,8 @@ import math
 import numba
 import numpy as np
 
+_NONE = 1e30  # "nothing found": finite, since idm_step is compiled with fastmath (which assumes no inf / nan)
+
 
 @numba.njit(cache=True, nogil=True)
 def full_search(path, length, rows, xy):
@@ -82,7 +84,7 @@ def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half
             last = length[b, a] - 1
             x, y = cur[b, a, 0], cur[b, a, 1]
             if not was_live[b, a]:  # just appeared: search the whole path
-                best, k = np.inf, 0
+                best, k = _NONE, 0
                 for p in range(last + 1):
                     dx, dy = path[b, a, p, 0] - x, path[b, a, p, 1] - y
                     d2 = dx * dx + dy * dy
@@ -100,14 +102,14 @@ def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half
             v = math.hypot(cur[b, i, 3], cur[b, i, 4])
             # the look-ahead window: path points 1 .. n_win m past the agent, and its bounding box
             base = int(math.floor(pos[b, i] / spacing))
-            lo_x = lo_y = np.inf
-            hi_x = hi_y = -np.inf
+            lo_x = lo_y = _NONE
+            hi_x = hi_y = -_NONE
             for w in range(n_win):
                 idx = min(base + 1 + w, last)
                 win[w, 0], win[w, 1] = path[b, i, idx, 0], path[b, i, idx, 1]
                 lo_x, hi_x = min(lo_x, win[w, 0]), max(hi_x, win[w, 0])
                 lo_y, hi_y = min(lo_y, win[w, 1]), max(hi_y, win[w, 1])
-            gap, lead_speed = np.inf, 0.0
+            gap, lead_speed = _NONE, 0.0
             for j in range(n_a):
                 if j == i or not live[b, j]:
                     continue
@@ -121,7 +123,7 @@ def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half
                     continue
                 half_len = half_len_of[b, i] + half_len_of[b, j]
                 # (1) on the path now: the nearest window point within the corridor
-                best, k = np.inf, 0
+                best, k = _NONE, 0
                 if lo_x - corridor <= xj <= hi_x + corridor and lo_y - corridor <= yj <= hi_y + corridor:
                     for w in range(n_win):
                         dx, dy = win[w, 0] - xj, win[w, 1] - yj
@@ -136,7 +138,7 @@ def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half
                     cand_speed = max((vxj * tx + vyj * ty) / norm, 0.0)
                 elif n_tau > 0 and math.hypot(vxj, vyj) > 0.5:
                     # (2) crossing: j (constant velocity) reaches the path before this agent gets there
-                    conflict = np.inf
+                    conflict = _NONE
                     for h in range(n_tau):
                         tau = 0.5 * (h + 1)
                         px, py = xj + vxj * tau, yj + vyj * tau
@@ -157,7 +159,7 @@ def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half
             # IDM (Treiber et al. 2000)
             s_star = s0 + max(v * t_head + v * (v - lead_speed) / sqrt_ab, 0.0)
             free = 1.0 - max(v / v0[b, i], 0.0) ** delta
-            interaction = (s_star / max(gap, 0.1)) ** 2 if gap < np.inf else 0.0
+            interaction = (s_star / max(gap, 0.1)) ** 2 if gap < _NONE else 0.0
             accel = min(max(a_max * (free - interaction), -max_brake), a_max)
             v_new = max(v + accel * dt, 0.0)
             end = last * spacing

@@ -127,6 +127,54 @@ def test_nearest_distance_exact_beyond_the_neighbour_broad_phase():
     assert float(f["distance_to_nearest_object"].value[0, 0, 0]) == pytest.approx(3.0)  # truck rear at x=5
 
 
+placed = st.tuples(st.floats(-40, 40), st.floats(-40, 40), st.floats(-4, 4), st.floats(1, 12), st.floats(0.5, 3),
+                   st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(placed, min_size=2, max_size=12), st.integers(1, 8), st.integers(0, 3))
+def test_nearest_distance_and_overlaps_match_brute_force(objects, neighbours, n_context):
+    # Every object against every other by the reference box distance: the compiled loop's nearest distance and
+    # overlap counts must agree whatever the neighbour count (its circle-bound pruning is exact).
+    n_context = min(n_context, len(objects) - 1)
+    a = len(objects) - n_context
+    states = torch.tensor([(x, y, h, 0.0, 0.0) for x, y, h, *_ in objects], dtype=torch.float32)
+    ext = torch.tensor([(length, width) for *_, length, width, _ in objects], dtype=torch.float32)
+    valid = torch.tensor([ok for *_, ok in objects])
+    f = interaction_features(states[None, :a, None], valid[None, :a, None], ext[:a], states[None, a:, None],
+                             valid[None, a:, None], ext[a:], neighbours=neighbours)
+    boxes = torch.cat([states[:, :3], ext], dim=-1).double()
+    d = box_signed_distance(boxes[:, None], boxes[None, :])  # (N, N)
+    d = torch.where(valid[None] & ~torch.eye(len(objects), dtype=torch.bool), d, torch.inf)
+    for i in range(a):
+        has = bool(valid[i]) and bool(torch.isfinite(d[i]).any())
+        assert bool(f["distance_to_nearest_object"].valid[0, i, 0]) == has
+        if has:
+            assert float(f["distance_to_nearest_object"].value[0, i, 0]) == pytest.approx(float(d[i].min()), abs=2e-4)
+        if valid[i]:  # overlap counts, up to boxes within float32 rounding of touching
+            for name, cols in (("overlaps_agents", d[i, :a]), ("overlaps_context", d[i, a:])):
+                count = int(f[name].value[0, i, 0])
+                assert int((cols < -1e-4).sum()) <= count <= int((cols < 1e-4).sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.floats(-20, 220), st.floats(-10, 10), st.floats(-4, 4)), min_size=1, max_size=6))
+def test_road_edge_distance_matches_the_simulator_sdf_lookup(poses):
+    # The compiled corner lookup must read the SDF exactly as the simulator's per-step off-road metric does.
+    from envs.map_index import sample_sdf
+
+    index = build_map_index(straight_road())
+    traj = torch.tensor([[(x, y, h, 0.0, 0.0)] for x, y, h in poses], dtype=torch.float32)[None]  # (1, A, 1, 5)
+    ext = torch.tensor([[4.5, 2.0]] * len(poses))
+    f = road_edge_features(traj, torch.ones(traj.shape[:3], dtype=torch.bool), ext,
+                           torch.zeros(len(poses), dtype=torch.long), index)
+    corners = box_corners(traj[..., 0], traj[..., 1], traj[..., 2], ext[:, None, 0], ext[:, None, 1])
+    ref = sample_sdf(torch.as_tensor(index.sdf)[None], torch.as_tensor(index.origin, dtype=torch.float32)[None],
+                     index.resolution, torch.zeros(1, dtype=torch.long), corners.reshape(1, -1, 2))
+    torch.testing.assert_close(f["distance_to_road_edge"].value, ref.reshape(1, -1, 1, 4).amax(-1), atol=1e-4,
+                               rtol=0)
+
+
 def test_time_to_collision_follower_closing():
     # Follower (4.5 m) at 10 m/s, leader 10 m ahead (bumper to bumper) at 5 m/s: TTC = 10 / 5 = 2 s.
     s, v, ext = frame([(0, 0, 0, 10, 0), (14.5, 0, 0, 5, 0)], [(4.5, 2), (4.5, 2)])

@@ -28,8 +28,8 @@ JSD_NAMES = {"linear_speed": "speed", "linear_accel": "accel", "jerk": "jerk"}
 def histogram(values: torch.Tensor, valid: torch.Tensor, spec: HistogramSpec) -> torch.Tensor:
     """Normalised ``(bins,)`` histogram of the valid entries of ``values`` (any shape); zeros if none is valid."""
     idx = ((values.float() - spec.low) / (spec.high - spec.low) * spec.bins).floor().clamp(0, spec.bins - 1).long()
-    counts = torch.zeros(spec.bins, dtype=torch.float64, device=values.device)
-    counts.index_add_(0, idx[valid], torch.ones_like(idx[valid], dtype=torch.float64))
+    idx = torch.where(valid, idx, spec.bins)  # invalid entries land in an extra bin, dropped below
+    counts = torch.bincount(idx.reshape(-1), minlength=spec.bins + 1)[:spec.bins].double()
     return counts / counts.sum().clamp(min=1)
 
 

@@ -91,9 +91,10 @@ class Rollouts:
             raise RolloutError(f"Rollouts {self.scene_id}: agent ids are not unique.")
         if not 0 < self.history_steps < t:
             raise RolloutError(f"Rollouts {self.scene_id}: history_steps={self.history_steps} outside (0, {t}).")
-        if not torch.isfinite(self.sim[self.sim_valid]).all():
+        # (no boolean-mask gather: it copies the whole tensor)
+        if (self.sim_valid & ~torch.isfinite(self.sim).all(dim=-1)).any():
             raise RolloutError(f"Rollouts {self.scene_id}: sim holds NaN/inf at valid steps.")
-        if not torch.isfinite(self.log[self.log_valid]).all():
+        if (self.log_valid & ~torch.isfinite(self.log).all(dim=-1)).any():
             raise RolloutError(f"Rollouts {self.scene_id}: log holds NaN/inf at valid steps.")
         if not torch.isfinite(self.extent).all() or (self.extent <= 0).any():
             raise RolloutError(f"Rollouts {self.scene_id}: extent must be finite and > 0 m.")

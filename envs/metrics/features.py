@@ -22,17 +22,18 @@ import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from envs.geometry import box_corners, wrap_angle
-from envs.map_index import NO_ROAD_EDGE, sample_sdf
+from envs.geometry import wrap_angle
+from envs.map_index import NO_ROAD_EDGE
 from envs.metrics.episode import RolloutError, Rollouts
+from envs.metrics.kernels import interaction_pairs, road_edge_distance
 from envs.types import AgentType
 
 TTC_CAP = 5.0  # s: time-to-collision values (and "nothing ahead") are capped here (WOSAC)
 TTC_MAX_HEADING_DIFF = math.radians(75.0)  # an object is "followed" only if headed within this of the agent
 NEIGHBOURS = 8  # objects per agent (nearest centres) for the pair features; nearest distance stays exact
-EXACT_CANDIDATES = 2  # neighbours per agent whose exact box distance is computed (certified, see below)
 OFFROAD_THRESHOLD = 0.0  # m: a vehicle is off-road when its worst corner is beyond the road edge by more
 # RSS parameters (BLM): response time, longitudinal accel / brake, lateral accel / brake, lateral margin.
 RSS_RHO = 0.5  # s
@@ -154,12 +155,6 @@ def _corners_to_box(cx, cy, rel, hl_b, hw_b, hl_a, hw_a) -> torch.Tensor:
     return torch.sqrt(ex * ex + ey * ey).amin(dim=-1)
 
 
-def projected_half_extents(rel_heading: torch.Tensor, length: torch.Tensor, width: torch.Tensor):
-    """Half-extents along and across another frame of a box rotated by ``rel_heading`` in it (m)."""
-    c, s = torch.cos(rel_heading).abs(), torch.sin(rel_heading).abs()
-    return c * length / 2 + s * width / 2, s * length / 2 + c * width / 2
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Interaction features
 # ------------------------------------------------------------------------------------------------------------
@@ -170,11 +165,11 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
                          neighbours: int = NEIGHBOURS) -> dict[str, Feature]:
     """Box-to-box features of every agent against the other objects at the same step.
 
-    Each agent is compared with its ``neighbours`` nearest objects by centre distance (broad phase, one
-    ``topk`` over all pairs). The nearest-object distance, collision and overlap counts are exact regardless:
-    rows whose answer a farther object could change (its bounding-circle lower bound is below the best exact
-    distance, or it could overlap) are redone against every object. TTC, RSS and closest approach consider only
-    the neighbours (an object beyond the ``neighbours`` nearest is in practice neither followed nor alongside).
+    The nearest-object distance, collision and overlap counts consider every object (exactly: an object is
+    skipped only when its bounding-circle lower bound proves it can neither overlap nor be nearer). TTC, RSS and
+    closest approach consider the agent's ``neighbours`` nearest objects by centre distance (an object beyond
+    them is in practice neither followed nor alongside). Computed by one compiled loop over frames and agents
+    (``kernels.py``, numba, on the CPU; inputs on another device are copied there and back).
 
     Args:
         agents: ``(B, A, T, 5)`` x, y, heading, vx, vy of the evaluated agents; agents_valid ``(B, A, T)``;
@@ -203,116 +198,19 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
     # Frames first: (F = B*T, N, ...); the agents are the first A objects.
     s = objs.permute(0, 2, 1, 3).reshape(b * t, n, 5)
     v = objs_valid.permute(0, 2, 1).reshape(b * t, n)
-    f, dev, dtype = s.shape[0], s.device, s.dtype
-    radius = 0.5 * objs_extent.norm(dim=-1)  # (N,) bounding circles
-    inf = torch.tensor(float("inf"), dtype=dtype, device=dev)
-    zeros_fa = torch.zeros((f, a), dtype=dtype, device=dev)
-    if n < 2:
-        nearest = torch.full((f, a), float("inf"), dtype=dtype, device=dev)
-        n_agents = n_context = torch.zeros((f, a), dtype=torch.long, device=dev)
-        ttc = approach = torch.full((f, a), TTC_CAP, dtype=dtype, device=dev)
-        gap = nearest.clone()
-        rss_long = rss_lat = torch.zeros((f, a), dtype=torch.bool, device=dev)
-    else:
-        # ---- broad phase: squared centre distances as |p|^2 + |q|^2 - 2 p.q (one batched matmul instead of
-        # five passes over all pairs); positions are taken relative to each frame's first object for precision,
-        # and invalid objects are parked far away so no mask pass over the pairs is needed.
-        xy = s[..., :2] - s[:, :1, :2]
-        xy = torch.where(v[..., None], xy, torch.full_like(xy, 1e6))
-        sq = xy.square().sum(-1)  # (F, N)
-        d2 = torch.baddbmm(sq[:, :a, None] + sq[:, None, :], xy[:, :a], xy.transpose(1, 2), alpha=-2.0)
-        d2.diagonal(dim1=1, dim2=2)[:] = float("inf")  # never one's own neighbour
-        kk = min(neighbours + 1, n - 1)
-        k = min(neighbours, n - 1)
-        near_d2, idx_all = d2.topk(kk, dim=-1, largest=False)  # (F, A, kk)
-        idx = idx_all[..., :k]
-        fi = torch.arange(f, device=dev)[:, None, None]
-        own = s[:, :a, None, :]  # (F, A, 1, 5)
-        oth = s[fi, idx]  # (F, A, K, 5)
-        ok = v[fi, idx] & v[:, :a, None]  # (F, A, K)
-        ext_o = objs_extent[idx]  # (F, A, K, 2)
-        ext_a = objs_extent[:a]
-
-        own_box = torch.cat([own[..., :3], ext_a[None, :, None, :].expand(f, a, 1, 2)], dim=-1)
-        oth_box = torch.cat([oth[..., :3], ext_o], dim=-1)
-        # Separating-axis gaps of all neighbours: exact for overlaps, a lower bound otherwise, so only the
-        # EXACT_CANDIDATES best need the (costlier) corner distances; rows a third one could change are redone.
-        gap_lb = torch.where(ok, separating_gap(own_box, oth_box), inf)  # (F, A, K)
-        over = gap_lb < 0
-        n_agents, n_context = (over & (idx < a)).sum(-1), (over & (idx >= a)).sum(-1)
-        m = min(EXACT_CANDIDATES, k)
-        best_lb, best = gap_lb.topk(min(m + 1, k), dim=-1, largest=False)
-        pick = best[..., :m]
-        picked = oth_box.gather(2, pick[..., None].expand(-1, -1, -1, 5))
-        exact = box_signed_distance(own_box.expand(f, a, m, 5), picked)
-        nearest = torch.where(torch.isfinite(best_lb[..., :m]), exact, inf).amin(dim=-1)
-        redo = torch.zeros_like(ok[..., 0])
-        if m < k:
-            redo = v[:, :a] & (nearest > best_lb[..., m])
-        if kk > k:
-            # Farther objects are at least (centre distance - both radii) away; redo rows they could change.
-            bound = near_d2[..., k].clamp(min=0).sqrt() - radius[:a] - radius.max()
-            redo = redo | (v[:, :a] & ((nearest > bound) | (bound < 0)))
-        if redo.any():
-            rf, ra = redo.nonzero(as_tuple=True)
-            boxes = torch.cat([s[rf, :, :3], objs_extent[None].expand(len(rf), n, 2)], dim=-1)  # (M, N, 5)
-            own_r = torch.cat([s[rf, ra, :3], objs_extent[ra]], dim=-1)[:, None].expand(-1, n, 5)
-            full = box_signed_distance(own_r, boxes)
-            full = torch.where(v[rf] & (torch.arange(n, device=dev)[None] != ra[:, None]), full, inf)
-            nearest[rf, ra] = full.amin(dim=-1)
-            n_agents[rf, ra] = (full[:, :a] < 0).sum(-1)
-            n_context[rf, ra] = (full[:, a:] < 0).sum(-1)
-
-        # ---- neighbours in each agent's frame.
-        dx, dy = oth[..., 0] - own[..., 0], oth[..., 1] - own[..., 1]
-        ca, sa = torch.cos(own[..., 2]), torch.sin(own[..., 2])  # (F, A, 1)
-        lx, ly = dx * ca + dy * sa, dy * ca - dx * sa
-        rel = wrap_angle(oth[..., 2] - own[..., 2])
-        hx, hy = projected_half_extents(rel, ext_o[..., 0], ext_o[..., 1])
-        half_l, half_w = ext_a[None, :, None, 0] / 2, ext_a[None, :, None, 1] / 2
-        ovx, ovy = oth[..., 3], oth[..., 4]
-        v_oth_long = ovx * ca + ovy * sa  # object's velocity along the agent's heading
-        v_oth_lat = ovy * ca - ovx * sa
-        v_own_long = (own[..., 3] * ca + own[..., 4] * sa)[..., 0]  # (F, A)
-        v_own_lat = (own[..., 4] * ca - own[..., 3] * sa)  # (F, A, 1)
-
-        # ---- object followed ahead: TTC and RSS longitudinal.
-        ahead = ok & (rel.abs() <= TTC_MAX_HEADING_DIFF) & (lx > 0) & (ly.abs() < half_w + hy)
-        gap, lead = torch.where(ahead, lx - half_l - hx, inf).min(dim=-1)  # (F, A)
-        followed = torch.isfinite(gap)
-        v_lead = v_oth_long.gather(-1, lead[..., None])[..., 0]
-        closing = v_own_long - v_lead
-        ttc = torch.where(followed & (closing > 0), gap.clamp(min=0) / closing.clamp(min=1e-9), inf)
-        ttc = ttc.clamp(max=TTC_CAP)
-        v_r, v_f = v_own_long.clamp(min=0), v_lead.clamp(min=0)
-        d_long = (v_r * RSS_RHO + 0.5 * RSS_ACCEL * RSS_RHO**2 + (v_r + RSS_RHO * RSS_ACCEL) ** 2 / (2 * RSS_BRAKE)
-                  - v_f**2 / (2 * RSS_BRAKE)).clamp(min=0)
-        rss_long = followed & (gap < d_long)
-
-        # ---- RSS lateral, objects alongside (longitudinal box overlap); positive = from the agent towards them.
-        side = torch.where(ly >= 0, 1.0, -1.0)
-        v1, v2 = side * v_own_lat, side * v_oth_lat
-        rho, acc, brk = RSS_RHO, RSS_LAT_ACCEL, RSS_LAT_BRAKE
-        reach1 = (2 * v1 + rho * acc) / 2 * rho + (v1 + rho * acc) ** 2 / (2 * brk)
-        reach2 = (2 * v2 - rho * acc) / 2 * rho - (v2 - rho * acc) ** 2 / (2 * brk)
-        d_lat = RSS_MU + (reach1 - reach2).clamp(min=0)
-        rss_lat = (ok & (lx.abs() < half_l + hx) & (ly.abs() - half_w - hy < d_lat)).any(dim=-1)
-
-        # ---- closest approach at constant velocities (BLM minimum TTC), world frame.
-        rvx, rvy = ovx - own[..., 3], ovy - own[..., 4]
-        dot = dx * rvx + dy * rvy
-        t_star = (-dot / (rvx * rvx + rvy * rvy).clamp(min=1e-9)).clamp(min=0)
-        mx, my = dx + t_star * rvx, dy + t_star * rvy
-        reach = radius[:a, None] + radius[idx]
-        hit = ok & (dot < 0) & (mx * mx + my * my < reach * reach)
-        approach = torch.where(hit, t_star, inf).amin(dim=-1).clamp(max=TTC_CAP)
+    dev, dtype = s.device, s.dtype
+    params = (TTC_CAP, TTC_MAX_HEADING_DIFF, RSS_RHO, RSS_ACCEL, RSS_BRAKE, RSS_LAT_ACCEL, RSS_LAT_BRAKE, RSS_MU)
+    out = interaction_pairs(np.ascontiguousarray(s.detach().cpu().numpy()), np.ascontiguousarray(v.cpu().numpy()),
+                            np.ascontiguousarray(objs_extent.detach().cpu().numpy()), a, neighbours, params)
+    nearest, n_agents, n_context, ttc, gap, rss_long, rss_lat, approach = (
+        torch.from_numpy(x).to(dev, dtype if x.dtype == np.float64 else None) for x in out)
 
     def back(x: torch.Tensor) -> torch.Tensor:  # (F, A) -> (B, A, T)
         return x.reshape(b, t, a).permute(0, 2, 1)
 
     own_valid = agents_valid
     has_other = back(torch.isfinite(nearest)) & own_valid
-    nearest_value = back(torch.where(torch.isfinite(nearest), nearest, zeros_fa))
+    nearest_value = back(torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest)))
     zero = torch.zeros_like(nearest_value)
     return {
         "distance_to_nearest_object": Feature(torch.where(has_other, nearest_value, zero), has_other),
@@ -320,7 +218,7 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         "overlaps_agents": Feature(back(n_agents) * own_valid, own_valid),
         "overlaps_context": Feature(back(n_context) * own_valid, own_valid),
         "time_to_collision": Feature(torch.where(own_valid, back(ttc), zero), own_valid),
-        "follow_gap": Feature(back(torch.where(torch.isfinite(gap), gap, inf)), own_valid),
+        "follow_gap": Feature(back(gap), own_valid),
         "rss_longitudinal": Feature(back(rss_long) & own_valid, own_valid),
         "rss_lateral": Feature(back(rss_lat) & own_valid, own_valid),
         "closest_approach_ttc": Feature(torch.where(own_valid, back(approach), zero), own_valid),
@@ -330,17 +228,6 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
 # ------------------------------------------------------------------------------------------------------------
 # Map features
 # ------------------------------------------------------------------------------------------------------------
-
-_SDF_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _sdf_tensors(map_index) -> tuple[torch.Tensor, torch.Tensor]:
-    """The map's SDF as ``(1, H, W)`` and its origin ``(1, 2)`` tensors (no copy of the grid, cached)."""
-    if map_index not in _SDF_TENSORS:
-        _SDF_TENSORS[map_index] = (torch.as_tensor(map_index.sdf)[None],
-                                   torch.as_tensor(map_index.origin, dtype=torch.float32)[None])
-    return _SDF_TENSORS[map_index]
-
 
 def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Tensor, agent_type: torch.Tensor,
                        map_index) -> dict[str, Feature]:
@@ -358,11 +245,10 @@ def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Te
         none = torch.zeros_like(valid)
         return {"distance_to_road_edge": Feature(torch.zeros_like(traj[..., 0]), none),
                 "offroad": Feature(none.clone(), none)}
-    sdf, origin = _sdf_tensors(map_index)
-    b, a, t, _ = traj.shape
-    corners = box_corners(traj[..., 0], traj[..., 1], traj[..., 2], extent[:, None, 0], extent[:, None, 1])
-    d = sample_sdf(sdf, origin.to(traj.dtype), map_index.resolution, torch.zeros(1, dtype=torch.long),
-                   corners.reshape(1, -1, 2).float()).reshape(b, a, t, 4).amax(dim=-1)
+    d = torch.from_numpy(road_edge_distance(
+        np.ascontiguousarray(traj.detach().cpu().numpy()), np.ascontiguousarray(valid.cpu().numpy()),
+        np.ascontiguousarray(extent.detach().cpu().float().numpy()), map_index.sdf, float(map_index.origin[0]),
+        float(map_index.origin[1]), float(map_index.resolution))).to(traj.device, traj.dtype)
     d = torch.where(valid & (d > NO_ROAD_EDGE / 2), d, torch.zeros_like(d))
     vehicle = (agent_type == AgentType.VEHICLE)[None, :, None]
     return {"distance_to_road_edge": Feature(d, valid), "offroad": Feature((d > OFFROAD_THRESHOLD) & vehicle & valid,
