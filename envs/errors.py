@@ -73,6 +73,10 @@ class CheckpointError(TrafficGymError, ValueError):
     """A checkpoint that is missing, not a trafficgym checkpoint, or made for another model or configuration."""
 
 
+class VocabularyError(TrafficGymError, ValueError):
+    """A motion vocabulary that cannot serve the request: missing agent type, malformed tensors, no data."""
+
+
 class RenderError(TrafficGymError, ValueError):
     """Bad renderer input: a render config out of range, a map that is not the scene's, a batch index outside
     the state, per-agent arrays of the wrong shape."""

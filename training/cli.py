@@ -146,6 +146,20 @@ def _data_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_vocab(args: argparse.Namespace) -> int:
+    from training.vocab import build_motion_vocabulary, save_vocabulary
+
+    start = time.perf_counter()
+    vocab = build_motion_vocabulary(_open(args, args.split), size=args.size, tol=args.tol,
+                                    max_segments=args.max_segments, seed=args.seed)
+    config = {"dataset": args.dataset, "split": args.split, "size": args.size, "max_segments": args.max_segments,
+              "seed": args.seed}
+    path = save_vocabulary(vocab, args.out, config)
+    print(json.dumps({"out": str(path), "seconds": round(time.perf_counter() - start, 1), "tol_m": args.tol,
+                      "per_type": vocab.stats}, indent=1))
+    return 0
+
+
 def _add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None, split_help: str) -> None:
     """The options every dataset-reading subcommand shares (they map 1:1 onto ``open_dataset``)."""
     parser.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
@@ -206,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--fps", type=float, default=None, help="default: real time")
     ren.add_argument("--seed", type=int, default=0)
     ren.set_defaults(func=_render)
+
+    train = sub.add_parser("train", help="training: the motion vocabulary of the tokenized policies (more to come)")
+    train_sub = train.add_subparsers(dest="train_command", required=True)
+    voc = train_sub.add_parser("vocab", help="k-disk motion vocabulary per agent type from the training scenes")
+    _add_dataset_args(voc, split_default="train", split_help="split to cluster")
+    voc.add_argument("--size", type=int, default=2048, help="tokens per agent type (CAT-K: 2048)")
+    voc.add_argument("--tol", type=float, default=0.05, help="k-disk radius: mean corner distance (m)")
+    voc.add_argument("--max-segments", type=int, default=200_000, help="0.5 s segments sampled per agent type")
+    voc.add_argument("--seed", type=int, default=0)
+    voc.add_argument("--out", default="runs/vocab.safetensors", help="output file (safetensors)")
+    voc.set_defaults(func=_train_vocab)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
