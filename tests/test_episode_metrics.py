@@ -175,6 +175,28 @@ def test_road_edge_distance_matches_the_simulator_sdf_lookup(poses):
                                rtol=0)
 
 
+def test_interaction_loop_results_do_not_depend_on_chunking():
+    # Frames are processed in chunks, each seeding its neighbour search from the previous frame: any chunking
+    # (hence any thread count) must give identical features on a moving multi-step scene.
+    from envs.metrics.kernels import interaction_pairs
+
+    rng = np.random.default_rng(0)
+    n, steps = 30, 40
+    start = rng.uniform(-60, 60, (n, 2))
+    vel = rng.normal(0, 6, (n, 2))
+    t = np.arange(steps)[:, None, None] * DT
+    xy = start[None] + vel[None] * t
+    s = np.concatenate([xy, np.arctan2(vel[..., 1], vel[..., 0])[None, :, None].repeat(steps, 0),
+                        vel[None].repeat(steps, 0)], axis=-1).astype(np.float32)
+    v = rng.random((steps, n)) > 0.1
+    ext = np.stack([rng.uniform(3, 12, n), rng.uniform(1.5, 2.6, n)], -1).astype(np.float32)
+    params = (TTC_CAP, 1.309, 0.5, 2.0, 4.0, 1.5, 2.5, 0.2)
+    one = interaction_pairs(s, v, ext, 20, 8, params, 1)
+    many = interaction_pairs(s, v, ext, 20, 8, params, 7)
+    for x, y in zip(one, many):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_time_to_collision_follower_closing():
     # Follower (4.5 m) at 10 m/s, leader 10 m ahead (bumper to bumper) at 5 m/s: TTC = 10 / 5 = 2 s.
     s, v, ext = frame([(0, 0, 0, 10, 0), (14.5, 0, 0, 5, 0)], [(4.5, 2), (4.5, 2)])

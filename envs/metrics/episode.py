@@ -11,6 +11,7 @@ history shared by every rollout; metrics are computed on the future steps unless
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ HISTORY_TOLERANCE = 0.01  # m: sim and log must agree at the last history step (
 
 class RolloutError(TrafficGymError, ValueError):
     """Rollouts with wrong shapes, NaNs, mismatched agent ids, or too few samples for a metric."""
+
+
+_VALIDATED: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +78,14 @@ class Rollouts:
         return int(self.sim.shape[2])
 
     def validate(self) -> None:
-        """Raise ``RolloutError`` naming the first inconsistency."""
+        """Raise ``RolloutError`` naming the first inconsistency (checked once per object: like the features
+        memoised on it, a ``Rollouts`` is treated as immutable)."""
+        if self in _VALIDATED:
+            return
+        self._check()
+        _VALIDATED.add(self)
+
+    def _check(self) -> None:
         r, a, t, f = self.sim.shape if self.sim.dim() == 4 else (None,) * 4
         if self.sim.dim() != 4 or f != 5:
             raise RolloutError(f"Rollouts {self.scene_id}: sim must be (R, A, T, 5), got {tuple(self.sim.shape)}.")

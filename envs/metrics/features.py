@@ -209,8 +209,9 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         return x.reshape(b, t, a).permute(0, 2, 1)
 
     own_valid = agents_valid
-    has_other = back(torch.isfinite(nearest)) & own_valid
-    nearest_value = back(torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest)))
+    found = torch.isfinite(nearest)
+    has_other = back(found) & own_valid
+    nearest_value = back(torch.where(found, nearest, torch.zeros_like(nearest)))
     zero = torch.zeros_like(nearest_value)
     return {
         "distance_to_nearest_object": Feature(torch.where(has_other, nearest_value, zero), has_other),

@@ -25,7 +25,6 @@ _FASTMATH = True
 _NONE = 1e30
 _FAR = 1e9  # m: where invalid objects are parked
 _FAR_D2 = 1e16  # m^2: squared distances beyond this involve a parked object
-_CLOSE = 30.0  # m: centre distance of the short list of objects searched first
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -61,6 +60,19 @@ def _box_distance(xa, ya, ca, sa, la, wa, xb, yb, cb, sb, lb, wb, want_exact):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _insert(nb_d2, nb_idx, k, k_max, dj, j):
+    """Insert object j at squared distance dj into the sorted k-nearest list (length k <= k_max); new k."""
+    if k == k_max and dj >= nb_d2[k - 1]:
+        return k
+    p = k if k < k_max else k_max - 1
+    while p > 0 and nb_d2[p - 1] > dj:
+        nb_d2[p], nb_idx[p] = nb_d2[p - 1], nb_idx[p - 1]
+        p -= 1
+    nb_d2[p], nb_idx[p] = dj, j
+    return min(k + 1, k_max)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _exact(s, f, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, overlaps_c):
     """Fold object j into agent i's nearest box distance and overlap counts, unless the bounding circles prove it
     can neither overlap nor be nearer than ``best``."""
@@ -79,75 +91,58 @@ def _exact(s, f, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, 
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _frame(s, v, ext, radius, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc, follow_gap,
-           rss_long, rss_lat, approach):
+def _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc, follow_gap,
+           rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb, prev_k):
     ttc_cap, max_heading_diff, rho, acc, brk, lat_acc, lat_brk, mu = params
     n = s.shape[1]
-    cos_h = np.empty(n)
-    sin_h = np.empty(n)
-    xs = np.empty(n)  # positions, invalid objects parked far away (no branch in the distance loop)
-    ys = np.empty(n)
     for j in range(n):
         cos_h[j], sin_h[j] = math.cos(s[f, j, 2]), math.sin(s[f, j, 2])
         xs[j], ys[j] = (s[f, j, 0], s[f, j, 1]) if v[f, j] else (_FAR, _FAR)
-    n_valid = 0
-    for j in range(n):
-        n_valid += v[f, j]
-    radius_max = 0.0
-    for j in range(n):
-        radius_max = max(radius_max, radius[j])
-    d2 = np.empty(n)
-    close = np.empty(n, np.int64)
-    nb_idx = np.empty(k_max, np.int64)
-    nb_d2 = np.empty(k_max)
-    is_nb = np.full(n, -1, np.int64)  # is_nb[j] == i: j is one of agent i's neighbours
+        is_nb[j] = -1
     cos_max = math.cos(max_heading_diff)
     for i in range(n_eval):
         nearest[f, i], n_agents[f, i], n_context[f, i] = _NONE, 0, 0
         ttc[f, i], follow_gap[f, i], rss_long[f, i], rss_lat[f, i], approach[f, i] = ttc_cap, _NONE, False, \
             False, ttc_cap
         if not v[f, i]:
+            prev_k[i] = 0
             continue
         xi, yi, vxi, vyi = s[f, i, 0], s[f, i, 1], s[f, i, 3], s[f, i, 4]
         ca, sa = cos_h[i], sin_h[i]
         hl, hw = 0.5 * ext[i, 0], 0.5 * ext[i, 1]
-        # centre distances; the objects within _CLOSE m are listed (in dense scenes they hold the k nearest and
-        # every object that can matter for the exact distance, so the loops below run over them only)
+        # centre distances, and the k nearest: seeded with the previous frame's neighbours (usually the same
+        # objects one step later, so their current distances bound the k-th nearest and the scan below rarely
+        # inserts), then every other object
         for j in range(n):
             dx, dy = xs[j] - xi, ys[j] - yi
             d2[j] = dx * dx + dy * dy
-        d2[i] = _NONE
-        m = 0
-        for j in range(n):
-            if d2[j] < _CLOSE * _CLOSE:
-                close[m] = j
-                m += 1
-        few = m < k_max and m < n_valid - 1  # the k nearest may lie beyond _CLOSE: consider everyone
-        count = n if few else m
-        # the k nearest (sorted insertion)
+        d2[i] = _FAR_D2 * 10
         k = 0
-        for q in range(count):
-            j = q if few else close[q]
-            dj = d2[j]
-            if dj < _FAR_D2 and (k < k_max or dj < nb_d2[k - 1]):
-                p = k if k < k_max else k_max - 1
-                while p > 0 and nb_d2[p - 1] > dj:
-                    nb_d2[p], nb_idx[p] = nb_d2[p - 1], nb_idx[p - 1]
-                    p -= 1
-                nb_d2[p], nb_idx[p] = dj, j
-                k = min(k + 1, k_max)
+        for q in range(prev_k[i]):
+            j = prev_nb[i, q]
+            is_nb[j] = 2 * i  # considered
+            if d2[j] < _FAR_D2:
+                k = _insert(nb_d2, nb_idx, k, k_max, d2[j], j)
+        thr = nb_d2[k - 1] if k == k_max else _FAR_D2  # only nearer objects can enter the list
+        for j in range(n):
+            if d2[j] < thr and is_nb[j] != 2 * i:
+                k = _insert(nb_d2, nb_idx, k, k_max, d2[j], j)
+                thr = nb_d2[k - 1] if k == k_max else _FAR_D2
+        prev_k[i] = k
+        for q in range(k):
+            prev_nb[i, q] = nb_idx[q]
+            is_nb[nb_idx[q]] = 2 * i + 1  # a neighbour
         # exact nearest box distance and overlap counts over all objects, neighbours first (tight bound early)
         best, overlaps_a, overlaps_c = _NONE, 0, 0
         for q in range(k):
-            is_nb[nb_idx[q]] = i
-        for q in range(k):
             best, overlaps_a, overlaps_c = _exact(s, f, i, nb_idx[q], d2, radius, cos_h, sin_h, ext, n_eval, best,
                                                   overlaps_a, overlaps_c)
-        # the rest: only objects within _CLOSE can matter if the bound says so, else everyone
-        everyone = radius[i] + radius_max + max(best, 0.0) >= _CLOSE
-        for q in range(n if everyone else m):
-            j = q if everyone else close[q]
-            if is_nb[j] != i and d2[j] < _FAR_D2:
+        # then every other object, unless the k-th neighbour's distance proves none can overlap or be nearer
+        # (all others are at least that far; fewer than k neighbours means there are no others)
+        reach_any = radius[i] + radius_max + max(best, 0.0)
+        others = k == k_max and nb_d2[k - 1] < reach_any * reach_any
+        for j in range(n if others else 0):
+            if is_nb[j] != 2 * i + 1 and d2[j] < _FAR_D2:
                 best, overlaps_a, overlaps_c = _exact(s, f, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best,
                                                       overlaps_a, overlaps_c)
         nearest[f, i], n_agents[f, i], n_context[f, i] = best, overlaps_a, overlaps_c
@@ -158,25 +153,31 @@ def _frame(s, v, ext, radius, n_eval, k_max, params, f, nearest, n_agents, n_con
             j = nb_idx[q]
             dx, dy = s[f, j, 0] - xi, s[f, j, 1] - yi
             lx, ly = dx * ca + dy * sa, dy * ca - dx * sa
-            c_rel, s_rel = cos_h[j] * ca + sin_h[j] * sa, sin_h[j] * ca - cos_h[j] * sa
-            hx = abs(c_rel) * 0.5 * ext[j, 0] + abs(s_rel) * 0.5 * ext[j, 1]
-            hy = abs(s_rel) * 0.5 * ext[j, 0] + abs(c_rel) * 0.5 * ext[j, 1]
             vxj, vyj = s[f, j, 3], s[f, j, 4]
-            v_oth_long, v_oth_lat = vxj * ca + vyj * sa, vyj * ca - vxj * sa
-            if c_rel >= cos_max and lx > 0 and abs(ly) < hw + hy:  # |heading difference| <= max_heading_diff
-                g = lx - hl - hx
-                if g < gap:
-                    gap, v_lead = g, v_oth_long
-            if not lateral and abs(lx) < hl + hx:
-                side = 1.0 if ly >= 0 else -1.0
-                v1, v2 = side * v_own_lat, side * v_oth_lat
-                reach1 = (2 * v1 + rho * lat_acc) / 2 * rho + (v1 + rho * lat_acc) ** 2 / (2 * lat_brk)
-                reach2 = (2 * v2 - rho * lat_acc) / 2 * rho - (v2 - rho * lat_acc) ** 2 / (2 * lat_brk)
-                lateral = abs(ly) - hw - hy < mu + max(reach1 - reach2, 0.0)
+            # cheap bounds first (j's projected half-extents are at most its circle radius): most neighbours are
+            # neither ahead in the lane nor alongside
+            ahead = lx > 0 and abs(ly) < hw + radius[j]
+            beside = not lateral and abs(lx) < hl + radius[j]
+            if ahead or beside:
+                c_rel, s_rel = cos_h[j] * ca + sin_h[j] * sa, sin_h[j] * ca - cos_h[j] * sa
+                hx = abs(c_rel) * 0.5 * ext[j, 0] + abs(s_rel) * 0.5 * ext[j, 1]
+                hy = abs(s_rel) * 0.5 * ext[j, 0] + abs(c_rel) * 0.5 * ext[j, 1]
+                if ahead and c_rel >= cos_max and abs(ly) < hw + hy:  # |heading difference| <= max_heading_diff
+                    g = lx - hl - hx
+                    if g < gap:
+                        gap, v_lead = g, vxj * ca + vyj * sa
+                if beside and abs(lx) < hl + hx:
+                    side = 1.0 if ly >= 0 else -1.0
+                    v1, v2 = side * v_own_lat, side * (vyj * ca - vxj * sa)
+                    reach1 = (2 * v1 + rho * lat_acc) / 2 * rho + (v1 + rho * lat_acc) ** 2 / (2 * lat_brk)
+                    reach2 = (2 * v2 - rho * lat_acc) / 2 * rho - (v2 - rho * lat_acc) ** 2 / (2 * lat_brk)
+                    lateral = abs(ly) - hw - hy < mu + max(reach1 - reach2, 0.0)
+            # closest approach at constant velocities, if it comes before the cap (later ones read as the cap)
             rvx, rvy = vxj - vxi, vyj - vyi
             dot = dx * rvx + dy * rvy
-            if dot < 0:
-                t_star = -dot / max(rvx * rvx + rvy * rvy, 1e-9)
+            rv2 = rvx * rvx + rvy * rvy
+            if dot < 0 and -dot < ttc_cap * rv2:
+                t_star = -dot / rv2
                 mx, my = dx + t_star * rvx, dy + t_star * rvy
                 reach = radius[i] + radius[j]
                 if mx * mx + my * my < reach * reach:
@@ -194,14 +195,16 @@ def _frame(s, v, ext, radius, n_eval, k_max, params, f, nearest, n_agents, n_con
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def interaction_pairs(s, v, ext, n_eval, k_max, params):
+def interaction_pairs(s, v, ext, n_eval, k_max, params, n_chunks=16):
     """Features of the first ``n_eval`` objects of every frame against all objects of that frame.
 
     s ``(F, N, 5)`` x, y, heading, vx, vy; v ``(F, N)`` bool; ext ``(N, 2)`` length, width; k_max: neighbours
     for TTC / RSS / closest approach; params: TTC cap, max heading difference of a followed object, RSS rho,
     longitudinal accel and brake, lateral accel and brake, lateral margin. Returns ``(F, n_eval)`` arrays:
     nearest (signed box distance, inf if alone), overlaps with evaluated / other objects, TTC, follow gap,
-    RSS longitudinal / lateral violations, closest-approach time.
+    RSS longitudinal / lateral violations, closest-approach time. Frames run in ``n_chunks`` parallel chunks (a
+    fixed number, not the thread count: each chunk seeds its neighbour search from its previous frame, so
+    results never depend on the number of threads).
     """
     n_f, n = s.shape[0], s.shape[1]
     radius = np.empty(n)
@@ -216,9 +219,17 @@ def interaction_pairs(s, v, ext, n_eval, k_max, params):
     rss_lat = np.empty((n_f, n_eval), np.bool_)
     approach = np.empty((n_f, n_eval))
     k_max = max(min(k_max, n - 1), 1)
-    for f in numba.prange(n_f):
-        _frame(s, v, ext, radius, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc, follow_gap,
-               rss_long, rss_lat, approach)
+    n_chunks = max(min(n_f, n_chunks), 1)
+    radius_max = radius.max() if n else 0.0
+    for c in numba.prange(n_chunks):
+        # scratch buffers once per chunk of frames, not per frame
+        cos_h, sin_h, xs, ys, d2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+        nb_idx, nb_d2, is_nb = np.empty(k_max, np.int64), np.empty(k_max), np.empty(n, np.int64)
+        prev_nb, prev_k = np.empty((n_eval, k_max), np.int64), np.zeros(n_eval, np.int64)
+        for f in range(c * n_f // n_chunks, (c + 1) * n_f // n_chunks):
+            _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc,
+                   follow_gap, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb,
+                   prev_k)
     for f in range(n_f):
         for i in range(n_eval):
             if nearest[f, i] >= _NONE:

@@ -82,9 +82,8 @@ def histogram_log_likelihood(sim: torch.Tensor, sim_valid: torch.Tensor, log: to
         return scaled.floor().clamp(0, nb - 1).long()  # out-of-range values land in the end bins
 
     agent = torch.arange(a, device=sim.device)
-    counts = torch.zeros(a * nb, dtype=torch.float32, device=sim.device)
-    flat = (agent[None, :, None] * nb + bin_of(sim)).reshape(-1)
-    counts.index_add_(0, flat, sim_valid.reshape(-1).float())
+    flat = torch.where(sim_valid, agent[None, :, None] * nb + bin_of(sim), a * nb)  # invalid: an extra bin
+    counts = torch.bincount(flat.reshape(-1), minlength=a * nb + 1)[:a * nb].float()
     counts = counts.reshape(a, nb) + PSEUDOCOUNT
     log_prob = (counts / counts.sum(dim=-1, keepdim=True)).log()  # (A, nb)
     scores = log_prob.gather(1, bin_of(log))  # (A, T)
