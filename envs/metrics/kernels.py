@@ -41,10 +41,10 @@ def _corners_to_box(cx, cy, c, s, hl_b, hw_b, hl_a, hw_a):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _box_distance(xa, ya, ca, sa, la, wa, xb, yb, cb, sb, lb, wb, want_exact):
+def _box_distance(xa, ya, ca, sa, la, wa, xb, yb, cb, sb, lb, wb, above):
     """Signed distance between two oriented boxes (cos/sin of their headings, half sizes): minus the
-    penetration depth when they overlap; when separated, the exact distance if ``want_exact`` else the
-    separating-axis gap (a lower bound). Returns (value, overlap)."""
+    penetration depth when they overlap; when separated, the exact distance — unless the separating-axis gap (a
+    lower bound) already reaches ``above``, in which case that gap is returned. Returns (value, overlap)."""
     dx, dy = xb - xa, yb - ya
     abx, aby = dx * ca + dy * sa, -dx * sa + dy * ca  # b's centre in a's frame
     bax, bay = -(dx * cb + dy * sb), dx * sb - dy * cb  # a's centre in b's frame
@@ -52,7 +52,7 @@ def _box_distance(xa, ya, ca, sa, la, wa, xb, yb, cb, sb, lb, wb, want_exact):
     cr, sr = abs(c_rel), abs(s_rel)
     depth = max(max(abs(abx) - la - (cr * lb + sr * wb), abs(aby) - wa - (sr * lb + cr * wb)),
                 max(abs(bax) - lb - (cr * la + sr * wa), abs(bay) - wb - (sr * la + cr * wa)))
-    if depth < 0 or not want_exact:
+    if depth < 0 or depth >= above:
         return depth, depth < 0
     sep = min(_corners_to_box(abx, aby, c_rel, s_rel, lb, wb, la, wa),
               _corners_to_box(bax, bay, c_rel, -s_rel, la, wa, lb, wb))
@@ -81,7 +81,7 @@ def _exact(s, f, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, 
         return best, overlaps_a, overlaps_c
     value, overlap = _box_distance(s[f, i, 0], s[f, i, 1], cos_h[i], sin_h[i], 0.5 * ext[i, 0], 0.5 * ext[i, 1],
                                    s[f, j, 0], s[f, j, 1], cos_h[j], sin_h[j], 0.5 * ext[j, 0], 0.5 * ext[j, 1],
-                                   True)
+                                   best)
     if overlap:
         if j < n_eval:
             overlaps_a += 1

@@ -177,6 +177,10 @@ def min_ade(rollouts: Rollouts) -> float:
     """Official minADE (m): min over rollouts of the mean over objects of their ADE (objects with no valid
     future step in a rollout are left out of that rollout's mean; NaN if no rollout has any)."""
     ade, _, ok = displacement_errors(rollouts)
+    return _min_ade(ade, ok)
+
+
+def _min_ade(ade: torch.Tensor, ok: torch.Tensor) -> float:
     per_rollout = (ade * ok).sum(dim=-1) / ok.sum(dim=-1).clamp(min=1)
     per_rollout = torch.where(ok.any(dim=-1), per_rollout, torch.full_like(per_rollout, float("inf")))
     best = float(per_rollout.min())
@@ -192,4 +196,4 @@ def min_ade_metric(rollouts: Rollouts) -> dict[str, float]:
     ade, fde, ok = displacement_errors(rollouts)
     n = ok.sum().clamp(min=1)
     mean = (lambda x: float((x * ok).sum() / n) if ok.any() else float("nan"))
-    return {"min_ade": min_ade(rollouts), "ade": mean(ade), "fde": mean(fde)}
+    return {"min_ade": _min_ade(ade, ok), "ade": mean(ade), "fde": mean(fde)}
