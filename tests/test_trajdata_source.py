@@ -71,6 +71,26 @@ def test_map_lane_graph_boundaries_and_road_edge(tiny_val):
     assert 0.5 * np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) > 0
 
 
+def test_trajdata_map_cache_round_trips_under_the_installed_protobuf(tmp_path):
+    # The Makefile installs protobuf >= 6 for TensorBoard over trajdata's protobuf==3.19.4 pin (README,
+    # "Installation"): trajdata's generated map proto must still write and read its map cache.
+    import google.protobuf
+    from trajdata.proto import vectorized_map_pb2
+
+    src = TrajdataSource("interaction_multi", fixture.write_dataset(tmp_path / "data", cases=1, case_length=91),
+                         tmp_path / "work", case_length=91)
+    src.load_split("val")
+    files = sorted((tmp_path / "work").rglob("*.pb"))
+    assert files, f"no map cache written by trajdata (protobuf {google.protobuf.__version__})"
+    for path in files:
+        m = vectorized_map_pb2.VectorizedMap()
+        m.ParseFromString(path.read_bytes())
+        assert len(m.elements) > 0
+        again = vectorized_map_pb2.VectorizedMap()
+        again.ParseFromString(m.SerializeToString())
+        assert again == m
+
+
 def test_choose_ego_prefers_named_ego_then_longest_always_valid_vehicle():
     traj = np.zeros((3, 4, 5), np.float32)
     traj[1, :, 0] = [0, 1, 2, 3]
