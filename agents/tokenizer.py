@@ -27,7 +27,7 @@ import torch
 
 from envs.errors import VocabularyError
 from envs.geometry import box_corners, wrap_angle
-from envs.types import AgentType
+from envs.types import AgentType, PolylineType
 
 TOKEN_STEPS = 5  # steps per token (0.5 s at 10 Hz)
 TOKEN_BOX = {AgentType.VEHICLE: (4.8, 2.0), AgentType.CYCLIST: (2.0, 1.0), AgentType.PEDESTRIAN: (1.0, 1.0)}
@@ -201,3 +201,58 @@ def token_poses(vocab_poses: torch.Tensor, tokens: torch.Tensor, origin: torch.T
     """The 10 Hz poses 1..TOKEN_STEPS of ``tokens`` ``(...)`` placed at world poses ``origin`` ``(..., 3)``:
     ``(..., TOKEN_STEPS, 3)``."""
     return place(vocab_poses[tokens][..., 1:, :].to(origin.dtype), origin)
+
+
+# ---- map tokens ------------------------------------------------------------------------------------------------
+# Direct polyline encoding, not a learned map vocabulary: every 5 m piece keeps its exact geometry (a vocabulary
+# would snap it to the nearest of ~1k shapes), there is no second vocabulary to build and ship, and encoding a
+# piece is one small MLP either way.
+
+PIECE_SPACING = 0.5  # m between the points of a map piece
+PIECE_POINTS = 11  # points per piece: 5 m
+PIECE_GAP = 3.0  # m: polylines are split where consecutive points are farther apart
+# Lane boundaries (markings) are left out: lane centres and road edges carry the same geometry for driving, and
+# the boundaries would more than double the pieces the map encoder attends over (measured on the towns maps).
+MAP_PIECE_TYPES = (PolylineType.LANE_CENTER, PolylineType.ROAD_EDGE, PolylineType.CROSSWALK, PolylineType.WALKWAY)
+
+
+def map_pieces(m, types=MAP_PIECE_TYPES) -> dict[str, np.ndarray]:
+    """A ``MapData`` cut into 5 m pieces: ``pose`` ``(M, 3)`` (first point, direction first -> last point),
+    ``points`` ``(M, PIECE_POINTS, 2)`` in the piece's frame, ``type`` ``(M,)`` ``PolylineType``. Polylines are
+    resampled every 0.5 m and split at gaps > 3 m; a last piece shorter than 5 m keeps repeating its end point.
+    """
+    poses, points, kinds = [], [], []
+    keep = {int(t) for t in types}
+    for p in range(m.num_polylines):
+        if int(m.polyline_type[p]) not in keep:
+            continue
+        line = m.polyline(p).astype(np.float64)
+        if len(line) < 2:
+            continue
+        gaps = np.flatnonzero(np.linalg.norm(np.diff(line, axis=0), axis=1) > PIECE_GAP) + 1
+        for part in np.split(line, gaps):
+            if len(part) < 2:
+                continue
+            arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(part, axis=0), axis=1))])
+            if arc[-1] < 1e-6:
+                continue
+            s = np.arange(0.0, arc[-1] + 1e-9, PIECE_SPACING)
+            pts = np.stack([np.interp(s, arc, part[:, 0]), np.interp(s, arc, part[:, 1])], -1)
+            step = PIECE_POINTS - 1
+            for start in range(0, max(len(pts) - 1, 1), step):
+                piece = pts[start:start + PIECE_POINTS]
+                if len(piece) < 2:
+                    continue
+                piece = np.concatenate([piece, np.repeat(piece[-1:], PIECE_POINTS - len(piece), axis=0)])
+                d = piece[-1] - piece[0]
+                heading = float(np.arctan2(d[1], d[0]))
+                c, sn = np.cos(heading), np.sin(heading)
+                rel = piece - piece[0]
+                points.append(np.stack([rel[:, 0] * c + rel[:, 1] * sn, -rel[:, 0] * sn + rel[:, 1] * c], -1))
+                poses.append((piece[0, 0], piece[0, 1], heading))
+                kinds.append(int(m.polyline_type[p]))
+    if not poses:
+        return {"pose": np.zeros((0, 3), np.float32), "points": np.zeros((0, PIECE_POINTS, 2), np.float32),
+                "type": np.zeros(0, np.int64)}
+    return {"pose": np.asarray(poses, np.float32), "points": np.asarray(points, np.float32),
+            "type": np.asarray(kinds, np.int64)}

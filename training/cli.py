@@ -160,6 +160,41 @@ def _train_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_bc(args: argparse.Namespace) -> int:
+    from training.bc import train_bc
+    from training.distributed import init_from_env
+    from training.vocab import build_motion_vocabulary, load_vocabulary, save_vocabulary
+
+    if args.agent != "smart":
+        from envs.errors import UnknownNameError
+
+        raise UnknownNameError("agent trainable by behaviour cloning", args.agent, ["smart"])
+    rank, world = init_from_env()
+    out = Path(args.out)
+    ds = _open(args, args.split)
+    vocab_path = Path(args.vocab) if args.vocab else out / "vocab.safetensors"
+    if vocab_path.exists():
+        vocab = load_vocabulary(vocab_path)
+    else:
+        if world > 1:
+            from envs.errors import TrafficGymError
+
+            raise TrafficGymError(f"Under torchrun, build the vocabulary first (no {vocab_path}): "
+                                  f"trafficgym train vocab --out {vocab_path}")
+        vocab = build_motion_vocabulary(ds, seed=args.seed)
+        save_vocabulary(vocab, vocab_path, {"dataset": args.dataset, "split": args.split})
+    model, history = train_bc(ds, vocab, args.size, out, args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                              resume=args.resume, seed=args.seed, scenes=args.scenes, progress=rank == 0,
+                              ckpt_every=args.ckpt_every)
+    if rank == 0:
+        last = [h for h in history if "loss" in h][-1]
+        print(json.dumps({"checkpoint": str(out / "last.safetensors"), "steps": last["step"],
+                          "loss": round(last["loss"], 4), "accuracy": round(last.get("accuracy", 0.0), 4),
+                          "tokens_per_s": round(last["tokens_per_s"]), "processes": world,
+                          "wall_s": round(history[-1].get("wall_s", 0.0), 1)}, indent=1))
+    return 0
+
+
 def _add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None, split_help: str) -> None:
     """The options every dataset-reading subcommand shares (they map 1:1 onto ``open_dataset``)."""
     parser.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
@@ -231,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--seed", type=int, default=0)
     voc.add_argument("--out", default="runs/vocab.safetensors", help="output file (safetensors)")
     voc.set_defaults(func=_train_vocab)
+    bc = train_sub.add_parser("bc", help="behaviour cloning of the tokenized policy (also under torchrun)")
+    bc.add_argument("--agent", default="smart", help="the model to train (smart)")
+    bc.add_argument("--size", default="nano", help="nano (~1 M params), mini (~3 M) or tiny (~7 M)")
+    _add_dataset_args(bc, split_default="train", split_help="split to train on")
+    bc.add_argument("--out", required=True, help="run folder: checkpoint, TensorBoard logs, vocabulary")
+    bc.add_argument("--vocab", default=None, help="motion vocabulary file (default: OUT/vocab.safetensors, "
+                                                  "built from the split if missing)")
+    bc.add_argument("--max-steps", type=int, default=2000)
+    bc.add_argument("--batch-size", type=int, default=4, help="scenes per global batch")
+    bc.add_argument("--lr", type=float, default=5e-4)
+    bc.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
+    bc.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
+    bc.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.set_defaults(func=_train_bc)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,102 @@
+"""Building blocks of the learned agents: relative-pose attention over gathered neighbours.
+
+Every attention in the tokenized policy (map↔map, map→agent, agent↔agent, temporal) has the same form: each
+query attends to ``K`` gathered keys (its neighbours: nearest within a radius, or its previous steps), and the
+keys and values carry an encoding of the key's pose *relative to the query's* (distance, bearing, relative
+heading, time offset). Relative encodings make the model invariant to where a scene lies in the world.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def fourier(x: torch.Tensor, freqs: int, scale: float) -> torch.Tensor:
+    """``(..., 2 * freqs)`` sin/cos features of ``x / scale`` at frequencies 1, 2, 4, ... (plus nothing else)."""
+    f = (2.0 ** torch.arange(freqs, device=x.device, dtype=x.dtype)) * (math.pi / scale)
+    a = x[..., None] * f
+    return torch.cat([a.sin(), a.cos()], dim=-1)
+
+
+def relative_pose(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Pose of ``key`` ``(..., 3)`` in the frame of ``query`` ``(..., 3)``: ``(..., 3)`` x, y, relative heading."""
+    c, s = torch.cos(query[..., 2]), torch.sin(query[..., 2])
+    dx, dy = key[..., 0] - query[..., 0], key[..., 1] - query[..., 1]
+    return torch.stack([dx * c + dy * s, -dx * s + dy * c, key[..., 2] - query[..., 2]], dim=-1)
+
+
+class RelPoseEncoding(nn.Module):
+    """MLP of (Fourier features of distance, bearing cos/sin, relative heading cos/sin, time offset)."""
+
+    def __init__(self, dim: int, radius: float, freqs: int = 6):
+        super().__init__()
+        self.radius, self.freqs = radius, freqs
+        self.mlp = nn.Sequential(nn.Linear(2 * freqs + 5, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, rel: torch.Tensor, dt: torch.Tensor | None = None) -> torch.Tensor:
+        dist = rel[..., :2].norm(dim=-1)
+        bearing = torch.atan2(rel[..., 1], rel[..., 0])
+        dt = torch.zeros_like(dist) if dt is None else dt.expand_as(dist)
+        feats = torch.cat([fourier(dist, self.freqs, 2 * self.radius), bearing.cos()[..., None],
+                           bearing.sin()[..., None], rel[..., 2].cos()[..., None], rel[..., 2].sin()[..., None],
+                           dt[..., None]], dim=-1)
+        return self.mlp(feats)
+
+
+class NeighbourAttention(nn.Module):
+    """Pre-norm transformer block: each of ``N`` queries attends to ``K`` keys gathered from a source set, with
+    relative-pose encodings added to keys and values, then a feed-forward layer. Keys and values are projected
+    on the source set *before* gathering (each source row is shared by many queries)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.norm_q, self.norm_k, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.rel_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, idx: torch.Tensor, rel: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """x ``(N, D)`` queries; source ``(M, D)`` key rows; idx ``(N, K)`` rows of ``source`` each query
+        attends to; rel ``(N, K, D)`` relative-pose encodings; mask ``(N, K)`` bool (True = attend). Queries
+        without any key get no attention update (only the feed-forward)."""
+        n, k = idx.shape
+        d, h = x.shape[-1], self.heads
+        q = self.q(self.norm_q(x)).view(n, 1, h, d // h)
+        kv = self.kv(self.norm_k(source))[idx.reshape(-1)].view(n, k, 2 * d) + self.rel_kv(rel)
+        key, val = kv[..., :d].reshape(n, k, h, d // h), kv[..., d:].reshape(n, k, h, d // h)
+        logits = (q * key).sum(-1) / math.sqrt(d // h)  # (N, K, H)
+        logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        any_key = mask.any(dim=-1)
+        weights = torch.softmax(torch.where(any_key[:, None, None], logits, torch.zeros_like(logits)), dim=1)
+        att = (weights[..., None] * val).sum(1).reshape(n, d)
+        x = x + self.drop(self.out(att)) * any_key[:, None]
+        return x + self.drop(self.ff(self.norm_ff(x)))
+
+
+def knn(query_xy: torch.Tensor, key_xy: torch.Tensor, k: int, radius: float, key_valid: torch.Tensor,
+        exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(..., Q, k)`` of the ``k`` nearest valid keys within ``radius`` of each query (batched over
+    leading dims) and the mask of those that exist. query_xy ``(..., Q, 2)``, key_xy ``(..., M, 2)``,
+    key_valid ``(..., M)``."""
+    m = key_xy.shape[-2]
+    if m == 0:
+        shape = (*query_xy.shape[:-1], 0)
+        return (torch.zeros(shape, dtype=torch.long, device=query_xy.device),
+                torch.zeros(shape, dtype=torch.bool, device=query_xy.device))
+    d2 = (query_xy[..., :, None, :] - key_xy[..., None, :, :]).square().sum(-1)  # (..., Q, M)
+    d2 = d2.masked_fill(~key_valid[..., None, :], float("inf"))
+    if exclude_self:
+        eye = torch.eye(query_xy.shape[-2], m, dtype=torch.bool, device=d2.device)
+        d2 = d2.masked_fill(eye, float("inf"))
+    k = min(k, m)
+    dist, idx = d2.topk(k, dim=-1, largest=False)
+    return idx, dist <= radius * radius

@@ -1,0 +1,266 @@
+"""SMART-style tokenized sim-agent policy: a map encoder and an autoregressive agent decoder over 0.5 s motion
+tokens (METHODS.md §2), reimplemented in our own code.
+
+Inputs per scene. Map: 5 m polyline pieces (``tokenizer.map_pieces``: local points, pose, type). Agents: at each
+0.5 s step ``s``, the pose at the step boundary, the token that led into it (``BOS`` at the first step), the
+agent's type and box size. The model predicts the token of the next 0.5 s.
+
+Network. Map encoder: ``map_layers`` blocks of self-attention over each piece's nearest pieces within
+``map_radius``. Agent decoder: ``agent_layers`` blocks of (temporal attention over the agent's own previous
+``TEMPORAL_WINDOW`` steps; map→agent attention over the nearest pieces within ``m2a_radius``; agent↔agent
+attention over the nearest agents at the same step within ``a2a_radius``). All attention uses relative pose
+encodings (``agents/layers.py``). Head: one linear layer per agent type onto that type's vocabulary.
+
+Teacher forcing (``forward``) runs all steps at once with causal temporal attention; ``step`` runs one new step
+from a cache of every layer's inputs for the previous steps, and gives the same logits (tested), so a
+closed-loop rollout costs one incremental step per 0.5 s, not a re-encoding of the history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from agents.layers import NeighbourAttention, RelPoseEncoding, knn, relative_pose
+from agents.tokenizer import PIECE_POINTS, TYPE_NAMES, MotionVocabulary
+from envs.types import AgentType, PolylineType, TrafficLightState
+
+TOKEN_SECONDS = 0.5
+TEMPORAL_WINDOW = 6  # steps of history each step attends to (itself included)
+
+SIZES = {
+    # hidden, heads, map layers, agent layers, radii map / map->agent / agent<->agent (m): METHODS.md §2;
+    # k_*: neighbours gathered per query (the pair projections of the map encoder dominate the cost: nano
+    # halves them, measured 2.5 -> 1.3 s per 4-scene training step on the 2-core VM)
+    "nano": dict(hidden=64, heads=4, map_layers=2, agent_layers=4, map_radius=10.0, m2a_radius=20.0,
+                 a2a_radius=20.0, k_map=8, k_m2a=16, k_a2a=8),
+    "mini": dict(hidden=128, heads=4, map_layers=2, agent_layers=4, map_radius=10.0, m2a_radius=30.0,
+                 a2a_radius=60.0, k_map=16, k_m2a=32, k_a2a=16),
+    "tiny": dict(hidden=128, heads=8, map_layers=3, agent_layers=6, map_radius=10.0, m2a_radius=30.0,
+                 a2a_radius=60.0, k_map=16, k_m2a=32, k_a2a=16),
+}
+
+
+@dataclass(frozen=True)
+class SmartConfig:
+    """Model configuration; ``vocab_sizes``: tokens per agent-type name (from the vocabulary)."""
+
+    size: str
+    hidden: int
+    heads: int
+    map_layers: int
+    agent_layers: int
+    map_radius: float
+    m2a_radius: float
+    a2a_radius: float
+    k_map: int
+    k_m2a: int
+    k_a2a: int
+    vocab_sizes: dict
+    dropout: float = 0.1
+
+    @classmethod
+    def of_size(cls, size: str, vocab_sizes: dict, **overrides) -> SmartConfig:
+        if size not in SIZES:
+            from envs.errors import UnknownNameError
+
+            raise UnknownNameError("SMART size", size, SIZES)
+        return cls(size=size, vocab_sizes=dict(vocab_sizes), **{**SIZES[size], **overrides})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MapEncoding:
+    """Encoded map pieces of a batch: features ``(B, M, D)``, pose ``(B, M, 3)``, valid ``(B, M)``."""
+
+    feat: torch.Tensor
+    pose: torch.Tensor
+    valid: torch.Tensor
+
+
+class SmartModel(nn.Module):
+    def __init__(self, cfg: SmartConfig, vocab: MotionVocabulary):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        self.types = [name for name in TYPE_NAMES.values() if name in cfg.vocab_sizes]
+        for name in self.types:
+            poses = vocab.poses[name].float()
+            if len(poses) != cfg.vocab_sizes[name]:
+                from envs.errors import VocabularyError
+
+                raise VocabularyError(f"The {name} vocabulary has {len(poses)} tokens but the config says "
+                                      f"{cfg.vocab_sizes[name]}.")
+            self.register_buffer(f"vocab_{name}", poses)
+        self.tol = vocab.tol
+        # map
+        self.piece_mlp = nn.Sequential(nn.Linear(2 * PIECE_POINTS, d), nn.ReLU(), nn.Linear(d, d))
+        self.piece_type = nn.Embedding(len(PolylineType), d)
+        self.piece_light = nn.Embedding(len(TrafficLightState), d)
+        self.map_rel = RelPoseEncoding(d, cfg.map_radius)
+        self.map_layers = nn.ModuleList(NeighbourAttention(d, cfg.heads, cfg.dropout) for _ in range(cfg.map_layers))
+        # agents
+        self.token_mlp = nn.Sequential(nn.Linear(18, d), nn.ReLU(), nn.Linear(d, d))
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.agent_type = nn.Embedding(len(AgentType), d)
+        self.size_mlp = nn.Sequential(nn.Linear(2, d), nn.ReLU(), nn.Linear(d, d))
+        self.t_rel = RelPoseEncoding(d, 30.0)
+        self.m2a_rel = RelPoseEncoding(d, cfg.m2a_radius)
+        self.a2a_rel = RelPoseEncoding(d, cfg.a2a_radius)
+        n = cfg.agent_layers
+        self.temporal = nn.ModuleList(NeighbourAttention(d, cfg.heads, cfg.dropout) for _ in range(n))
+        self.m2a = nn.ModuleList(NeighbourAttention(d, cfg.heads, cfg.dropout) for _ in range(n))
+        self.a2a = nn.ModuleList(NeighbourAttention(d, cfg.heads, cfg.dropout) for _ in range(n))
+        self.head_norm = nn.LayerNorm(d)
+        self.heads = nn.ModuleDict({name: nn.Linear(d, cfg.vocab_sizes[name]) for name in self.types})
+
+    def vocab(self, name: str) -> torch.Tensor:
+        return getattr(self, f"vocab_{name}")
+
+    # ---- map -------------------------------------------------------------------------------------------------
+    def encode_map(self, points: torch.Tensor, pose: torch.Tensor, kind: torch.Tensor, valid: torch.Tensor,
+                   light: torch.Tensor | None = None, nbr: torch.Tensor | None = None) -> MapEncoding:
+        """points ``(B, M, P, 2)`` local, pose ``(B, M, 3)``, kind ``(B, M)`` ``PolylineType``, valid ``(B, M)``;
+        nbr: optional precomputed ``(B, M, K)`` neighbour indices (-1: none), else found here."""
+        b, m = valid.shape
+        x = self.piece_mlp(points.flatten(-2)) + self.piece_type(kind)
+        if light is not None:
+            x = x + self.piece_light(light)
+        if m:
+            if nbr is None:
+                idx, ok = knn(pose[..., :2], pose[..., :2], self.cfg.k_map, self.cfg.map_radius, valid)  # (B, M, K)
+            else:
+                idx, ok = nbr.clamp(min=0), nbr >= 0
+            ok = ok & valid[..., None]
+            kp = _gather(pose, idx)
+            rel = self.map_rel(relative_pose(pose[:, :, None], kp)).flatten(0, 1)
+            flat = _flat(idx, m).flatten(0, 1)
+            for layer in self.map_layers:
+                x = layer(x.reshape(b * m, -1), x.reshape(b * m, -1), flat, rel, ok.flatten(0, 1)).view(b, m, -1)
+        return MapEncoding(x, pose, valid)
+
+    # ---- agents ----------------------------------------------------------------------------------------------
+    def embed_agents(self, in_token: torch.Tensor, agent_type: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+        """in_token ``(B, A, S)`` (-1: BOS), agent_type ``(B, A)``, extent ``(B, A, 2)`` -> ``(B, A, S, D)``."""
+        emb = self.bos.expand(*in_token.shape, -1).clone()
+        for name in self.types:
+            kind = _type_of(name)
+            sel = (agent_type[..., None] == kind) & (in_token >= 0)
+            if sel.any():
+                shapes = self.vocab(name)[in_token[sel]].flatten(-2)  # (n, 18)
+                emb[sel] = self.token_mlp(shapes)
+        static = self.agent_type(agent_type) + self.size_mlp(extent)
+        return emb + static[:, :, None]
+
+    def _layer(self, i: int, x, source_t, idx_t, rel_t, mask_t, map_enc, m_idx, m_rel, m_ok, a_idx, a_rel, a_ok):
+        """One decoder layer on queries ``x`` ``(B, A, S', D)`` (S' = steps being computed); temporal keys are
+        rows ``idx_t`` ``(B*A*S', W)`` of ``source_t``."""
+        b, a, s, d = x.shape
+        x = self.temporal[i](x.reshape(-1, d), source_t, idx_t, rel_t.reshape(-1, rel_t.shape[-2], d),
+                             mask_t.reshape(-1, mask_t.shape[-1])).view(b, a, s, d)
+        m = map_enc.feat.shape[1]
+        x = self.m2a[i](x.reshape(-1, d), map_enc.feat.reshape(b * m, d), _flat(m_idx.flatten(1, 2), m).reshape(
+            b * a * s, -1), m_rel.reshape(-1, m_rel.shape[-2], d), m_ok.reshape(-1, m_ok.shape[-1])).view(b, a, s, d)
+        xs = x.transpose(1, 2).reshape(b * s * a, d)  # agents of the same step together
+        x = self.a2a[i](xs, xs, _flat(a_idx.reshape(b * s, a, -1), a).reshape(b * s * a, -1),
+                        a_rel.reshape(-1, a_rel.shape[-2], d), a_ok.reshape(-1, a_ok.shape[-1]))
+        return x.view(b, s, a, d).transpose(1, 2)
+
+    def _spatial(self, pose: torch.Tensor, valid: torch.Tensor, map_enc: MapEncoding, m2a_nbr=None):
+        """Map and agent neighbours of agent-steps: pose ``(B, A, S', 3)``, valid ``(B, A, S')``; m2a_nbr:
+        optional precomputed ``(B, A, S', K)`` map neighbours (-1: none)."""
+        b, a, s, _ = pose.shape
+        q = pose.reshape(b, a * s, 3)
+        if m2a_nbr is None:
+            m_idx, m_ok = knn(q[..., :2], map_enc.pose[..., :2], self.cfg.k_m2a, self.cfg.m2a_radius, map_enc.valid)
+        else:
+            m_idx, m_ok = m2a_nbr.reshape(b, a * s, -1).clamp(min=0), m2a_nbr.reshape(b, a * s, -1) >= 0
+        m_rel = self.m2a_rel(relative_pose(q[:, :, None], _gather(map_enc.pose, m_idx)))
+        m_ok = m_ok & valid.reshape(b, a * s, 1)
+        ps, vs = pose.transpose(1, 2), valid.transpose(1, 2)  # (B, S', A, ...)
+        a_idx, a_ok = knn(ps[..., :2], ps[..., :2], self.cfg.k_a2a, self.cfg.a2a_radius, vs, exclude_self=True)
+        a_rel = self.a2a_rel(relative_pose(ps[..., None, :], _gather(ps, a_idx)))
+        a_ok = a_ok & vs[..., None]
+        return (m_idx.view(b, a, s, -1), m_rel.view(b, a, s, *m_rel.shape[-2:]), m_ok.view(b, a, s, -1),
+                a_idx, a_rel, a_ok)
+
+    def forward(self, map_enc: MapEncoding, pose: torch.Tensor, valid: torch.Tensor, in_token: torch.Tensor,
+                agent_type: torch.Tensor, extent: torch.Tensor, m2a_nbr: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Teacher forcing over all steps. pose ``(B, A, S, 3)`` at step boundaries, valid ``(B, A, S)``,
+        in_token ``(B, A, S)``. Returns logits per type name ``(B, A, S, V_type)``."""
+        b, a, s, _ = pose.shape
+        x = self.embed_agents(in_token, agent_type, extent)
+        w = torch.arange(TEMPORAL_WINDOW, device=pose.device)
+        src = torch.arange(s, device=pose.device)[:, None] - w  # (S, W): step attended to
+        t_ok = (src >= 0)[None, None] & valid[..., None] & _gather_steps(valid, src.clamp(min=0))
+        kp = _gather_steps(pose, src.clamp(min=0))  # (B, A, S, W, 3)
+        rel_t = self.t_rel(relative_pose(pose[..., None, :], kp), -w.to(pose.dtype) * TOKEN_SECONDS)
+        spatial = self._spatial(pose, valid, map_enc, m2a_nbr)
+        idx_t = _flat(src.clamp(min=0).expand(b * a, s, -1), s).reshape(b * a * s, -1)
+        for i in range(self.cfg.agent_layers):
+            x = self._layer(i, x, x.reshape(b * a * s, -1), idx_t, rel_t, t_ok, map_enc, *spatial)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.head_norm(x)
+        return {name: self.heads[name](h) for name in self.types}
+
+    def step(self, cache: dict, map_enc: MapEncoding, pose: torch.Tensor, valid: torch.Tensor,
+             in_token: torch.Tensor, agent_type: torch.Tensor, extent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One new step from ``cache`` (a dict, empty at the start of an episode; updated in place): pose
+        ``(B, A, 3)``, valid ``(B, A)``, in_token ``(B, A)``. Returns logits ``(B, A, V)`` per type name."""
+        pose, valid, in_token = pose[:, :, None], valid[:, :, None], in_token[:, :, None]
+        x = self.embed_agents(in_token, agent_type, extent)
+        past_pose = cache.get("pose", pose[:, :, :0])  # (B, A, W', 3)
+        past_valid = cache.get("valid", valid[:, :, :0])
+        all_pose = torch.cat([past_pose, pose], dim=2)[:, :, -TEMPORAL_WINDOW:]
+        all_valid = torch.cat([past_valid, valid], dim=2)[:, :, -TEMPORAL_WINDOW:]
+        n = all_pose.shape[2]
+        order = torch.arange(n - 1, -1, -1, device=pose.device)  # newest first, as in forward (w = 0, 1, ...)
+        kp, t_ok = all_pose[:, :, order][:, :, None], (all_valid[:, :, order] & valid)[:, :, None]
+        w = torch.arange(n, device=pose.device, dtype=pose.dtype)
+        rel_t = self.t_rel(relative_pose(pose[..., None, :], kp), -w * TOKEN_SECONDS)
+        spatial = self._spatial(pose, valid, map_enc)
+        layers = cache.get("x", [None] * self.cfg.agent_layers)
+        new_layers = []
+        b, a = valid.shape[:2]
+        idx_t = _flat(order.expand(b * a, 1, -1), n).reshape(b * a, -1)
+        for i in range(self.cfg.agent_layers):
+            hist = x if layers[i] is None else torch.cat([layers[i], x], dim=2)
+            hist = hist[:, :, -TEMPORAL_WINDOW:]
+            new_layers.append(hist)
+            x = self._layer(i, x, hist.reshape(b * a * n, -1), idx_t, rel_t, t_ok, map_enc, *spatial)
+        cache.update(pose=all_pose, valid=all_valid, x=new_layers)
+        return {name: v[:, :, 0] for name, v in self.logits(x).items()}
+
+
+def _type_of(name: str) -> int:
+    return int(next(k for k, v in TYPE_NAMES.items() if v == name))
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, ..., M, F...)`` gathered along its second-to-feature axis by ``idx`` ``(B, ..., Q, K)``:
+    ``(B, ..., Q, K, F...)``. Leading dims of ``x`` (all but the gathered one) must match ``idx``'s."""
+    lead = idx.shape[:-2]
+    q, k = idx.shape[-2:]
+    m = x.shape[len(lead)]
+    feat = x.shape[len(lead) + 1:]
+    flat = x.reshape(-1, m, *feat)
+    base = (torch.arange(flat.shape[0], device=x.device) * m).view(-1, 1, 1)
+    out = flat.reshape(-1, *feat)[(base + idx.reshape(-1, q, k)).reshape(-1)]
+    return out.view(*lead, q, k, *feat)
+
+
+def _flat(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """Row indices ``idx`` ``(G, Q, K)`` into groups of ``m`` rows -> indices into the ``G * m`` stacked rows."""
+    return idx + (torch.arange(idx.shape[0], device=idx.device) * m).view(-1, *([1] * (idx.dim() - 1)))
+
+
+def _gather_steps(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, A, S, ...)`` at steps ``src`` ``(S, W)`` -> ``(B, A, S, W, ...)``."""
+    return x[:, :, src]

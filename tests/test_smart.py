@@ -1,0 +1,202 @@
+"""The tokenized policy: incremental decoding equals teacher forcing, it learns, the trainer (checkpoints, resume,
+two processes == one process), and the error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from agents.smart import SmartConfig, SmartModel
+from agents.tokenizer import MotionVocabulary, build_vocabulary, segments
+from envs.errors import CheckpointError, TrafficGymError, UnknownNameError, VocabularyError
+from envs.types import AgentType
+from tests.scenes import make_scene, straight_road
+from training.bc import smart_bc_loss
+from training.bc_data import collate, scene_sample
+from training.trainer import TrainConfig, Trainer
+
+MICRO = dict(hidden=32, heads=2, map_layers=1, agent_layers=1, dropout=0.0)
+
+
+def scenes(n: int, seed: int = 0):
+    """Scenes of 6 vehicles on a straight road, each with its own speed and constant acceleration."""
+    rng = np.random.default_rng(seed)
+    road = straight_road(length=400)
+    out = []
+    for k in range(n):
+        tracks = [dict(x0=float(rng.uniform(0, 150)), y0=-1.75 if i % 2 else 1.75, heading=0.0 if i % 2 else np.pi,
+                       speed=float(rng.uniform(2, 14)), accel=float(rng.uniform(-1.0, 1.0))) for i in range(6)]
+        for tr in tracks:
+            if tr["heading"]:
+                tr["x0"] += 200
+        out.append(make_scene(tracks, map_data=road, scene_id=f"s{k}"))
+    return out
+
+
+def vocab_of(data, size: int = 64) -> MotionVocabulary:
+    segs = torch.cat([segments(torch.from_numpy(s.trajectory), torch.from_numpy(s.valid)) for s in data])
+    poses, _ = build_vocabulary(segs, size, 0.05)
+    return MotionVocabulary({"vehicle": poses}, 0.05)
+
+
+def micro_model(vocab, **kw):
+    torch.manual_seed(0)
+    return SmartModel(SmartConfig.of_size("nano", {k: len(v) for k, v in vocab.poses.items()}, **{**MICRO, **kw}),
+                      vocab)
+
+
+def test_incremental_steps_equal_teacher_forcing():
+    data = scenes(2)
+    vocab = vocab_of(data)
+    model = micro_model(vocab, agent_layers=2).eval()
+    batch = collate([scene_sample(s, vocab, model.cfg) for s in data])
+    with torch.no_grad():
+        enc = model.encode_map(batch["map_points"], batch["map_pose"], batch["map_type"], batch["map_valid"])
+        full = model(enc, batch["pose"], batch["valid"], batch["in_token"], batch["agent_type"], batch["extent"])
+        cache: dict = {}
+        steps = [model.step(cache, enc, batch["pose"][:, :, s], batch["valid"][:, :, s], batch["in_token"][:, :, s],
+                            batch["agent_type"], batch["extent"])["vehicle"] for s in range(batch["pose"].shape[2])]
+    ok = batch["valid"]
+    torch.testing.assert_close(torch.stack(steps, 2)[ok], full["vehicle"][ok], atol=1e-4, rtol=1e-4)
+    # the precomputed neighbours of the training data are the ones the model finds on the fly (compared by
+    # distance: pieces of a straight road tie, and ties may be broken either way)
+    from agents.layers import knn
+
+    def dists(idx, ok, q, keys):
+        d = (keys[torch.arange(len(keys))[:, None, None], idx.clamp(min=0)] - q[..., None, :]).norm(dim=-1)
+        return torch.where(ok, d, torch.full_like(d, -1.0)).sort(dim=-1).values
+
+    mp = batch["map_pose"][..., :2]
+    idx, ok = knn(mp, mp, model.cfg.k_map, model.cfg.map_radius, batch["map_valid"])
+    m = batch["map_valid"]
+    torch.testing.assert_close(dists(batch["map_nbr"], batch["map_nbr"] >= 0, mp, mp)[m], dists(idx, ok, mp, mp)[m],
+                               atol=1e-4, rtol=0)
+    q = batch["pose"][..., :2].flatten(1, 2)
+    idx, ok = knn(q, mp, model.cfg.k_m2a, model.cfg.m2a_radius, batch["map_valid"])
+    pre = batch["m2a_nbr"].flatten(1, 2)
+    v = batch["valid"].flatten(1, 2)
+    torch.testing.assert_close(dists(pre, pre >= 0, q, mp)[v], dists(idx, ok, q, mp)[v], atol=1e-4, rtol=0)
+
+
+def test_behaviour_cloning_learns(tmp_path):
+    data = scenes(4)
+    vocab = vocab_of(data)
+    model = micro_model(vocab)
+    samples = [scene_sample(s, vocab, model.cfg) for s in data]
+    trainer = Trainer(model, smart_bc_loss, samples, collate,
+                      TrainConfig(out=str(tmp_path), max_steps=120, batch_size=2, lr=3e-3, progress=False,
+                                  ckpt_every=0),
+                      save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}))
+    history = trainer.fit()
+    first = np.mean([h["loss"] for h in history[:10]])
+    last = np.mean([h["loss"] for h in history[-10:]])
+    acc = np.mean([h["accuracy"] for h in history[-10:]])
+    chance = 1.0 / len(vocab.poses["vehicle"])
+    assert last < 0.6 * first
+    assert acc > 20 * chance  # well above chance (1/64)
+    assert (tmp_path / "last.safetensors").exists() and (tmp_path / "tb").is_dir()
+
+
+def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
+    data = scenes(2)
+    vocab = vocab_of(data)
+    samples = [scene_sample(s, vocab, micro_model(vocab).cfg) for s in data]
+
+    def trainer(steps, resume):
+        return Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
+                       TrainConfig(out=str(tmp_path), max_steps=steps, batch_size=2, progress=False, resume=resume,
+                                   ckpt_every=0), save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}))
+
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        trainer(4, resume=True).fit()
+    straight = trainer(6, resume=False)
+    straight.fit()
+    reference = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    interrupted = trainer(6, resume=False)  # stopped after 3 of 6 steps (its last checkpoint) ...
+    for _ in range(3):
+        interrupted.train_step(interrupted.collate(interrupted.next_batch()))
+    interrupted.save()
+    resumed = trainer(6, resume=True)  # ... and continued
+    resumed.fit()
+    assert resumed.step == 6
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], atol=1e-6, rtol=1e-5)
+
+
+def _ddp_worker(rank: int, world: int, store: str, out: str, samples, vocab_poses):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    vocab = MotionVocabulary({"vehicle": vocab_poses}, 0.05)
+    t = Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
+                TrainConfig(out=out, max_steps=2, batch_size=4, progress=False, ckpt_every=0),
+                save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}))
+    for _ in range(2):
+        t.train_step(t.collate(t.next_batch()))
+    if rank == 0:
+        torch.save(t.model.state_dict(), os.path.join(out, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_take_the_same_steps_as_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    data = scenes(8)
+    vocab = vocab_of(data)
+    samples = [scene_sample(s, vocab, micro_model(vocab).cfg) for s in data]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), samples, vocab.poses["vehicle"]),
+             nprocs=2, join=True)
+    single = Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
+                     TrainConfig(out=str(tmp_path), max_steps=2, batch_size=4, progress=False, ckpt_every=0),
+                     save_fn=lambda m: ("smart", {}))
+    for _ in range(2):
+        single.train_step(single.collate(single.next_batch()))
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_input_is_named(tmp_path):
+    data = scenes(1)
+    vocab = vocab_of(data)
+    with pytest.raises(UnknownNameError, match="SMART size"):
+        SmartConfig.of_size("huge", {"vehicle": 64})
+    with pytest.raises(VocabularyError, match="has 64 tokens but the config says 10"):
+        SmartModel(SmartConfig.of_size("nano", {"vehicle": 10}, **MICRO), vocab)
+    with pytest.raises(TrafficGymError, match="No training samples"):
+        Trainer(micro_model(vocab), smart_bc_loss, [], collate, TrainConfig(out=str(tmp_path)), lambda m: ("smart", {}))
+    walker = make_scene([dict(x0=0, y0=0, speed=1.2, type=AgentType.PEDESTRIAN)])
+    with pytest.raises(VocabularyError, match="PEDESTRIAN"):
+        scene_sample(walker, vocab, micro_model(vocab).cfg)
+    # a checkpoint of another agent is refused on resume
+    from agents.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "last.safetensors", "idm", {}, {"w": torch.zeros(1)})
+    t = Trainer(micro_model(vocab), smart_bc_loss, [scene_sample(data[0], vocab, micro_model(vocab).cfg)], collate,
+                TrainConfig(out=str(tmp_path), resume=True, progress=False), lambda m: ("smart", {}))
+    with pytest.raises(CheckpointError, match="'idm' checkpoint"):
+        t.fit()
+
+
+def test_train_bc_command_trains_resumes_and_names_bad_agents(tmp_path, capsys):
+    from tests import interaction_fixture as fixture
+    from training.cli import main
+
+    root = fixture.write_dataset(tmp_path / "data", cases=2, case_length=91)
+    args = ["train", "bc", "--dataset", "interaction_multi", "--data-dir", str(root), "--case-length", "91",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--batch-size", "2"]
+
+    def report(text: str) -> dict:
+        return json.loads(text[text.index("{"):])
+
+    assert main([*args, "--max-steps", "3"]) == 0
+    assert report(capsys.readouterr().out)["steps"] == 3
+    assert (tmp_path / "run" / "vocab.safetensors").exists() and (tmp_path / "run" / "last.safetensors").exists()
+    assert main([*args, "--max-steps", "4", "--resume"]) == 0
+    assert report(capsys.readouterr().out)["steps"] == 4
+    assert main([*args, "--agent", "smrt"]) == 2  # unknown trainable agent, named on stderr
+    assert "smart" in capsys.readouterr().err

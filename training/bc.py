@@ -1,0 +1,72 @@
+"""``trafficgym train bc``: behaviour cloning of the tokenized policy (teacher-forced next-token cross-entropy
+with label smoothing) on the model-agnostic trainer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from agents.smart import SmartConfig, SmartModel, _type_of
+from agents.tokenizer import MotionVocabulary
+from envs.errors import TrafficGymError
+from training.bc_data import collate, scene_sample
+from training.trainer import TrainConfig, Trainer
+
+LABEL_SMOOTHING = 0.1
+
+
+def smart_bc_loss(model: SmartModel, batch: dict) -> tuple[torch.Tensor, int, dict]:
+    """Summed cross-entropy (label smoothing 0.1) of the next token over every valid target, their count, and
+    the next-token accuracy."""
+    enc = model.encode_map(batch["map_points"], batch["map_pose"], batch["map_type"], batch["map_valid"],
+                           nbr=batch.get("map_nbr"))
+    logits = model(enc, batch["pose"], batch["valid"], batch["in_token"], batch["agent_type"], batch["extent"],
+                   m2a_nbr=batch.get("m2a_nbr"))
+    total = batch["pose"].new_zeros(())
+    count = correct = 0
+    for name, lg in logits.items():
+        sel = (batch["agent_type"][..., None] == _type_of(name)) & (batch["target"] >= 0) & batch["valid"]
+        if not sel.any():
+            total = total + 0.0 * lg.sum()  # keep every head in the graph
+            continue
+        target = batch["target"][sel]
+        chosen = lg[sel]
+        total = total + F.cross_entropy(chosen, target, label_smoothing=LABEL_SMOOTHING, reduction="sum")
+        count += int(sel.sum())
+        correct += int((chosen.argmax(-1) == target).sum())
+    return total, count, {"accuracy": correct / max(count, 1)}
+
+
+def build_samples(ds, vocab: MotionVocabulary, cfg: SmartConfig, limit: int | None = None, progress: bool = True):
+    n = len(ds) if limit is None else min(limit, len(ds))
+    it = range(n)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="tokenize scenes", unit="scene", dynamic_ncols=True)
+    return [scene_sample(ds[i], vocab, cfg) for i in it]
+
+
+def train_bc(ds, vocab: MotionVocabulary, size: str, out: str | Path, max_steps: int, batch_size: int = 4,
+             lr: float = 5e-4, resume: bool = False, seed: int = 0, scenes: int | None = None, progress: bool = True,
+             ckpt_every: int = 200, validate_fn=None, val_every: int = 0, **model_overrides) -> tuple[SmartModel, list]:
+    """Train a SMART model of ``size`` on ``ds`` (first ``scenes`` scenes if given); returns the model and the
+    per-step history. Works in one process or under ``torchrun`` (initialise ``torch.distributed`` first)."""
+    if len(ds) == 0:
+        raise TrafficGymError("The training split has no scenes.")
+    torch.manual_seed(seed)
+    cfg = SmartConfig.of_size(size, {k: len(v) for k, v in vocab.poses.items()}, **model_overrides)
+    model = SmartModel(cfg, vocab)
+    samples = [x for x in build_samples(ds, vocab, cfg, scenes, progress) if x.num_targets > 0]
+    trainer = Trainer(model, smart_bc_loss, samples, collate,
+                      TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+                                  resume=resume, progress=progress, ckpt_every=ckpt_every, val_every=val_every),
+                      save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}), validate_fn=validate_fn)
+    start = time.perf_counter()
+    history = trainer.fit()
+    if history:
+        history[-1]["wall_s"] = time.perf_counter() - start
+    return model, history
