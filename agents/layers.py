@@ -63,15 +63,26 @@ class NeighbourAttention(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, idx: torch.Tensor, rel: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """x ``(N, D)`` queries; source ``(M, D)`` key rows; idx ``(N, K)`` rows of ``source`` each query
-        attends to; rel ``(N, K, D)`` relative-pose encodings; mask ``(N, K)`` bool (True = attend). Queries
-        without any key get no attention update (only the feed-forward)."""
+    def project(self, source: torch.Tensor) -> torch.Tensor:
+        """Keys and values ``(M, 2D)`` of source rows (cacheable when the source does not change, e.g. the map)."""
+        return self.kv(self.norm_k(source))
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None, idx: torch.Tensor, rel: torch.Tensor,
+                mask: torch.Tensor, source_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``(N, D)`` queries; source ``(M, D)`` key rows (or their ``project``ion ``source_kv``); idx ``(N, K)``
+        rows each query attends to; rel ``(N, K, D)`` relative-pose encodings; mask ``(N, K)`` bool (True =
+        attend). Queries without any key get no attention update (only the feed-forward)."""
         n, k = idx.shape
         d, h = x.shape[-1], self.heads
         q = self.q(self.norm_q(x)).view(n, 1, h, d // h)
-        kv = self.kv(self.norm_k(source))[idx.reshape(-1)].view(n, k, 2 * d) + self.rel_kv(rel)
+        flat = idx.reshape(-1)
+        if source_kv is not None:
+            kv = source_kv[flat]
+        elif flat.numel() < source.shape[0]:  # few queries (a rollout step): project only the rows gathered
+            kv = self.project(source[flat])
+        else:  # many queries share each row (training): project every row once, then gather
+            kv = self.project(source)[flat]
+        kv = kv.view(n, k, 2 * d) + self.rel_kv(rel)
         key, val = kv[..., :d].reshape(n, k, h, d // h), kv[..., d:].reshape(n, k, h, d // h)
         logits = (q * key).sum(-1) / math.sqrt(d // h)  # (N, K, H)
         logits = logits.masked_fill(~mask[..., None], float("-inf"))

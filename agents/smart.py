@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,6 +81,7 @@ class MapEncoding:
     feat: torch.Tensor
     pose: torch.Tensor
     valid: torch.Tensor
+    kv: list | None = None  # per decoder layer, the map->agent keys/values ``(B * M, 2D)`` (rollout cache)
 
 
 class SmartModel(nn.Module):
@@ -163,8 +165,10 @@ class SmartModel(nn.Module):
         x = self.temporal[i](x.reshape(-1, d), source_t, idx_t, rel_t.reshape(-1, rel_t.shape[-2], d),
                              mask_t.reshape(-1, mask_t.shape[-1])).view(b, a, s, d)
         m = map_enc.feat.shape[1]
+        map_kv = map_enc.kv[i] if map_enc.kv is not None else None
         x = self.m2a[i](x.reshape(-1, d), map_enc.feat.reshape(b * m, d), _flat(m_idx.flatten(1, 2), m).reshape(
-            b * a * s, -1), m_rel.reshape(-1, m_rel.shape[-2], d), m_ok.reshape(-1, m_ok.shape[-1])).view(b, a, s, d)
+            b * a * s, -1), m_rel.reshape(-1, m_rel.shape[-2], d), m_ok.reshape(-1, m_ok.shape[-1]),
+            source_kv=map_kv).view(b, a, s, d)
         xs = x.transpose(1, 2).reshape(b * s * a, d)  # agents of the same step together
         x = self.a2a[i](xs, xs, _flat(a_idx.reshape(b * s, a, -1), a).reshape(b * s * a, -1),
                         a_rel.reshape(-1, a_rel.shape[-2], d), a_ok.reshape(-1, a_ok.shape[-1]))
@@ -205,6 +209,12 @@ class SmartModel(nn.Module):
         for i in range(self.cfg.agent_layers):
             x = self._layer(i, x, x.reshape(b * a * s, -1), idx_t, rel_t, t_ok, map_enc, *spatial)
         return self.logits(x)
+
+    def cache_map(self, map_enc: MapEncoding) -> MapEncoding:
+        """The encoding with every decoder layer's map->agent keys/values projected once (for rollouts, where
+        the map stays fixed for the whole episode)."""
+        flat = map_enc.feat.reshape(-1, map_enc.feat.shape[-1])
+        return MapEncoding(map_enc.feat, map_enc.pose, map_enc.valid, [layer.project(flat) for layer in self.m2a])
 
     def logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.head_norm(x)
@@ -264,3 +274,206 @@ def _flat(idx: torch.Tensor, m: int) -> torch.Tensor:
 def _gather_steps(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``x`` ``(B, A, S, ...)`` at steps ``src`` ``(S, W)`` -> ``(B, A, S, W, ...)``."""
     return x[:, :, src]
+
+
+# ---- the closed-loop agent ---------------------------------------------------------------------------------------
+
+from agents.base import PlanningAgent  # noqa: E402  (below the model: the agent wraps it)
+from agents.registry import register_agent  # noqa: E402
+from agents.tokenizer import TOKEN_BOX, TOKEN_STEPS, map_pieces, nearest_final, token_poses  # noqa: E402
+from envs.dynamics import StatePose  # noqa: E402
+
+
+@register_agent("smart")
+class SmartAgent(PlanningAgent):
+    """The tokenized policy as an agent: every 0.5 s it encodes the new step of every agent (one incremental
+    decoder step from its per-layer cache) and samples each driven agent's next token (top-K, temperature), whose
+    poses it then plays over the next 5 steps.
+
+    The token that led into the current pose is the vocabulary token nearest to the agent's actual last 0.5 s
+    (exactly the sampled one for agents it drives; log-replayed or otherwise driven agents are tokenized on the
+    fly). At an episode's first step the logged history is fed in 0.5 s steps (up to 5 of them). The map pieces
+    around the scene's logged tracks are encoded once per episode (shared by identical rows, e.g. the R copies
+    of a scene in an evaluation).
+
+    ``make_agent("smart", checkpoint=DIR/last.safetensors)``; ``top_k`` (METHODS: ~48 for evaluation, 5 by
+    default) and ``temperature`` shape the sampling.
+    """
+
+    dynamics = StatePose()
+    horizon = TOKEN_STEPS
+    replan_every = TOKEN_STEPS
+    has_weights = True
+
+    def __init__(self, model: SmartModel | None = None, top_k: int = 5, temperature: float = 1.0):
+        super().__init__()
+        if model is None:
+            from envs.errors import CheckpointError
+
+            raise CheckpointError("The smart agent needs trained weights: make_agent('smart', checkpoint=PATH) "
+                                  "(train one with `trafficgym train bc`).")
+        if top_k < 1 or temperature <= 0:
+            raise ValueError(f"top_k must be >= 1 and temperature > 0, got {top_k}, {temperature}.")
+        self.model = model.eval()
+        self.top_k, self.temperature = top_k, temperature
+        self._cache: dict | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path, **config) -> SmartAgent:
+        from agents.checkpoint import load_checkpoint, load_state_dict_strict
+        from envs.errors import CheckpointError
+
+        cfg_json, tensors, _ = load_checkpoint(path, expected_agent="smart")
+        try:
+            tol = float(cfg_json.pop("tol"))
+            cfg = SmartConfig(**cfg_json)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a smart model configuration ({e}).") from e
+        vocab = MotionVocabulary.from_tensors(tensors, tol, prefix="vocab_")
+        model = SmartModel(cfg, vocab)
+        load_state_dict_strict(model, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, path)
+        return cls(model, **config)
+
+    # ---- episode set-up ------------------------------------------------------------------------------------
+    def reset(self, state, mask, seed=None, slots=None):
+        super().reset(state, mask, seed, slots)
+        kinds = state.agent_type[mask & state.agent_mask].unique().tolist()
+        for k in kinds:
+            if TYPE_NAMES.get(AgentType(int(k))) not in self.model.types:
+                from envs.errors import VocabularyError
+
+                raise VocabularyError(f"The smart model has no tokens for {AgentType(int(k)).name} agents; drive "
+                                      "them with another policy (e.g. traffic=[('smart', 'vehicles')]).")
+        b = state.batch_size
+        rows = list(range(b)) if slots is None or self._cache is None else [int(s) for s in slots]
+        if slots is None or self._cache is None or self._cache["pose"].shape[:2] != (b, state.num_agents):
+            self._cache = self._empty_cache(state)
+            self._map = self._encode_maps(state, list(range(b)))
+        else:
+            self._cache["valid"][rows] = False
+            fresh = self._encode_maps(state, rows)
+            self._map = self.model.cache_map(_merge_maps(self._map, fresh, rows))
+        self._fresh = torch.zeros(b, dtype=torch.bool)
+        self._fresh[rows] = True
+
+    def _empty_cache(self, state) -> dict:
+        b, a, d = state.batch_size, state.num_agents, self.model.cfg.hidden
+        dev = state.device
+        return {"pose": torch.zeros(b, a, TEMPORAL_WINDOW, 3, device=dev),
+                "valid": torch.zeros(b, a, TEMPORAL_WINDOW, dtype=torch.bool, device=dev),
+                "x": [torch.zeros(b, a, TEMPORAL_WINDOW, d, device=dev) for _ in range(self.model.cfg.agent_layers)]}
+
+    @torch.no_grad()
+    def _encode_maps(self, state, rows: list[int]) -> MapEncoding:
+        """Map pieces within the map->agent radius + 5 m of each row's logged tracks, encoded (identical rows
+        share one encoding); padded ``MapEncoding`` over ``rows``."""
+        from scipy.spatial import cKDTree
+
+        encoded: dict = {}
+        per_row = []
+        for b in rows:
+            m = state.maps.sources[int(state.map_idx[b])]
+            xy = state.log[b][state.log_valid[b]][:, :2].cpu().numpy()
+            key = (m.map_id, xy.round(2).tobytes())
+            if key not in encoded:
+                pieces = _PIECE_CACHE.setdefault(m.map_id, map_pieces(m))
+                near = np.zeros(0, np.int64)
+                if len(pieces["pose"]) and len(xy):
+                    tree = cKDTree(pieces["pose"][:, :2])
+                    near = np.unique(np.concatenate([np.asarray(j, np.int64) for j in tree.query_ball_point(
+                        xy[::5], self.model.cfg.m2a_radius + 5.0)] + [np.zeros(0, np.int64)]))
+                dev = state.device
+                pts = torch.as_tensor(pieces["points"][near], device=dev)[None]
+                pose = torch.as_tensor(pieces["pose"][near], device=dev)[None]
+                kind = torch.as_tensor(pieces["type"][near], device=dev)[None]
+                enc = self.model.encode_map(pts, pose, kind, torch.ones(1, len(near), dtype=torch.bool, device=dev))
+                encoded[key] = enc
+            per_row.append(encoded[key])
+        return self.model.cache_map(_stack_maps(per_row))
+
+    # ---- planning ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan(self, state, mask):
+        b = torch.arange(state.batch_size, device=state.device)
+        live = state.current_valid & state.agent_mask
+        stale = (self._age >= self.replan_every).to(state.device)  # the rows that replan now
+        fresh = self._fresh.to(state.device) & stale
+        if fresh.any():  # feed the logged history, 0.5 s at a time, into the rows that just started
+            for back in range(min(int(state.t.max()), (TEMPORAL_WINDOW - 1) * TOKEN_STEPS), 0, -TOKEN_STEPS):
+                t_hist = (state.t - back).clamp(min=0)
+                ok = state.valid[b, :, t_hist] & state.agent_mask & (state.t >= back)[:, None]
+                self._advance(state, t_hist, ok, fresh)
+            self._fresh[fresh.cpu()] = False
+        logits = self._advance(state, state.t, live, stale)
+        pose = state.current[..., :3]
+        out = pose[:, :, None, :].expand(-1, -1, self.horizon, -1).clone()  # standing, for agents not driven
+        for name in self.model.types:
+            sel = (state.agent_type == _type_of(name)) & mask & live
+            if not sel.any():
+                continue
+            tok = self._sample(logits[name][sel])
+            out[sel] = token_poses(self.model.vocab(name), tok, pose[sel].float()).to(out.dtype)
+        return out
+
+    def _advance(self, state, t: torch.Tensor, ok: torch.Tensor, rows: torch.Tensor) -> dict:
+        """One decoder step at steps ``t`` ``(B,)``; the cache advances only in ``rows``."""
+        b = torch.arange(state.batch_size, device=state.device)
+        pose = state.traj[b, :, t][..., :3].float()
+        prev_t = (t - TOKEN_STEPS).clamp(min=0)
+        prev = state.traj[b, :, prev_t][..., :3].float()
+        prev_ok = state.valid[b, :, prev_t] & (t >= TOKEN_STEPS)[:, None] & ok
+        in_token = torch.full(ok.shape, -1, dtype=torch.long, device=state.device)
+        for name in self.model.types:
+            sel = (state.agent_type == _type_of(name)) & prev_ok
+            if sel.any():
+                from agents.layers import relative_pose
+
+                local = relative_pose(prev[sel], pose[sel])
+                idx, _ = nearest_final(self.model.vocab(name), local, TOKEN_BOX_OF[name])
+                in_token[sel] = idx.to(in_token.device)
+        cache = {k: (v if k != "x" else list(v)) for k, v in self._cache.items()}
+        logits = self.model.step(cache, self._map, pose, ok, in_token, state.agent_type, state.extent.float())
+        keep = ~rows
+        for key in ("pose", "valid"):
+            cache[key][keep] = self._cache[key][keep]
+        for i, x in enumerate(cache["x"]):
+            x[keep] = self._cache["x"][i][keep]
+        self._cache = cache
+        return logits
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, logits.shape[-1])
+        top, idx = (logits.float() / self.temperature).topk(k, dim=-1)
+        probs = torch.softmax(top, dim=-1).cpu()
+        pick = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return idx.gather(-1, pick.to(idx.device)[:, None]).squeeze(-1)
+
+
+_PIECE_CACHE: dict[str, dict] = {}
+TOKEN_BOX_OF = {name: TOKEN_BOX[k] for k, name in TYPE_NAMES.items()}
+
+
+def _stack_maps(encs: list[MapEncoding]) -> MapEncoding:
+    m = max(e.feat.shape[1] for e in encs)
+    d = encs[0].feat.shape[-1]
+    dev = encs[0].feat.device
+    feat = torch.zeros(len(encs), m, d, device=dev)
+    pose = torch.zeros(len(encs), m, 3, device=dev)
+    valid = torch.zeros(len(encs), m, dtype=torch.bool, device=dev)
+    for i, e in enumerate(encs):
+        n = e.feat.shape[1]
+        feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
+    return MapEncoding(feat, pose, valid)
+
+
+def _merge_maps(old: MapEncoding, new: MapEncoding, rows: list[int]) -> MapEncoding:
+    m = max(old.feat.shape[1], new.feat.shape[1])
+
+    def pad(x, fill=0):
+        extra = m - x.shape[1]
+        return x if extra == 0 else torch.cat([x, torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype,
+                                                              device=x.device)], dim=1)
+
+    feat, pose, valid = pad(old.feat), pad(old.pose), pad(old.valid, False)
+    feat[rows], pose[rows], valid[rows] = pad(new.feat), pad(new.pose), pad(new.valid, False)
+    return MapEncoding(feat, pose, valid)  # the caller re-projects the keys/values (cache_map)

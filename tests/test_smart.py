@@ -200,3 +200,71 @@ def test_train_bc_command_trains_resumes_and_names_bad_agents(tmp_path, capsys):
     assert report(capsys.readouterr().out)["steps"] == 4
     assert main([*args, "--agent", "smrt"]) == 2  # unknown trainable agent, named on stderr
     assert "smart" in capsys.readouterr().err
+
+
+# ---- the closed-loop agent -----------------------------------------------------------------------------------
+
+def _checkpoint(tmp_path, vocab, **kw):
+    from agents.checkpoint import save_checkpoint
+
+    model = micro_model(vocab, **kw)
+    return save_checkpoint(tmp_path / "smart.safetensors", "smart", {**model.cfg.to_json(), "tol": model.tol},
+                           model.state_dict()), model
+
+
+def test_smart_agent_drives_closed_loop_deterministically(tmp_path):
+    from agents.registry import make_agent
+    from envs import sim
+    from training.rollouts import drive
+
+    data = scenes(2)
+    vocab = vocab_of(data)
+    path, model = _checkpoint(tmp_path, vocab)
+    runs = []
+    for seed in (0, 0, 1):
+        agent = make_agent("smart", checkpoint=path, top_k=8)
+        state = drive(sim.reset(data, start_step=10, controlled="all"), agent, seed=seed)
+        runs.append(state.traj.clone())
+    torch.testing.assert_close(runs[0], runs[1])  # same seed, same rollout
+    assert not torch.equal(runs[0], runs[2])  # another seed samples other tokens
+    # every 0.5 s of a driven agent is a vocabulary motion placed at its pose (token_poses), so its end pose
+    # lies exactly on the end of some token relative to the pose 5 steps before
+    from agents.tokenizer import _relative, nearest_final
+
+    traj = runs[0][0, :, 10:91:5, :3].double()  # (A, 17, 3) boundary poses
+    local = _relative(traj[:, 1:].reshape(-1, 1, 3), traj[:, :-1].reshape(-1, 3))[:, 0]
+    _, dist = nearest_final(vocab.poses["vehicle"], local, (4.8, 2.0))
+    assert float(dist.max()) < 1e-3
+
+
+def test_smart_agent_error_paths(tmp_path):
+    from agents.checkpoint import save_checkpoint
+    from agents.registry import make_agent
+    from envs import sim
+
+    data = scenes(1)
+    vocab = vocab_of(data)
+    with pytest.raises(CheckpointError, match="needs trained weights"):
+        make_agent("smart")
+    path, model = _checkpoint(tmp_path, vocab)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        make_agent("smart", checkpoint=path, top_k=0)
+    # another size: the shapes do not match
+    other = save_checkpoint(tmp_path / "other.safetensors", "smart",
+                            {**micro_model(vocab, hidden=16).cfg.to_json(), "tol": 0.05}, model.state_dict())
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        make_agent("smart", checkpoint=other)
+    # a vocabulary of another size than the config says
+    cfg = {**model.cfg.to_json(), "tol": 0.05, "vocab_sizes": {"vehicle": 10}}
+    bad = save_checkpoint(tmp_path / "bad.safetensors", "smart", cfg, model.state_dict())
+    with pytest.raises(VocabularyError, match="config says 10"):
+        make_agent("smart", checkpoint=bad)
+    idm = save_checkpoint(tmp_path / "idm.safetensors", "idm", {}, {"w": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="'idm' checkpoint"):
+        make_agent("smart", checkpoint=idm)
+    # agent types the vocabulary lacks
+    walker = make_scene([dict(x0=0, y0=-1.75, speed=5), dict(x0=0, y0=-5, speed=1.2, type=AgentType.PEDESTRIAN)])
+    state = sim.reset([walker], start_step=10, controlled="all")
+    agent = make_agent("smart", checkpoint=path)
+    with pytest.raises(VocabularyError, match="no tokens for PEDESTRIAN"):
+        agent.reset(state, state.controlled, seed=0)
