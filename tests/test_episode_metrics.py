@@ -193,7 +193,7 @@ def test_interaction_loop_results_do_not_depend_on_chunking():
     params = (TTC_CAP, 1.309, 0.5, 2.0, 4.0, 1.5, 2.5, 0.2)
     one = interaction_pairs(s, v, ext, 20, 8, params, 1)
     many = interaction_pairs(s, v, ext, 20, 8, params, 7)
-    for x, y in zip(one, many):
+    for x, y in zip(one, many, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -194,7 +194,8 @@ def test_train_bc_command_trains_resumes_and_names_bad_agents(tmp_path, capsys):
         return json.loads(text[text.index("{"):])
 
     assert main([*args, "--max-steps", "3"]) == 0
-    assert report(capsys.readouterr().out)["steps"] == 3
+    first = report(capsys.readouterr().out)
+    assert first["steps"] == 3 and first["validation"]["val/min_ade"] >= 0
     assert (tmp_path / "run" / "vocab.safetensors").exists() and (tmp_path / "run" / "last.safetensors").exists()
     assert main([*args, "--max-steps", "4", "--resume"]) == 0
     assert report(capsys.readouterr().out)["steps"] == 4
@@ -268,3 +269,36 @@ def test_smart_agent_error_paths(tmp_path):
     agent = make_agent("smart", checkpoint=path)
     with pytest.raises(VocabularyError, match="no tokens for PEDESTRIAN"):
         agent.reset(state, state.controlled, seed=0)
+
+
+def test_samples_built_in_worker_processes_equal_in_process():
+    from training.bc import build_samples
+
+    data = scenes(3)
+    vocab = vocab_of(data)
+    cfg = micro_model(vocab).cfg
+    one = build_samples(data, vocab, cfg, progress=False)
+    two = build_samples(data, vocab, cfg, progress=False, workers=2)
+    for a, b in zip(one, two, strict=True):
+        assert a.scene_id == b.scene_id
+        for name in ("pose", "valid", "in_token", "target", "map_pose", "map_nbr", "m2a_nbr"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_eval_command_compares_smart_with_a_baseline(tmp_path, capsys):
+    # --checkpoint goes to the agent with weights only, so a learned agent and a baseline compare in one call
+    from tests import interaction_fixture as fixture
+    from training.cli import main
+
+    root = fixture.write_dataset(tmp_path / "data", cases=2, case_length=91)
+    common = ["--dataset", "interaction_multi", "--data-dir", str(root), "--case-length", "91", "--cache-dir",
+              str(tmp_path / "cache")]
+    assert main(["train", "bc", *common, "--out", str(tmp_path / "run"), "--max-steps", "2", "--val-scenes",
+                 "0"]) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "run" / "last.safetensors")
+    assert main(["eval", "--agent", "smart", "--agent", "constant_velocity", "--checkpoint", ckpt, *common,
+                 "--split", "val", "--rollouts", "2", "--metric", "min_ade"]) == 0
+    out = capsys.readouterr().out
+    assert "smart" in out and "constant_velocity" in out and "min_ade" in out
+    assert main(["eval", "--agent", "constant_velocity", "--checkpoint", ckpt, *common, "--split", "val"]) == 2

@@ -40,19 +40,51 @@ def smart_bc_loss(model: SmartModel, batch: dict) -> tuple[torch.Tensor, int, di
     return total, count, {"accuracy": correct / max(count, 1)}
 
 
-def build_samples(ds, vocab: MotionVocabulary, cfg: SmartConfig, limit: int | None = None, progress: bool = True):
+_WORKER: dict = {}
+
+
+def _init_worker(ds, vocab, cfg) -> None:
+    _WORKER.update(ds=ds, vocab=vocab, cfg=cfg)
+    torch.set_num_threads(1)
+
+
+def _sample_at(i: int):
+    return scene_sample(_WORKER["ds"][i], _WORKER["vocab"], _WORKER["cfg"])
+
+
+def build_samples(ds, vocab: MotionVocabulary, cfg: SmartConfig, limit: int | None = None, progress: bool = True,
+                  workers: int = 0):
+    """Training samples of the first ``limit`` scenes (all by default), read from the scene cache and tokenized
+    in ``workers`` processes (0: in this process)."""
     n = len(ds) if limit is None else min(limit, len(ds))
-    it = range(n)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="tokenize scenes", unit="scene", dynamic_ncols=True)
-    return [scene_sample(ds[i], vocab, cfg) for i in it]
+        bar = tqdm(total=n, desc="tokenize scenes", unit="scene", dynamic_ncols=True)
+    out = []
+    if workers > 0 and n > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers, _init_worker, (ds, vocab, cfg)) as pool:
+            for sample in pool.imap(_sample_at, range(n), chunksize=8):
+                out.append(sample)
+                if bar is not None:
+                    bar.update(1)
+    else:
+        for i in range(n):
+            out.append(scene_sample(ds[i], vocab, cfg))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
 
 
 def train_bc(ds, vocab: MotionVocabulary, size: str, out: str | Path, max_steps: int, batch_size: int = 4,
              lr: float = 5e-4, resume: bool = False, seed: int = 0, scenes: int | None = None, progress: bool = True,
-             ckpt_every: int = 200, validate_fn=None, val_every: int = 0, **model_overrides) -> tuple[SmartModel, list]:
+             ckpt_every: int = 200, validate_fn=None, val_every: int = 0, workers: int = 0,
+             **model_overrides) -> tuple[SmartModel, list]:
     """Train a SMART model of ``size`` on ``ds`` (first ``scenes`` scenes if given); returns the model and the
     per-step history. Works in one process or under ``torchrun`` (initialise ``torch.distributed`` first)."""
     if len(ds) == 0:
@@ -60,7 +92,7 @@ def train_bc(ds, vocab: MotionVocabulary, size: str, out: str | Path, max_steps:
     torch.manual_seed(seed)
     cfg = SmartConfig.of_size(size, {k: len(v) for k, v in vocab.poses.items()}, **model_overrides)
     model = SmartModel(cfg, vocab)
-    samples = [x for x in build_samples(ds, vocab, cfg, scenes, progress) if x.num_targets > 0]
+    samples = [x for x in build_samples(ds, vocab, cfg, scenes, progress, workers) if x.num_targets > 0]
     trainer = Trainer(model, smart_bc_loss, samples, collate,
                       TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
                                   resume=resume, progress=progress, ckpt_every=ckpt_every, val_every=val_every),
@@ -70,3 +102,28 @@ def train_bc(ds, vocab: MotionVocabulary, size: str, out: str | Path, max_steps:
     if history:
         history[-1]["wall_s"] = time.perf_counter() - start
     return model, history
+
+
+def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int = 0):
+    """A ``validate_fn`` for the trainer: the model as a ``smart`` agent driving every agent of the first
+    ``scenes`` val scenes (``rollouts`` samples each); returns the mean realism meta-metric and minADE."""
+    import copy
+
+    import numpy as np
+
+    from agents.smart import SmartAgent
+    from envs.metrics.episode import compute_episode_metrics
+    from training.rollouts import simulate_scene
+
+    def validate(model: SmartModel) -> dict:
+        agent = SmartAgent(copy.deepcopy(model).eval(), top_k=48)
+        metas, ades = [], []
+        for i in range(min(scenes, len(val_ds))):
+            r = simulate_scene(agent, val_ds, i, rollouts, seed=seed + i)
+            m = compute_episode_metrics(r, ["realism", "min_ade"])
+            metas.append(m["realism_meta_wosac2024"])
+            ades.append(m["min_ade"])
+        return {"realism_meta_wosac2024": float(np.nanmean(metas)), "min_ade": float(np.nanmean(ades))}
+
+    return validate
+

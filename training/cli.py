@@ -99,13 +99,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from agents.registry import AGENTS, available_agents
     from training.evaluate import evaluate, format_metric_table
 
+    available_agents()  # registers the built-in agents
+    # --checkpoint goes to the agents that have weights (e.g. --agent smart --agent constant_velocity); with
+    # none of those it goes everywhere, so the "takes no checkpoint" error names the mistake
+    weighted = [n for n in args.agent if getattr(AGENTS.get(n), "has_weights", False)]
     ds = _open(args, args.split)
     results = []
     for name in args.agent:
+        ckpt = args.checkpoint if (name in weighted or not weighted) else None
         result = evaluate(name, ds, num_rollouts=args.rollouts, setting=args.setting, traffic=args.traffic,
-                          num_scenes=args.scenes, seed=args.seed, checkpoint=args.checkpoint,
+                          num_scenes=args.scenes, seed=args.seed, checkpoint=ckpt,
                           metrics=args.metric, save_dir=args.save_rollouts and str(Path(args.save_rollouts) / name),
                           progress_bar=True)
         if result is None:  # a non-zero torchrun rank: rank 0 reports
@@ -183,15 +189,23 @@ def _train_bc(args: argparse.Namespace) -> int:
                                   f"trafficgym train vocab --out {vocab_path}")
         vocab = build_motion_vocabulary(ds, seed=args.seed)
         save_vocabulary(vocab, vocab_path, {"dataset": args.dataset, "split": args.split})
+    validate = None
+    if args.val_scenes > 0 and rank == 0:
+        from training.bc import closed_loop_validation
+
+        validate = closed_loop_validation(_open(args, "val"), scenes=args.val_scenes, seed=args.seed)
     model, history = train_bc(ds, vocab, args.size, out, args.max_steps, batch_size=args.batch_size, lr=args.lr,
                               resume=args.resume, seed=args.seed, scenes=args.scenes, progress=rank == 0,
-                              ckpt_every=args.ckpt_every)
+                              ckpt_every=args.ckpt_every, validate_fn=validate, val_every=args.val_every,
+                              workers=args.workers)
     if rank == 0:
         last = [h for h in history if "loss" in h][-1]
+        val = [h for h in history if any(k.startswith("val/") for k in h)]
         print(json.dumps({"checkpoint": str(out / "last.safetensors"), "steps": last["step"],
                           "loss": round(last["loss"], 4), "accuracy": round(last.get("accuracy", 0.0), 4),
                           "tokens_per_s": round(last["tokens_per_s"]), "processes": world,
-                          "wall_s": round(history[-1].get("wall_s", 0.0), 1)}, indent=1))
+                          "wall_s": round(history[-1].get("wall_s", 0.0), 1),
+                          "validation": val[-1] if val else None}, indent=1))
     return 0
 
 
@@ -278,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--lr", type=float, default=5e-4)
     bc.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
     bc.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
+    bc.add_argument("--val-scenes", type=int, default=4,
+                    help="closed-loop validation on the first N val scenes (realism meta, minADE; 0: none)")
+    bc.add_argument("--val-every", type=int, default=500, help="steps between validations (and at the end)")
+    bc.add_argument("--workers", type=int, default=2, help="processes tokenizing the scenes at start-up")
     bc.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     bc.add_argument("--seed", type=int, default=0)
     bc.set_defaults(func=_train_bc)
