@@ -191,8 +191,10 @@ def test_interaction_loop_results_do_not_depend_on_chunking():
     v = rng.random((steps, n)) > 0.1
     ext = np.stack([rng.uniform(3, 12, n), rng.uniform(1.5, 2.6, n)], -1).astype(np.float32)
     params = (TTC_CAP, 1.309, 0.5, 2.0, 4.0, 1.5, 2.5, 0.2)
-    one = interaction_pairs(s, v, ext, 20, 8, params, 1)
-    many = interaction_pairs(s, v, ext, 20, 8, params, 7)
+    agents, agents_valid = s[:, :20].transpose(1, 0, 2)[None].copy(), v[:, :20].T[None].copy()  # (1, 20, T, ...)
+    context, context_valid = s[:, 20:].transpose(1, 0, 2).copy(), v[:, 20:].T.copy()  # (10, T, ...)
+    one = interaction_pairs(agents, agents_valid, context, context_valid, ext, 8, params, 1)
+    many = interaction_pairs(agents, agents_valid, context, context_valid, ext, 8, params, 7)
     for x, y in zip(one, many, strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -282,6 +284,37 @@ def test_histogram_likelihood_exact():
     assert float(lik) == pytest.approx(2.1 / 3.2)
     lik, scored = histogram_log_likelihood(sim, ok, log, torch.zeros(1, 2, dtype=torch.bool), spec)
     assert not scored.any() and torch.isnan(lik).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 6), st.integers(1, 5), st.integers(1, 7))
+def test_compiled_likelihoods_equal_the_torch_reference(seed, r, a, t):
+    # every realism feature's spec, random values around (and beyond) its range, random validity
+    from envs.metrics.kernels import histogram_likelihoods
+
+    rng = np.random.default_rng(seed)
+    specs = list(REALISM_FEATURES.values())
+    sim = np.empty((len(specs), r, a, t), np.float32)
+    log = np.empty((len(specs), a, t), np.float32)
+    for i, sp in enumerate(specs):
+        lo, hi = (sp.low, sp.high) if not sp.boolean else (0.0, 1.0)
+        span = hi - lo
+        if sp.boolean:
+            sim[i], log[i] = rng.random((r, a, t)) < 0.3, rng.random((a, t)) < 0.3
+        else:  # bin edges hit exactly now and then
+            sim[i] = rng.choice([rng.uniform(lo - span / 4, hi + span / 4), lo + span * rng.integers(0, 5) / 4],
+                                size=(r, a, t)) if rng.random() < 0.3 else rng.uniform(lo - span / 4, hi + span / 4,
+                                                                                        (r, a, t))
+            log[i] = rng.uniform(lo - span / 4, hi + span / 4, (a, t))
+    sim_ok, log_ok = rng.random(sim.shape) < 0.8, rng.random(log.shape) < 0.7
+    got = histogram_likelihoods(sim, sim_ok, log, log_ok, np.array([sp.low for sp in specs], np.float32),
+                                np.array([sp.high - sp.low for sp in specs], np.float32),
+                                np.array([sp.bins for sp in specs], np.int64), 0.1)
+    for i, sp in enumerate(specs):
+        ref, scored = histogram_log_likelihood(torch.from_numpy(sim[i]), torch.from_numpy(sim_ok[i]),
+                                               torch.from_numpy(log[i]), torch.from_numpy(log_ok[i]), sp)
+        assert np.isnan(got[i]).tolist() == (~scored).tolist()
+        np.testing.assert_allclose(got[i][scored.numpy()], ref[scored].double().numpy(), rtol=1e-5)  # f32 reference
 
 
 def test_boolean_likelihood_any_over_time():

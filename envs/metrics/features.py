@@ -174,7 +174,8 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
     Args:
         agents: ``(B, A, T, 5)`` x, y, heading, vx, vy of the evaluated agents; agents_valid ``(B, A, T)``;
             extent ``(A, 2)`` length, width (m).
-        others: optional ``(B or 1, O, T, 5)`` further objects (context), others_valid, others_extent ``(O, 2)``.
+        others: optional ``(1, O, T, 5)`` further objects shared by every sample (context), others_valid
+            ``(1, O, T)``, others_extent ``(O, 2)``.
     Returns ``(B, A, T)`` features:
         ``distance_to_nearest_object`` (m, exact signed box distance, < 0 overlapping; valid where the agent and
         at least one other object are valid), ``collision`` (bool, that distance < 0), ``overlaps_agents`` /
@@ -188,20 +189,17 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         whose bounding circles would touch then; ``TTC_CAP`` otherwise).
     """
     b, a, t, _ = agents.shape
+    dev, dtype = agents.device, agents.dtype
     if others is not None and others.shape[1] > 0:
-        objs = torch.cat([agents, others.expand(b, -1, -1, -1)], dim=1)
-        objs_valid = torch.cat([agents_valid, others_valid.expand(b, -1, -1)], dim=1)
-        objs_extent = torch.cat([extent, others_extent], dim=0)
+        if others.shape[0] != 1:
+            raise ValueError(f"interaction_features: context objects are shared by every sample, (1, O, T, 5); "
+                             f"got {tuple(others.shape)}.")
+        ctx, ctx_valid, objs_extent = others[0], others_valid[0], torch.cat([extent, others_extent], dim=0)
     else:
-        objs, objs_valid, objs_extent = agents, agents_valid, extent
-    n = objs.shape[1]
-    # Frames first: (F = B*T, N, ...); the agents are the first A objects.
-    s = objs.permute(0, 2, 1, 3).reshape(b * t, n, 5)
-    v = objs_valid.permute(0, 2, 1).reshape(b * t, n)
-    dev, dtype = s.device, s.dtype
+        ctx, ctx_valid, objs_extent = agents.new_zeros((0, t, 5)), agents_valid.new_zeros((0, t)), extent
     params = (TTC_CAP, TTC_MAX_HEADING_DIFF, RSS_RHO, RSS_ACCEL, RSS_BRAKE, RSS_LAT_ACCEL, RSS_LAT_BRAKE, RSS_MU)
-    out = interaction_pairs(np.ascontiguousarray(s.detach().cpu().numpy()), np.ascontiguousarray(v.cpu().numpy()),
-                            np.ascontiguousarray(objs_extent.detach().cpu().numpy()), a, neighbours, params)
+    out = interaction_pairs(_numpy(agents.float()), _numpy(agents_valid), _numpy(ctx.float()), _numpy(ctx_valid),
+                            _numpy(objs_extent.float()), neighbours, params)
     nearest, n_agents, n_context, ttc, gap, rss_long, rss_lat, approach = (
         torch.from_numpy(x).to(dev, dtype if x.dtype == np.float64 else None) for x in out)
 
@@ -224,6 +222,11 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         "rss_lateral": Feature(back(rss_lat) & own_valid, own_valid),
         "closest_approach_ttc": Feature(torch.where(own_valid, back(approach), zero), own_valid),
     }
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy view (or copy, when needed) of a tensor for the compiled loops, on the CPU."""
+    return np.ascontiguousarray(x.detach().cpu().numpy())
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -73,14 +73,14 @@ def _insert(nb_d2, nb_idx, k, k_max, dj, j):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _exact(s, f, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, overlaps_c):
+def _exact(fs, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, overlaps_c):
     """Fold object j into agent i's nearest box distance and overlap counts, unless the bounding circles prove it
     can neither overlap nor be nearer than ``best``."""
     reach = radius[i] + radius[j] + max(best, 0.0)
     if d2[j] >= reach * reach:
         return best, overlaps_a, overlaps_c
-    value, overlap = _box_distance(s[f, i, 0], s[f, i, 1], cos_h[i], sin_h[i], 0.5 * ext[i, 0], 0.5 * ext[i, 1],
-                                   s[f, j, 0], s[f, j, 1], cos_h[j], sin_h[j], 0.5 * ext[j, 0], 0.5 * ext[j, 1],
+    value, overlap = _box_distance(fs[i, 0], fs[i, 1], cos_h[i], sin_h[i], 0.5 * ext[i, 0], 0.5 * ext[i, 1],
+                                   fs[j, 0], fs[j, 1], cos_h[j], sin_h[j], 0.5 * ext[j, 0], 0.5 * ext[j, 1],
                                    best)
     if overlap:
         if j < n_eval:
@@ -91,23 +91,23 @@ def _exact(s, f, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, 
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc, follow_gap,
+def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc, follow_gap,
            rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb, prev_k):
     ttc_cap, max_heading_diff, rho, acc, brk, lat_acc, lat_brk, mu = params
-    n = s.shape[1]
+    n = fs.shape[0]
     for j in range(n):
-        cos_h[j], sin_h[j] = math.cos(s[f, j, 2]), math.sin(s[f, j, 2])
-        xs[j], ys[j] = (s[f, j, 0], s[f, j, 1]) if v[f, j] else (_FAR, _FAR)
+        cos_h[j], sin_h[j] = math.cos(fs[j, 2]), math.sin(fs[j, 2])
+        xs[j], ys[j] = (fs[j, 0], fs[j, 1]) if fv[j] else (_FAR, _FAR)
         is_nb[j] = -1
     cos_max = math.cos(max_heading_diff)
     for i in range(n_eval):
         nearest[f, i], n_agents[f, i], n_context[f, i] = _NONE, 0, 0
         ttc[f, i], follow_gap[f, i], rss_long[f, i], rss_lat[f, i], approach[f, i] = ttc_cap, _NONE, False, \
             False, ttc_cap
-        if not v[f, i]:
+        if not fv[i]:
             prev_k[i] = 0
             continue
-        xi, yi, vxi, vyi = s[f, i, 0], s[f, i, 1], s[f, i, 3], s[f, i, 4]
+        xi, yi, vxi, vyi = fs[i, 0], fs[i, 1], fs[i, 3], fs[i, 4]
         ca, sa = cos_h[i], sin_h[i]
         hl, hw = 0.5 * ext[i, 0], 0.5 * ext[i, 1]
         # centre distances, and the k nearest: seeded with the previous frame's neighbours (usually the same
@@ -135,7 +135,7 @@ def _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_a
         # exact nearest box distance and overlap counts over all objects, neighbours first (tight bound early)
         best, overlaps_a, overlaps_c = _NONE, 0, 0
         for q in range(k):
-            best, overlaps_a, overlaps_c = _exact(s, f, i, nb_idx[q], d2, radius, cos_h, sin_h, ext, n_eval, best,
+            best, overlaps_a, overlaps_c = _exact(fs, i, nb_idx[q], d2, radius, cos_h, sin_h, ext, n_eval, best,
                                                   overlaps_a, overlaps_c)
         # then every other object, unless the k-th neighbour's distance proves none can overlap or be nearer
         # (all others are at least that far; fewer than k neighbours means there are no others)
@@ -143,7 +143,7 @@ def _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_a
         others = k == k_max and nb_d2[k - 1] < reach_any * reach_any
         for j in range(n if others else 0):
             if is_nb[j] != 2 * i + 1 and d2[j] < _FAR_D2:
-                best, overlaps_a, overlaps_c = _exact(s, f, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best,
+                best, overlaps_a, overlaps_c = _exact(fs, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best,
                                                       overlaps_a, overlaps_c)
         nearest[f, i], n_agents[f, i], n_context[f, i] = best, overlaps_a, overlaps_c
         # the neighbours in the agent's frame: followed object (TTC, RSS longitudinal), RSS lateral, approach
@@ -151,9 +151,9 @@ def _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_a
         gap, v_lead, lateral, t_min = _NONE, 0.0, False, _NONE
         for q in range(k):
             j = nb_idx[q]
-            dx, dy = s[f, j, 0] - xi, s[f, j, 1] - yi
+            dx, dy = fs[j, 0] - xi, fs[j, 1] - yi
             lx, ly = dx * ca + dy * sa, dy * ca - dx * sa
-            vxj, vyj = s[f, j, 3], s[f, j, 4]
+            vxj, vyj = fs[j, 3], fs[j, 4]
             # cheap bounds first (j's projected half-extents are at most its circle radius): most neighbours are
             # neither ahead in the lane nor alongside
             ahead = lx > 0 and abs(ly) < hw + radius[j]
@@ -195,18 +195,24 @@ def _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_a
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def interaction_pairs(s, v, ext, n_eval, k_max, params, n_chunks=16):
-    """Features of the first ``n_eval`` objects of every frame against all objects of that frame.
+def interaction_pairs(agents, agents_valid, context, context_valid, ext, k_max, params, n_chunks=16):
+    """Features of every evaluated agent against all objects of its frame (the other agents of its sample and
+    the context objects).
 
-    s ``(F, N, 5)`` x, y, heading, vx, vy; v ``(F, N)`` bool; ext ``(N, 2)`` length, width; k_max: neighbours
-    for TTC / RSS / closest approach; params: TTC cap, max heading difference of a followed object, RSS rho,
-    longitudinal accel and brake, lateral accel and brake, lateral margin. Returns ``(F, n_eval)`` arrays:
-    nearest (signed box distance, inf if alone), overlaps with evaluated / other objects, TTC, follow gap,
-    RSS longitudinal / lateral violations, closest-approach time. Frames run in ``n_chunks`` parallel chunks (a
-    fixed number, not the thread count: each chunk seeds its neighbour search from its previous frame, so
-    results never depend on the number of threads).
+    agents ``(B, A, T, 5)`` x, y, heading, vx, vy of the evaluated agents, agents_valid ``(B, A, T)`` bool;
+    context ``(O, T, 5)`` / context_valid ``(O, T)``: objects shared by every sample (O may be 0); ext
+    ``(A + O, 2)`` length, width; k_max: neighbours for TTC / RSS / closest approach; params: TTC cap, max heading
+    difference of a followed object, RSS rho, longitudinal accel and brake, lateral accel and brake, lateral
+    margin. Returns ``(F, A)`` arrays over the ``F = B * T`` frames (frame ``b * T + t``): nearest (signed box
+    distance, inf if alone), overlaps with evaluated / context objects, TTC, follow gap, RSS longitudinal /
+    lateral violations, closest-approach time. Frames run in ``n_chunks`` parallel chunks (a fixed number, not
+    the thread count: each chunk seeds its neighbour search from its previous frame, so results never depend on
+    the number of threads). Each frame's objects are gathered into a small buffer: no frame-major copy.
     """
-    n_f, n = s.shape[0], s.shape[1]
+    n_b, n_eval, n_t = agents_valid.shape
+    n_ctx = context.shape[0]
+    n = n_eval + n_ctx
+    n_f = n_b * n_t
     radius = np.empty(n)
     for j in range(n):
         radius[j] = 0.5 * math.sqrt(ext[j, 0] ** 2 + ext[j, 1] ** 2)
@@ -223,11 +229,21 @@ def interaction_pairs(s, v, ext, n_eval, k_max, params, n_chunks=16):
     radius_max = radius.max() if n else 0.0
     for c in numba.prange(n_chunks):
         # scratch buffers once per chunk of frames, not per frame
+        fs, fv = np.empty((n, 5), agents.dtype), np.empty(n, np.bool_)
         cos_h, sin_h, xs, ys, d2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
         nb_idx, nb_d2, is_nb = np.empty(k_max, np.int64), np.empty(k_max), np.empty(n, np.int64)
         prev_nb, prev_k = np.empty((n_eval, k_max), np.int64), np.zeros(n_eval, np.int64)
         for f in range(c * n_f // n_chunks, (c + 1) * n_f // n_chunks):
-            _frame(s, v, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc,
+            b, t = f // n_t, f % n_t
+            for j in range(n_eval):
+                fv[j] = agents_valid[b, j, t]
+                for q in range(5):
+                    fs[j, q] = agents[b, j, t, q]
+            for j in range(n_ctx):
+                fv[n_eval + j] = context_valid[j, t]
+                for q in range(5):
+                    fs[n_eval + j, q] = context[j, t, q]
+            _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc,
                    follow_gap, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb,
                    prev_k)
     for f in range(n_f):
@@ -265,4 +281,62 @@ def road_edge_distance(traj, valid, extent, sdf, origin_x, origin_y, resolution)
                     bottom = sdf[v0 + 1, u0] * (1 - fu) + sdf[v0 + 1, u0 + 1] * fu
                     worst = max(worst, top * (1 - fv) + bottom * fv)
                 out[b, a, t] = worst
+    return out
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def histogram_likelihoods(sim, sim_valid, log, log_valid, low, width, bins, pseudocount):
+    """WOSAC histogram likelihoods of ``F`` features at once (``realism.py`` defines the method; its torch
+    functions ``histogram_log_likelihood`` / ``bernoulli_log_likelihood`` are the reference this loop matches).
+
+    sim ``(F, R, A, T)`` float32 simulated values, sim_valid ``(F, R, A, T)`` bool; log ``(F, A, T)`` float32,
+    log_valid ``(F, A, T)`` bool; per feature: low ``(F,)`` float32 range start, width ``(F,)`` float32 range
+    length, bins ``(F,)`` int64 (0: a boolean feature, scored by its any-over-time value per rollout).
+    Returns ``(F, A)`` float64 likelihoods, NaN where the object has no valid logged value. Bins are computed
+    in float32 exactly as the torch reference does.
+    """
+    n_f, n_r, n_a, n_t = sim.shape
+    out = np.full((n_f, n_a), np.nan)
+    for fa in numba.prange(n_f * n_a):
+        f, a = fa // n_a, fa % n_a
+        nb = bins[f]
+        if nb == 0:
+            true, counted = 0.0, 0.0
+            for r in range(n_r):
+                seen, hit = False, False
+                for t in range(n_t):
+                    if sim_valid[f, r, a, t]:
+                        seen = True
+                        hit = hit or sim[f, r, a, t] != 0
+                if seen:
+                    counted += 1.0
+                    true += 1.0 if hit else 0.0
+            scored, log_hit = False, False
+            for t in range(n_t):
+                if log_valid[f, a, t]:
+                    scored = True
+                    log_hit = log_hit or log[f, a, t] != 0
+            if scored:
+                p = (true + pseudocount) / (counted + 2 * pseudocount)
+                out[f, a] = p if log_hit else 1.0 - p
+            continue
+        counts = np.zeros(nb)
+        nbf = np.float32(nb)
+        for r in range(n_r):
+            for t in range(n_t):
+                if sim_valid[f, r, a, t]:
+                    k = int(math.floor((sim[f, r, a, t] - low[f]) / width[f] * nbf))
+                    counts[min(max(k, 0), nb - 1)] += 1.0
+        total = 0.0
+        for k in range(nb):
+            counts[k] += pseudocount
+            total += counts[k]
+        acc, n = 0.0, 0
+        for t in range(n_t):
+            if log_valid[f, a, t]:
+                k = int(math.floor((log[f, a, t] - low[f]) / width[f] * nbf))
+                acc += math.log(counts[min(max(k, 0), nb - 1)] / total)
+                n += 1
+        if n:
+            out[f, a] = math.exp(acc / n)
     return out
