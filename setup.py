@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["envs", "envs.*", "agents", "agents.*", "training", "training.*",
                                     "render", "render.*"]),
-    package_data={"envs.data.towns": ["assets/*"]},
+    package_data={"envs.data.towns": ["assets/*"], "agents": ["weights/*.safetensors"]},
     install_requires=[
         # A range, not a pin: users bring their own (CUDA) builds. The Makefile installs the local CPU
         # build torch==2.13.0 first so that nothing pulls a multi-GB CUDA wheel.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,3 +112,75 @@ def knn(query_xy: torch.Tensor, key_xy: torch.Tensor, k: int, radius: float, key
     k = min(k, m)
     dist, idx = d2.topk(k, dim=-1, largest=False)
     return idx, dist <= radius * radius
+
+
+def radius_neighbours(points: np.ndarray, tree, count: int, k: int, radius: float) -> np.ndarray:
+    """``(len(points), k)`` indices of the ``k`` nearest of the ``count`` points of a ``scipy.spatial.cKDTree``
+    within ``radius`` (-1: none), nearest first: what ``knn`` finds, on the CPU, for fixed point sets."""
+    if count == 0 or len(points) == 0:
+        return np.full((len(points), k), -1, np.int64)
+    _, idx = tree.query(points, k=min(k, count), distance_upper_bound=radius)
+    idx = np.asarray(idx).reshape(len(points), -1)
+    idx = np.where(idx >= count, -1, idx)
+    return np.pad(idx, ((0, 0), (0, k - idx.shape[1])), constant_values=-1).astype(np.int64)
+
+
+class RadiusGrid:
+    """Exact ``knn`` against fixed point sets (a batch's maps) without comparing every query with every point.
+
+    The plane around each set is cut into square cells of ``cell`` metres; each cell lists every point within
+    ``radius`` + half the cell diagonal of its centre, so a query's candidates (its cell's list) contain every
+    point within ``radius`` of it. A query outside the grid (which extends ``radius`` beyond the points) has no
+    point within ``radius`` and is clamped to a border cell, whose candidates then fail the radius test.
+
+    cells ``(U, G, C)`` point indices per set and cell (-1: padding), origin ``(U, 2)`` m, dims ``(U, 2)`` cells
+    along x and y.
+    """
+
+    def __init__(self, cells: torch.Tensor, origin: torch.Tensor, dims: torch.Tensor, cell: float, radius: float):
+        self.cells, self.origin, self.dims, self.cell, self.radius = cells, origin, dims, cell, radius
+
+    @classmethod
+    def build(cls, point_sets: list[np.ndarray], radius: float, cell: float = 10.0, device=None) -> RadiusGrid:
+        """One grid per ``(M_u, 2)`` point set (m)."""
+        from scipy.spatial import cKDTree
+
+        tables, origins, dims = [], [], []
+        for pts in point_sets:
+            pts = np.asarray(pts, np.float64).reshape(-1, 2)
+            low = pts.min(axis=0) - radius if len(pts) else np.zeros(2)
+            high = pts.max(axis=0) + radius if len(pts) else np.zeros(2)
+            n = np.maximum(np.ceil((high - low) / cell).astype(np.int64), 1)
+            ix, iy = np.meshgrid(np.arange(n[0]), np.arange(n[1]), indexing="ij")
+            centres = low + (np.stack([ix.ravel(), iy.ravel()], -1) + 0.5) * cell
+            lists = cKDTree(pts).query_ball_point(centres, radius + cell * math.sqrt(0.5)) if len(pts) else \
+                [[] for _ in centres]
+            tables.append(lists)
+            origins.append(low)
+            dims.append(n)
+        g = max(len(t) for t in tables)
+        c = max([len(x) for t in tables for x in t] + [1])
+        cells = np.full((len(tables), g, c), -1, np.int64)
+        for u, lists in enumerate(tables):
+            for j, x in enumerate(lists):
+                cells[u, j, :len(x)] = x
+        return cls(torch.as_tensor(cells, device=device), torch.as_tensor(np.asarray(origins), dtype=torch.float32,
+                                                                         device=device),
+                   torch.as_tensor(np.asarray(dims), device=device), cell, radius)
+
+    def knn(self, query_xy: torch.Tensor, sets: torch.Tensor, key_xy: torch.Tensor, k: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``knn`` of queries ``(B, Q, 2)`` against point set ``sets[b]`` ``(B,)`` of ``key_xy`` ``(U, M, 2)``
+        within the grid's radius: indices ``(B, Q, k)`` into the set and the mask of those that exist."""
+        dims = self.dims[sets][:, None]  # (B, 1, 2)
+        ij = ((query_xy - self.origin[sets][:, None]) / self.cell).floor().long()
+        ij = torch.minimum(ij.clamp(min=0), dims - 1)
+        cand = self.cells[sets[:, None], ij[..., 0] * dims[..., 1] + ij[..., 1]]  # (B, Q, C)
+        pts = key_xy[sets[:, None, None], cand.clamp(min=0)]  # (B, Q, C, 2)
+        d2 = (pts - query_xy[..., None, :]).square().sum(-1).masked_fill(cand < 0, float("inf"))
+        want = min(k, key_xy.shape[1])  # as many columns as knn returns
+        if cand.shape[-1] < want:
+            d2 = torch.nn.functional.pad(d2, (0, want - cand.shape[-1]), value=float("inf"))
+            cand = torch.nn.functional.pad(cand, (0, want - cand.shape[-1]), value=-1)
+        dist, j = d2.topk(want, dim=-1, largest=False)
+        return cand.gather(-1, j).clamp(min=0), dist <= self.radius * self.radius

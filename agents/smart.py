@@ -19,16 +19,19 @@ closed-loop rollout costs one incremental step per 0.5 s, not a re-encoding of t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from agents.layers import NeighbourAttention, RelPoseEncoding, knn, relative_pose
+from agents.layers import NeighbourAttention, RadiusGrid, RelPoseEncoding, knn, relative_pose
 from agents.tokenizer import PIECE_POINTS, TYPE_NAMES, MotionVocabulary
 from envs.types import AgentType, PolylineType, TrafficLightState
 
 TOKEN_SECONDS = 0.5
+# Weights that ship with the package, by name: ``make_agent("smart", checkpoint="towns-nano")``. Each was made by
+# the command in the README's training section (the file's metadata holds its training config).
+PRETRAINED = {"towns-nano": Path(__file__).with_name("weights") / "smart_nano_towns.safetensors"}
 TEMPORAL_WINDOW = 6  # steps of history each step attends to (itself included)
 
 SIZES = {
@@ -76,12 +79,28 @@ class SmartConfig:
 
 @dataclass
 class MapEncoding:
-    """Encoded map pieces of a batch: features ``(B, M, D)``, pose ``(B, M, 3)``, valid ``(B, M)``."""
+    """Encoded map pieces of ``U`` maps: features ``(U, M, D)``, pose ``(U, M, 3)``, valid ``(U, M)``.
+
+    rows: ``(B,)`` the map of each batch row (None: row ``b`` uses map ``b``, as in training batches; rollouts
+    encode each map of a batch once and point R copies of a scene at it). kv: per decoder layer, the map->agent
+    keys/values ``(U * M, 2D)`` projected once (the map stays fixed during a rollout). grid: a ``RadiusGrid`` of
+    the pieces for exact map->agent neighbour queries without a scan over every piece.
+    """
 
     feat: torch.Tensor
     pose: torch.Tensor
     valid: torch.Tensor
-    kv: list | None = None  # per decoder layer, the map->agent keys/values ``(B * M, 2D)`` (rollout cache)
+    kv: list | None = None
+    rows: torch.Tensor | None = None
+    grid: RadiusGrid | None = None
+
+    def row_maps(self, batch: int) -> torch.Tensor:
+        """``(B,)`` index of each batch row's map."""
+        if self.rows is not None:
+            return self.rows
+        if batch != self.feat.shape[0]:
+            raise ValueError(f"{self.feat.shape[0]} encoded maps for a batch of {batch} rows and no row index.")
+        return torch.arange(batch, device=self.feat.device)
 
 
 class SmartModel(nn.Module):
@@ -125,9 +144,11 @@ class SmartModel(nn.Module):
 
     # ---- map -------------------------------------------------------------------------------------------------
     def encode_map(self, points: torch.Tensor, pose: torch.Tensor, kind: torch.Tensor, valid: torch.Tensor,
-                   light: torch.Tensor | None = None, nbr: torch.Tensor | None = None) -> MapEncoding:
-        """points ``(B, M, P, 2)`` local, pose ``(B, M, 3)``, kind ``(B, M)`` ``PolylineType``, valid ``(B, M)``;
-        nbr: optional precomputed ``(B, M, K)`` neighbour indices (-1: none), else found here."""
+                   light: torch.Tensor | None = None, nbr: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None) -> MapEncoding:
+        """points ``(U, M, P, 2)`` local, pose ``(U, M, 3)``, kind ``(U, M)`` ``PolylineType``, valid ``(U, M)`` of
+        ``U`` maps; nbr: optional precomputed ``(U, M, K)`` neighbour indices (-1: none), else found here; rows:
+        optional ``(B,)`` map of each batch row (``MapEncoding.rows``)."""
         b, m = valid.shape
         x = self.piece_mlp(points.flatten(-2)) + self.piece_type(kind)
         if light is not None:
@@ -143,7 +164,7 @@ class SmartModel(nn.Module):
             flat = _flat(idx, m).flatten(0, 1)
             for layer in self.map_layers:
                 x = layer(x.reshape(b * m, -1), x.reshape(b * m, -1), flat, rel, ok.flatten(0, 1)).view(b, m, -1)
-        return MapEncoding(x, pose, valid)
+        return MapEncoding(x, pose, valid, rows=rows)
 
     # ---- agents ----------------------------------------------------------------------------------------------
     def embed_agents(self, in_token: torch.Tensor, agent_type: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
@@ -166,9 +187,10 @@ class SmartModel(nn.Module):
                              mask_t.reshape(-1, mask_t.shape[-1])).view(b, a, s, d)
         m = map_enc.feat.shape[1]
         map_kv = map_enc.kv[i] if map_enc.kv is not None else None
-        x = self.m2a[i](x.reshape(-1, d), map_enc.feat.reshape(b * m, d), _flat(m_idx.flatten(1, 2), m).reshape(
-            b * a * s, -1), m_rel.reshape(-1, m_rel.shape[-2], d), m_ok.reshape(-1, m_ok.shape[-1]),
-            source_kv=map_kv).view(b, a, s, d)
+        m_rows = m_idx.flatten(1, 2) + (map_enc.row_maps(b) * m).view(b, 1, 1)  # rows of the (U * M) pieces
+        n, k = b * a * s, m_idx.shape[-1]  # explicit sizes: a map without pieces has k = 0
+        x = self.m2a[i](x.reshape(n, d), map_enc.feat.reshape(-1, d), m_rows.reshape(n, k), m_rel.reshape(n, k, d),
+                        m_ok.reshape(n, k), source_kv=map_kv).view(b, a, s, d)
         xs = x.transpose(1, 2).reshape(b * s * a, d)  # agents of the same step together
         x = self.a2a[i](xs, xs, _flat(a_idx.reshape(b * s, a, -1), a).reshape(b * s * a, -1),
                         a_rel.reshape(-1, a_rel.shape[-2], d), a_ok.reshape(-1, a_ok.shape[-1]))
@@ -179,11 +201,16 @@ class SmartModel(nn.Module):
         optional precomputed ``(B, A, S', K)`` map neighbours (-1: none)."""
         b, a, s, _ = pose.shape
         q = pose.reshape(b, a * s, 3)
-        if m2a_nbr is None:
-            m_idx, m_ok = knn(q[..., :2], map_enc.pose[..., :2], self.cfg.k_m2a, self.cfg.m2a_radius, map_enc.valid)
-        else:
+        maps = map_enc.row_maps(b)
+        if m2a_nbr is not None:
             m_idx, m_ok = m2a_nbr.reshape(b, a * s, -1).clamp(min=0), m2a_nbr.reshape(b, a * s, -1) >= 0
-        m_rel = self.m2a_rel(relative_pose(q[:, :, None], _gather(map_enc.pose, m_idx)))
+        elif map_enc.grid is not None and map_enc.pose.shape[1] > 0:
+            m_idx, m_ok = map_enc.grid.knn(q[..., :2], maps, map_enc.pose[..., :2], self.cfg.k_m2a)
+        else:
+            m_idx, m_ok = knn(q[..., :2], map_enc.pose[maps, :, :2], self.cfg.k_m2a, self.cfg.m2a_radius,
+                              map_enc.valid[maps])
+        m_ok = m_ok & map_enc.valid[maps[:, None, None], m_idx]
+        m_rel = self.m2a_rel(relative_pose(q[:, :, None], map_enc.pose[maps[:, None, None], m_idx]))
         m_ok = m_ok & valid.reshape(b, a * s, 1)
         ps, vs = pose.transpose(1, 2), valid.transpose(1, 2)  # (B, S', A, ...)
         a_idx, a_ok = knn(ps[..., :2], ps[..., :2], self.cfg.k_a2a, self.cfg.a2a_radius, vs, exclude_self=True)
@@ -214,7 +241,8 @@ class SmartModel(nn.Module):
         """The encoding with every decoder layer's map->agent keys/values projected once (for rollouts, where
         the map stays fixed for the whole episode)."""
         flat = map_enc.feat.reshape(-1, map_enc.feat.shape[-1])
-        return MapEncoding(map_enc.feat, map_enc.pose, map_enc.valid, [layer.project(flat) for layer in self.m2a])
+        return MapEncoding(map_enc.feat, map_enc.pose, map_enc.valid, [layer.project(flat) for layer in self.m2a],
+                           map_enc.rows, map_enc.grid)
 
     def logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.head_norm(x)
@@ -280,8 +308,17 @@ def _gather_steps(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
 from agents.base import PlanningAgent  # noqa: E402  (below the model: the agent wraps it)
 from agents.registry import register_agent  # noqa: E402
-from agents.tokenizer import TOKEN_BOX, TOKEN_STEPS, map_pieces, nearest_final, token_poses  # noqa: E402
+from agents.tokenizer import (  # noqa: E402
+    TOKEN_BOX,
+    TOKEN_STEPS,
+    cached_map_pieces,
+    map_piece_neighbours,
+    nearest_final,
+    token_poses,
+)
 from envs.dynamics import StatePose  # noqa: E402
+from envs.map_index import lane_exits, passed_exit  # noqa: E402
+from envs.types import Action  # noqa: E402
 
 
 @register_agent("smart")
@@ -311,7 +348,8 @@ class SmartAgent(PlanningAgent):
             from envs.errors import CheckpointError
 
             raise CheckpointError("The smart agent needs trained weights: make_agent('smart', checkpoint=PATH) "
-                                  "(train one with `trafficgym train bc`).")
+                                  "(train one with `trafficgym train bc`), or one of the bundled "
+                                  f"{sorted(PRETRAINED)} (e.g. checkpoint='towns-nano', trained on the towns data).")
         if top_k < 1 or temperature <= 0:
             raise ValueError(f"top_k must be >= 1 and temperature > 0, got {top_k}, {temperature}.")
         self.model = model.eval()
@@ -323,6 +361,14 @@ class SmartAgent(PlanningAgent):
         from agents.checkpoint import load_checkpoint, load_state_dict_strict
         from envs.errors import CheckpointError
 
+        if str(path) in PRETRAINED:
+            path = PRETRAINED[str(path)]
+        elif not Path(path).exists():
+            import difflib
+
+            near = difflib.get_close_matches(str(path), PRETRAINED, n=1)
+            raise CheckpointError(f"No checkpoint file {path} and no bundled smart weights of that name (bundled: "
+                                  f"{sorted(PRETRAINED)})" + (f". Did you mean {near[0]!r}?" if near else "."))
         cfg_json, tensors, _ = load_checkpoint(path, expected_agent="smart")
         try:
             tol = float(cfg_json.pop("tol"))
@@ -345,14 +391,15 @@ class SmartAgent(PlanningAgent):
                 raise VocabularyError(f"The smart model has no tokens for {AgentType(int(k)).name} agents; drive "
                                       "them with another policy (e.g. traffic=[('smart', 'vehicles')]).")
         b = state.batch_size
-        rows = list(range(b)) if slots is None or self._cache is None else [int(s) for s in slots]
-        if slots is None or self._cache is None or self._cache["pose"].shape[:2] != (b, state.num_agents):
+        fresh_cache = slots is None or self._cache is None or self._cache["pose"].shape[:2] != (b, state.num_agents)
+        rows = list(range(b)) if fresh_cache else [int(s) for s in slots]
+        if fresh_cache:
             self._cache = self._empty_cache(state)
-            self._map = self._encode_maps(state, list(range(b)))
+            self._encoded: dict = {}  # map id -> its encoding, kept while slots reset (the weights are fixed)
         else:
             self._cache["valid"][rows] = False
-            fresh = self._encode_maps(state, rows)
-            self._map = self.model.cache_map(_merge_maps(self._map, fresh, rows))
+        self._map = self._encode_maps(state)
+        self._exits = [torch.as_tensor(lane_exits(m), device=state.device) for m in state.maps.sources]
         self._fresh = torch.zeros(b, dtype=torch.bool)
         self._fresh[rows] = True
 
@@ -364,32 +411,42 @@ class SmartAgent(PlanningAgent):
                 "x": [torch.zeros(b, a, TEMPORAL_WINDOW, d, device=dev) for _ in range(self.model.cfg.agent_layers)]}
 
     @torch.no_grad()
-    def _encode_maps(self, state, rows: list[int]) -> MapEncoding:
-        """Map pieces within the map->agent radius + 5 m of each row's logged tracks, encoded (identical rows
-        share one encoding); padded ``MapEncoding`` over ``rows``."""
-        from scipy.spatial import cKDTree
+    def _encode_maps(self, state) -> MapEncoding:
+        """Every piece of each map of the batch (``state.maps``), encoded once per map and shared by the rows on
+        it. The whole map, not a crop around the logged tracks: where the agents will drive is not known."""
+        cfg, dev = self.model.cfg, state.device
+        pieces = [cached_map_pieces(m) for m in state.maps.sources]
+        for m, p in zip(state.maps.sources, pieces, strict=True):
+            if m.map_id not in self._encoded:
+                n = len(p["pose"])
+                nbr = map_piece_neighbours(m, cfg.k_map, cfg.map_radius)
+                self._encoded[m.map_id] = self.model.encode_map(
+                    torch.as_tensor(p["points"], device=dev)[None], torch.as_tensor(p["pose"], device=dev)[None],
+                    torch.as_tensor(p["type"], device=dev)[None], torch.ones(1, n, dtype=torch.bool, device=dev),
+                    nbr=torch.as_tensor(nbr, device=dev)[None])
+        encs = [self._encoded[m.map_id] for m in state.maps.sources]
+        u, width, d = len(encs), max(e.feat.shape[1] for e in encs), encs[0].feat.shape[-1]
+        feat = torch.zeros(u, width, d, device=dev)
+        pose = torch.zeros(u, width, 3, device=dev)
+        valid = torch.zeros(u, width, dtype=torch.bool, device=dev)
+        for i, e in enumerate(encs):
+            n = e.feat.shape[1]
+            feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
+        grid = RadiusGrid.build([p["pose"][:, :2] for p in pieces], cfg.m2a_radius, device=dev)
+        rows = torch.as_tensor(state.map_idx, dtype=torch.long, device=dev)
+        return self.model.cache_map(MapEncoding(feat, pose, valid, rows=rows, grid=grid))
 
-        encoded: dict = {}
-        per_row = []
-        for b in rows:
-            m = state.maps.sources[int(state.map_idx[b])]
-            xy = state.log[b][state.log_valid[b]][:, :2].cpu().numpy()
-            key = (m.map_id, xy.round(2).tobytes())
-            if key not in encoded:
-                pieces = _PIECE_CACHE.setdefault(m.map_id, map_pieces(m))
-                near = np.zeros(0, np.int64)
-                if len(pieces["pose"]) and len(xy):
-                    tree = cKDTree(pieces["pose"][:, :2])
-                    near = np.unique(np.concatenate([np.asarray(j, np.int64) for j in tree.query_ball_point(
-                        xy[::5], self.model.cfg.m2a_radius + 5.0)] + [np.zeros(0, np.int64)]))
-                dev = state.device
-                pts = torch.as_tensor(pieces["points"][near], device=dev)[None]
-                pose = torch.as_tensor(pieces["pose"][near], device=dev)[None]
-                kind = torch.as_tensor(pieces["type"][near], device=dev)[None]
-                enc = self.model.encode_map(pts, pose, kind, torch.ones(1, len(near), dtype=torch.bool, device=dev))
-                encoded[key] = enc
-            per_row.append(encoded[key])
-        return self.model.cache_map(_stack_maps(per_row))
+    # ---- acting --------------------------------------------------------------------------------------------
+    def act(self, state, mask):
+        """The plan's next pose; agents whose next pose drives through a map exit (``envs.map_index.lane_exits``:
+        where the lane graph ends at the map border) leave the scene, as the logged vehicles do there."""
+        action = super().act(state, mask)
+        gone = torch.zeros_like(mask)
+        for u, exits in enumerate(self._exits):
+            rows = state.map_idx == u
+            if len(exits) and rows.any():
+                gone[rows] = passed_exit(action.data[rows][..., :2].float(), exits)
+        return Action(action.data, action.valid, remove=gone & mask)
 
     # ---- planning ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -449,31 +506,4 @@ class SmartAgent(PlanningAgent):
         return idx.gather(-1, pick.to(idx.device)[:, None]).squeeze(-1)
 
 
-_PIECE_CACHE: dict[str, dict] = {}
 TOKEN_BOX_OF = {name: TOKEN_BOX[k] for k, name in TYPE_NAMES.items()}
-
-
-def _stack_maps(encs: list[MapEncoding]) -> MapEncoding:
-    m = max(e.feat.shape[1] for e in encs)
-    d = encs[0].feat.shape[-1]
-    dev = encs[0].feat.device
-    feat = torch.zeros(len(encs), m, d, device=dev)
-    pose = torch.zeros(len(encs), m, 3, device=dev)
-    valid = torch.zeros(len(encs), m, dtype=torch.bool, device=dev)
-    for i, e in enumerate(encs):
-        n = e.feat.shape[1]
-        feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
-    return MapEncoding(feat, pose, valid)
-
-
-def _merge_maps(old: MapEncoding, new: MapEncoding, rows: list[int]) -> MapEncoding:
-    m = max(old.feat.shape[1], new.feat.shape[1])
-
-    def pad(x, fill=0):
-        extra = m - x.shape[1]
-        return x if extra == 0 else torch.cat([x, torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype,
-                                                              device=x.device)], dim=1)
-
-    feat, pose, valid = pad(old.feat), pad(old.pose), pad(old.valid, False)
-    feat[rows], pose[rows], valid[rows] = pad(new.feat), pad(new.pose), pad(new.valid, False)
-    return MapEncoding(feat, pose, valid)  # the caller re-projects the keys/values (cache_map)

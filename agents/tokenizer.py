@@ -149,33 +149,51 @@ def build_vocabulary(segs: torch.Tensor, size: int, tol: float, agent_type: Agen
 def nearest_final(vocab_poses: torch.Tensor, local_final: torch.Tensor, box: tuple[float, float],
                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Index and mean corner distance of the token whose final contour is nearest to each ``(S, 3)`` local pose."""
+    idx, dist = nearest_finals(vocab_poses, local_final, box, 1, chunk)
+    return idx[:, 0], dist[:, 0]
+
+
+def nearest_finals(vocab_poses: torch.Tensor, local_final: torch.Tensor, box: tuple[float, float], k: int,
+                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and mean corner distances ``(S, k)`` of the ``k`` tokens whose final contours are nearest to each
+    ``(S, 3)`` local pose, nearest first."""
     token_c = contour(vocab_poses[:, -1].double(), box)  # (V, 4, 2)
+    k = min(k, len(vocab_poses))
     idx, dist = [], []
     for part in local_final.double().split(chunk):
         d = contour_distance(contour(part, box)[:, None], token_c[None])  # (s, V)
-        best = d.min(dim=-1)
+        best = d.topk(k, dim=-1, largest=False) if k > 1 else d.min(dim=-1, keepdim=True)
         idx.append(best.indices)
         dist.append(best.values)
     if not idx:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k), dtype=torch.float64)
     return torch.cat(idx), torch.cat(dist)
 
 
 def tokenize(traj: torch.Tensor, valid: torch.Tensor, agent_type: torch.Tensor, vocab: MotionVocabulary,
-             start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             start: int = 0, noise_k: int = 1, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token sequences of logged tracks by the matched roll-out.
 
     traj ``(A, T, >=3)``, valid ``(A, T)``, agent_type ``(A,)``. Steps ``s = 0 .. S-1`` cover log steps
-    ``start + 5 s .. start + 5 (s + 1)``. Returns tokens ``(A, S)`` (-1 where the step is not tokenizable),
-    matched poses ``(A, S + 1, 3)`` (the roll-out's pose at each token boundary; the log's pose where a roll-out
-    restarts) and ``(A, S)`` the matched contour's mean corner distance to the log at the end of each step (m;
-    NaN where there is no token).
+    ``start + 5 s .. start + 5 (s + 1)``. At each step the target token is the one whose end lies nearest to the
+    logged pose at ``s + 1`` from the roll-out's pose at ``s``; the roll-out then moves by the *applied* token:
+    the target itself, or with ``noise_k > 1`` one of the ``noise_k`` nearest drawn at random (SMART's noised
+    tokenization: the roll-out strays from the log the way a policy's does, and the targets teach the way back).
+
+    Returns tokens ``(A, S)`` (targets; -1 where the step is not tokenizable), matched poses ``(A, S + 1, 3)``
+    (the roll-out's pose at each token boundary; the log's pose where a roll-out restarts), ``(A, S)`` the
+    roll-out contour's mean corner distance to the log at the end of each step (m; NaN where there is no token)
+    and the applied tokens ``(A, S)`` (equal to the targets without noise).
     """
+    if noise_k < 1:
+        raise ValueError(f"noise_k must be >= 1 (1: no noise), got {noise_k}.")
     a, t = valid.shape
     n_steps = max((t - 1 - start) // TOKEN_STEPS, 0)
     at = start + TOKEN_STEPS * torch.arange(n_steps + 1)
     gt, gt_valid = traj[:, at, :3].double(), valid[:, at]
     tokens = torch.full((a, n_steps), -1, dtype=torch.long)
+    applied = tokens.clone()
     error = torch.full((a, n_steps), float("nan"), dtype=torch.float64)
     matched = gt.clone()
     for kind in agent_type.unique().tolist():
@@ -190,11 +208,14 @@ def tokenize(traj: torch.Tensor, valid: torch.Tensor, agent_type: torch.Tensor, 
             if len(r) == 0:
                 continue
             local = _relative(gt[r, s + 1][:, None], matched[r, s])[:, 0]  # the log's next pose, matched frame
-            idx, _ = nearest_final(poses, local, box)
-            tokens[r, s] = idx
+            near, _ = nearest_finals(poses, local, box, noise_k)  # (n, k)
+            pick = torch.randint(0, near.shape[1], (len(r),), generator=generator) if noise_k > 1 else \
+                torch.zeros(len(r), dtype=torch.long)
+            idx = near.gather(1, pick[:, None])[:, 0]
+            tokens[r, s], applied[r, s] = near[:, 0], idx
             matched[r, s + 1] = place(poses[idx, -1][:, None], matched[r, s])[:, 0]
             error[r, s] = contour_distance(contour(matched[r, s + 1], box), contour(gt[r, s + 1], box))
-    return tokens, matched.float(), error
+    return tokens, matched.float(), error, applied
 
 
 def token_poses(vocab_poses: torch.Tensor, tokens: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
@@ -256,3 +277,31 @@ def map_pieces(m, types=MAP_PIECE_TYPES) -> dict[str, np.ndarray]:
                 "type": np.zeros(0, np.int64)}
     return {"pose": np.asarray(poses, np.float32), "points": np.asarray(points, np.float32),
             "type": np.asarray(kinds, np.int64)}
+
+
+_PIECES: dict[str, dict] = {}
+
+
+def cached_map_pieces(m) -> dict:
+    """``map_pieces(m)`` plus ``tree``, a ``scipy.spatial.cKDTree`` of the piece positions, computed once per
+    process and map id (training samples and rollouts on the same map share them)."""
+    if m.map_id not in _PIECES:
+        from scipy.spatial import cKDTree
+
+        p = map_pieces(m)
+        p["tree"] = cKDTree(p["pose"][:, :2] if len(p["pose"]) else np.zeros((1, 2)))
+        _PIECES[m.map_id] = p
+    return _PIECES[m.map_id]
+
+
+def map_piece_neighbours(m, k: int, radius: float) -> np.ndarray:
+    """``(M, k)`` the ``k`` nearest pieces of every piece of map ``m`` within ``radius`` (m) on the whole map (-1:
+    none), cached with the pieces. Training crops and rollouts use these same lists, so a piece's encoding never
+    depends on which other pieces a batch happens to hold."""
+    from agents.layers import radius_neighbours
+
+    p = cached_map_pieces(m)
+    key = ("neighbours", int(k), float(radius))
+    if key not in p:
+        p[key] = radius_neighbours(p["pose"][:, :2], p["tree"], len(p["pose"]), k, radius)
+    return p[key]

@@ -192,3 +192,38 @@ def sample_sdf(sdf: torch.Tensor, origin: torch.Tensor, resolution: float, map_i
     top = flat[base] * (1 - fu) + flat[base + 1] * fu
     bottom = flat[base + w] * (1 - fu) + flat[base + w + 1] * fu
     return top * (1 - fv) + bottom * fv
+
+
+# ---- map exits ----------------------------------------------------------------------------------------------
+# Where the lane graph ends (a lane centre without a successor) the map ends too: vehicles leave the scene there
+# in the logs. Learned agents that drive through an exit are removed (``Action.remove``) like the logged ones.
+EXIT_HALF_WIDTH = 3.0  # m either side of a dead-end lane's last point (about a lane)
+EXIT_DEPTH = 30.0  # m beyond it
+
+
+def lane_exits(m: MapData) -> np.ndarray:
+    """``(E, 4)`` float32 x, y (m) of the last point of every lane centre without a successor and cos, sin of
+    its last segment's direction."""
+    has_next = set(np.asarray(m.successors)[:, 0].tolist()) if len(m.successors) else set()
+    out = []
+    for p in np.flatnonzero(m.polyline_type == PolylineType.LANE_CENTER):
+        line = m.polyline(int(p))
+        if int(p) in has_next or len(line) < 2:
+            continue
+        d = line[-1] - line[-2]
+        n = float(np.hypot(*d))
+        if n > 1e-6:
+            out.append((line[-1, 0], line[-1, 1], d[0] / n, d[1] / n))
+    return np.asarray(out, np.float32).reshape(-1, 4)
+
+
+def passed_exit(xy: torch.Tensor, exits: torch.Tensor, half_width: float = EXIT_HALF_WIDTH,
+                depth: float = EXIT_DEPTH) -> torch.Tensor:
+    """Whether points ``(..., 2)`` lie beyond one of ``exits`` ``(E, 4)`` (``lane_exits``): past its end point by
+    at most ``depth`` m along its direction and within ``half_width`` m of its line."""
+    if len(exits) == 0:
+        return torch.zeros(xy.shape[:-1], dtype=torch.bool, device=xy.device)
+    d = xy[..., None, :] - exits[:, :2]  # (..., E, 2)
+    along = d[..., 0] * exits[:, 2] + d[..., 1] * exits[:, 3]
+    across = d[..., 1] * exits[:, 2] - d[..., 0] * exits[:, 3]
+    return ((along > 0) & (along <= depth) & (across.abs() <= half_width)).any(dim=-1)

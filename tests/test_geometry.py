@@ -58,3 +58,22 @@ def test_box_corners_form_a_ccw_rectangle_of_the_right_size(x, y, h, length, wid
     area = 0.5 * np.sum(c[:, 0] * np.roll(c[:, 1], -1) - np.roll(c[:, 0], -1) * c[:, 1])
     assert area == pytest.approx(length * width, rel=1e-5, abs=1e-3)  # positive: counter-clockwise
     np.testing.assert_allclose(c.mean(axis=0), [x, y], atol=1e-3)
+
+
+def test_lane_exits_are_the_ends_of_lanes_without_successors_and_passed_exit_measures_from_them():
+    import torch
+
+    from envs.map_index import lane_exits, passed_exit
+    from envs.types import PolylineType
+    from tests.scenes import make_map
+
+    # lane 0 (0,0)->(50,0) continues into lane 1 (50,0)->(50,40); lane 1 ends: the only exit, heading +y
+    m = make_map([(np.array([[0.0, 0.0], [50.0, 0.0]]), PolylineType.LANE_CENTER),
+                  (np.array([[50.0, 0.0], [50.0, 40.0]]), PolylineType.LANE_CENTER),
+                  (np.array([[0.0, -3.0], [50.0, -3.0]]), PolylineType.ROAD_EDGE)], successors=[(0, 1)])
+    np.testing.assert_allclose(lane_exits(m), [[50.0, 40.0, 0.0, 1.0]], atol=1e-6)
+    exits = torch.as_tensor(lane_exits(m))
+    points = torch.tensor([[50.0, 40.5], [52.9, 45.0], [53.1, 45.0], [50.0, 39.5], [50.0, 70.0], [50.0, 70.5],
+                           [25.0, 0.0]])
+    assert passed_exit(points, exits).tolist() == [True, True, False, False, True, False, False]
+    assert passed_exit(points[None], exits[:0]).shape == (1, 7)  # no exits: nobody leaves

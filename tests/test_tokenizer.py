@@ -85,7 +85,7 @@ def test_tokenized_tracks_reconstruct_within_tolerance_and_roll_out_to_the_match
     poses, _ = build_vocabulary(segments(tracks, valid), size=4096, tol=0.05)
     vocab = MotionVocabulary({"vehicle": poses}, 0.05)
     kinds = torch.zeros(len(tracks), dtype=torch.long)
-    tokens, matched, error = tokenize(tracks, valid, kinds, vocab)
+    tokens, matched, error, _ = tokenize(tracks, valid, kinds, vocab)
     assert tokens.shape == (len(tracks), 8) and (tokens >= 0).all()
     assert float(error.max()) < 0.1  # the roll-out re-matches every 0.5 s: no drift beyond the tolerance
     still = 6  # speed 0, yaw rate 0 (family(): 13 yaw rates per speed, the 7th is 0)
@@ -96,10 +96,35 @@ def test_tokenized_tracks_reconstruct_within_tolerance_and_roll_out_to_the_match
         torch.testing.assert_close(end, matched[:, s + 1], atol=1e-4, rtol=0)
     # A token needs both of its ends logged (as in SMART); the roll-out restarts at the next logged boundary.
     valid[3, 15] = False
-    tokens, matched, error = tokenize(tracks, valid, kinds, vocab)
+    tokens, matched, error, _ = tokenize(tracks, valid, kinds, vocab)
     assert tokens[3, 2:4].tolist() == [-1, -1] and math.isnan(error[3, 2].item())
     torch.testing.assert_close(matched[3, 4], tracks[3, 20])
     assert tokens[3, 4] >= 0
+
+
+def test_noised_tokenization_strays_from_the_log_and_its_targets_lead_back():
+    tracks = family()
+    valid = torch.ones(tracks.shape[:2], dtype=torch.bool)
+    poses, _ = build_vocabulary(segments(tracks, valid), size=4096, tol=0.05)
+    vocab = MotionVocabulary({"vehicle": poses}, 0.05)
+    kinds = torch.zeros(len(tracks), dtype=torch.long)
+    clean, _, clean_error, clean_applied = tokenize(tracks, valid, kinds, vocab)
+    assert torch.equal(clean, clean_applied)
+    tokens, matched, error, applied = tokenize(tracks, valid, kinds, vocab, noise_k=8,
+                                               generator=torch.Generator().manual_seed(0))
+    assert bool((applied != tokens).float().mean() > 0.5)  # mostly another of the 8 nearest
+    assert float(error.mean()) > float(clean_error.mean())  # the roll-out strays from the log
+    for s in range(8):  # the roll-out moves by the applied tokens
+        end = token_poses(poses, applied[:, s], matched[:, s])[:, -1]
+        torch.testing.assert_close(end, matched[:, s + 1], atol=1e-4, rtol=0)
+    # each target is the nearest token to the log's next pose from the roll-out's pose: the best correction
+    from agents.tokenizer import _relative, nearest_final
+
+    local = _relative(tracks[:, 5:41:5, :3].double().reshape(-1, 1, 3), matched[:, :8].double().reshape(-1, 3))[:, 0]
+    best, _ = nearest_final(poses, local, (4.8, 2.0))
+    assert torch.equal(best.view(len(tracks), 8), tokens)
+    with pytest.raises(ValueError, match="noise_k must be >= 1"):
+        tokenize(tracks, valid, kinds, vocab, noise_k=0)
 
 
 def test_vocabulary_errors():

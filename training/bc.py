@@ -22,7 +22,7 @@ def smart_bc_loss(model: SmartModel, batch: dict) -> tuple[torch.Tensor, int, di
     """Summed cross-entropy (label smoothing 0.1) of the next token over every valid target, their count, and
     the next-token accuracy."""
     enc = model.encode_map(batch["map_points"], batch["map_pose"], batch["map_type"], batch["map_valid"],
-                           nbr=batch.get("map_nbr"))
+                           nbr=batch.get("map_nbr"), rows=batch.get("map_rows"))
     logits = model(enc, batch["pose"], batch["valid"], batch["in_token"], batch["agent_type"], batch["extent"],
                    m2a_nbr=batch.get("m2a_nbr"))
     total = batch["pose"].new_zeros(())
@@ -43,19 +43,20 @@ def smart_bc_loss(model: SmartModel, batch: dict) -> tuple[torch.Tensor, int, di
 _WORKER: dict = {}
 
 
-def _init_worker(ds, vocab, cfg) -> None:
-    _WORKER.update(ds=ds, vocab=vocab, cfg=cfg)
+def _init_worker(ds, vocab, cfg, token_noise, seed) -> None:
+    _WORKER.update(ds=ds, vocab=vocab, cfg=cfg, token_noise=token_noise, seed=seed)
     torch.set_num_threads(1)
 
 
 def _sample_at(i: int):
-    return scene_sample(_WORKER["ds"][i], _WORKER["vocab"], _WORKER["cfg"])
+    w = _WORKER
+    return scene_sample(w["ds"][i], w["vocab"], w["cfg"], w["token_noise"], w["seed"])
 
 
 def build_samples(ds, vocab: MotionVocabulary, cfg: SmartConfig, limit: int | None = None, progress: bool = True,
-                  workers: int = 0):
+                  workers: int = 0, token_noise: int = 1, seed: int = 0):
     """Training samples of the first ``limit`` scenes (all by default), read from the scene cache and tokenized
-    in ``workers`` processes (0: in this process)."""
+    in ``workers`` processes (0: in this process); ``token_noise``: see ``bc_data.scene_sample``."""
     n = len(ds) if limit is None else min(limit, len(ds))
     bar = None
     if progress:
@@ -66,14 +67,14 @@ def build_samples(ds, vocab: MotionVocabulary, cfg: SmartConfig, limit: int | No
     if workers > 0 and n > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers, _init_worker, (ds, vocab, cfg)) as pool:
+        with mp.get_context("fork").Pool(workers, _init_worker, (ds, vocab, cfg, token_noise, seed)) as pool:
             for sample in pool.imap(_sample_at, range(n), chunksize=8):
                 out.append(sample)
                 if bar is not None:
                     bar.update(1)
     else:
         for i in range(n):
-            out.append(scene_sample(ds[i], vocab, cfg))
+            out.append(scene_sample(ds[i], vocab, cfg, token_noise, seed))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -83,25 +84,42 @@ def build_samples(ds, vocab: MotionVocabulary, cfg: SmartConfig, limit: int | No
 
 def train_bc(ds, vocab: MotionVocabulary, size: str, out: str | Path, max_steps: int, batch_size: int = 4,
              lr: float = 5e-4, resume: bool = False, seed: int = 0, scenes: int | None = None, progress: bool = True,
-             ckpt_every: int = 200, validate_fn=None, val_every: int = 0, workers: int = 0,
+             ckpt_every: int = 200, validate_fn=None, val_every: int = 0, workers: int = 0, token_noise: int = 1,
              **model_overrides) -> tuple[SmartModel, list]:
     """Train a SMART model of ``size`` on ``ds`` (first ``scenes`` scenes if given); returns the model and the
-    per-step history. Works in one process or under ``torchrun`` (initialise ``torch.distributed`` first)."""
+    per-step history. ``token_noise``: tokenize the training tracks with that many nearest tokens to draw from
+    (``bc_data.scene_sample``; 1: none). Works in one process or under ``torchrun`` (initialise
+    ``torch.distributed`` first)."""
     if len(ds) == 0:
         raise TrafficGymError("The training split has no scenes.")
     torch.manual_seed(seed)
     cfg = SmartConfig.of_size(size, {k: len(v) for k, v in vocab.poses.items()}, **model_overrides)
     model = SmartModel(cfg, vocab)
-    samples = [x for x in build_samples(ds, vocab, cfg, scenes, progress, workers) if x.num_targets > 0]
+    samples = [x for x in build_samples(ds, vocab, cfg, scenes, progress, workers, token_noise, seed)
+               if x.num_targets > 0]
     trainer = Trainer(model, smart_bc_loss, samples, collate,
                       TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
                                   resume=resume, progress=progress, ckpt_every=ckpt_every, val_every=val_every),
-                      save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}), validate_fn=validate_fn)
+                      save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}), validate_fn=validate_fn,
+                      group_fn=_map_of if _batches_fill_by_map(samples, batch_size) else None)
     start = time.perf_counter()
     history = trainer.fit()
     if history:
         history[-1]["wall_s"] = time.perf_counter() - start
     return model, history
+
+
+def _map_of(sample) -> str:
+    return sample.map_id
+
+
+def _batches_fill_by_map(samples, batch_size: int) -> bool:
+    """Whether batches of one map each still use >= 90 % of the samples per epoch (not so on datasets with a map
+    per scene, e.g. Waymo's: there every batch mixes maps)."""
+    from collections import Counter
+
+    sizes = Counter(x.map_id for x in samples).values()
+    return sum(n // batch_size * batch_size for n in sizes) >= 0.9 * len(samples)
 
 
 def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int = 0):

@@ -6,6 +6,10 @@ is the matched pose, the token that led into it (``-1`` = BOS at the first bound
 target is the token of the next 0.5 s (``-1`` where it is not tokenizable: masked out of the loss). The target
 is the token nearest to the *logged* pose at ``s + 1`` in the frame of the *matched* pose at ``s``
 (METHODS.md §2), which is what ``tokenizer.tokenize`` chooses.
+
+Batches share maps: the scenes of a batch that lie on the same map are encoded against one set of map pieces
+(the union of their crops), so the map encoder, which dominates the cost of a training step, runs once per map
+and batch rather than once per scene (``collate``; ``batch["map_rows"]`` says which map each scene uses).
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.tokenizer import TYPE_NAMES, MotionVocabulary, map_pieces, tokenize
+from agents.layers import radius_neighbours
+from agents.tokenizer import (
+    PIECE_POINTS,
+    TYPE_NAMES,
+    MotionVocabulary,
+    cached_map_pieces,
+    map_piece_neighbours,
+    tokenize,
+)
 from envs.errors import VocabularyError
 
 
@@ -27,11 +39,13 @@ class TokenSample:
     target: np.ndarray  # (A, S) -1 = no target
     agent_type: np.ndarray  # (A,)
     extent: np.ndarray  # (A, 2)
+    map_id: str  # the scene's map
+    map_piece: np.ndarray  # (M,) sorted indices of the cropped pieces among the map's pieces (cached_map_pieces)
     map_pose: np.ndarray  # (M, 3)
     map_points: np.ndarray  # (M, P, 2)
     map_type: np.ndarray  # (M,)
-    map_nbr: np.ndarray  # (M, K_MAP) nearest pieces within the map radius (-1: none)
-    m2a_nbr: np.ndarray  # (A, S, K_M2A) nearest pieces of each agent-step within the map->agent radius (-1: none)
+    map_nbr: np.ndarray  # (M, K_MAP) each cropped piece's neighbours on the whole map (map piece indices, -1: none)
+    m2a_nbr: np.ndarray  # (A, S, K_M2A) map pieces each agent-step attends to (map piece indices, -1: none)
     scene_id: str = ""
 
     @property
@@ -39,35 +53,13 @@ class TokenSample:
         return int((self.target >= 0).sum())
 
 
-_PIECES: dict[str, dict] = {}
-
-
-def _pieces(m) -> dict:
-    if m.map_id not in _PIECES:
-        from scipy.spatial import cKDTree
-
-        p = map_pieces(m)
-        p["tree"] = cKDTree(p["pose"][:, :2] if len(p["pose"]) else np.zeros((1, 2)))
-        _PIECES[m.map_id] = p
-    return _PIECES[m.map_id]
-
-
-def _neighbours(points: np.ndarray, tree, count: int, k: int, radius: float) -> np.ndarray:
-    """``(len(points), k)`` indices of the ``k`` nearest of ``count`` tree points within ``radius`` (-1: none),
-    nearest first (what ``agents.layers.knn`` computes on the fly at rollout)."""
-    if count == 0 or len(points) == 0:
-        return np.full((len(points), k), -1, np.int64)
-    _, idx = tree.query(points, k=min(k, count), distance_upper_bound=radius)
-    idx = np.asarray(idx).reshape(len(points), -1)
-    idx = np.where(idx >= count, -1, idx)
-    return np.pad(idx, ((0, 0), (0, k - idx.shape[1])), constant_values=-1).astype(np.int64)
-
-
-def scene_sample(scene, vocab: MotionVocabulary, cfg) -> TokenSample:
-    """Tokenize one scene (every agent of a type the vocabulary has), crop its map to the pieces within the
-    map->agent radius + 5 m (a piece's length) of any logged boundary pose, and find the map and map->agent
-    neighbours of ``cfg`` (a ``SmartConfig``). ``VocabularyError`` for agent types the vocabulary lacks."""
-    map_radius = cfg.m2a_radius
+def scene_sample(scene, vocab: MotionVocabulary, cfg, token_noise: int = 1, seed: int = 0) -> TokenSample:
+    """Tokenize one scene (every agent of a type the vocabulary has) and crop its map for ``cfg`` (a
+    ``SmartConfig``): the pieces the agent-steps attend to (their ``k_m2a`` nearest within ``m2a_radius``), grown
+    by the map neighbours of every map-encoder layer, so those pieces encode exactly as on the whole map (the
+    rollouts encode the whole map). ``token_noise`` > 1: the inputs follow a roll-out that applies one of the
+    ``token_noise`` nearest tokens at random (``tokenizer.tokenize``; drawn from ``seed`` and the scene id), and
+    the targets are the corrections back to the log. ``VocabularyError`` for agent types the vocabulary lacks."""
     kinds = scene.agent_type.astype(np.int64)
     missing = sorted({int(k) for k in kinds} - {int(k) for k, n in TYPE_NAMES.items() if n in vocab.poses})
     if missing:
@@ -77,64 +69,89 @@ def scene_sample(scene, vocab: MotionVocabulary, cfg) -> TokenSample:
                               f"vocabulary only covers {sorted(vocab.poses)}; rebuild it on this dataset "
                               "(`trafficgym train vocab`).")
     traj, valid = torch.from_numpy(scene.trajectory), torch.from_numpy(scene.valid)
-    tokens, matched, _ = tokenize(traj, valid, torch.from_numpy(kinds), vocab)
+    import zlib
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(scene.scene_id.encode()))
+    tokens, matched, _, applied = tokenize(traj, valid, torch.from_numpy(kinds), vocab, noise_k=token_noise,
+                                           generator=gen)
     s = tokens.shape[1]
     from agents.tokenizer import TOKEN_STEPS
 
     b_valid = valid[:, ::TOKEN_STEPS][:, :s + 1]
-    in_token = torch.cat([torch.full((len(kinds), 1), -1, dtype=torch.long), tokens[:, :-1]], dim=1)
+    in_token = torch.cat([torch.full((len(kinds), 1), -1, dtype=torch.long), applied[:, :-1]], dim=1)
     pose = matched[:, :s].numpy()
     ok = b_valid[:, :s].numpy()
-    sample_map = {"pose": np.zeros((0, 3), np.float32), "points": np.zeros((0, 11, 2), np.float32),
-                  "type": np.zeros(0, np.int64)}
-    if scene.map is not None:
-        p = _pieces(scene.map)
-        if len(p["pose"]):
-            pts = pose[ok][:, :2]
-            near = sorted({j for js in p["tree"].query_ball_point(pts, map_radius + 5.0) for j in js}) \
-                if len(pts) else []
-            near = np.asarray(near, dtype=np.int64)
-            sample_map = {"pose": p["pose"][near], "points": p["points"][near], "type": p["type"][near]}
-    from scipy.spatial import cKDTree
-
-    m = len(sample_map["pose"])
-    tree = cKDTree(sample_map["pose"][:, :2]) if m else None
-    map_nbr = _neighbours(sample_map["pose"][:, :2], tree, m, cfg.k_map, cfg.map_radius)
-    m2a = _neighbours(pose[..., :2].reshape(-1, 2), tree, m, cfg.k_m2a, map_radius).reshape(*pose.shape[:2],
-                                                                                        cfg.k_m2a)
+    crop = np.zeros(0, np.int64)
+    m2a = np.full((*ok.shape, cfg.k_m2a), -1, np.int64)
+    sample_map = {"pose": np.zeros((0, 3), np.float32), "points": np.zeros((0, PIECE_POINTS, 2), np.float32),
+                  "type": np.zeros(0, np.int64), "nbr": np.zeros((0, cfg.k_map), np.int64)}
+    if scene.map is not None and len(cached_map_pieces(scene.map)["pose"]):
+        p = cached_map_pieces(scene.map)
+        nbr = map_piece_neighbours(scene.map, cfg.k_map, cfg.map_radius)
+        m2a[ok] = radius_neighbours(pose[ok][:, :2], p["tree"], len(p["pose"]), cfg.k_m2a, cfg.m2a_radius)
+        crop = np.unique(m2a[m2a >= 0])
+        for _ in range(cfg.map_layers):  # every layer reaches one neighbourhood further
+            crop = np.union1d(crop, nbr[crop][nbr[crop] >= 0])
+        sample_map = {"pose": p["pose"][crop], "points": p["points"][crop], "type": p["type"][crop],
+                      "nbr": nbr[crop]}
     return TokenSample(pose=pose.astype(np.float32), valid=ok, in_token=in_token.numpy(), target=tokens.numpy(),
-                       agent_type=kinds, extent=scene.extent.astype(np.float32), map_pose=sample_map["pose"],
-                       map_points=sample_map["points"], map_type=sample_map["type"], map_nbr=map_nbr,
-                       m2a_nbr=m2a, scene_id=scene.scene_id)
+                       agent_type=kinds, extent=scene.extent.astype(np.float32),
+                       map_id=scene.map.map_id if scene.map is not None else "", map_piece=crop,
+                       map_pose=sample_map["pose"], map_points=sample_map["points"], map_type=sample_map["type"],
+                       map_nbr=sample_map["nbr"], m2a_nbr=m2a, scene_id=scene.scene_id)
 
 
 def collate(samples: list[TokenSample]) -> dict[str, torch.Tensor]:
-    """Pad scenes to a batch: agents to the largest count, map pieces likewise (padding is invalid)."""
+    """Pad scenes to a batch: agents to the largest count (padding is invalid). Scenes on the same map share one
+    set of map pieces, the union of their crops: ``map_*`` tensors are ``(U, M, ...)`` over the batch's U maps,
+    ``map_rows`` ``(B,)`` the map of each scene, ``map_nbr`` ``(U, M, K)`` each piece's neighbours for the map
+    encoder and ``m2a_nbr`` ``(B, A, S, K)`` the pieces each agent-step attends to, both as positions in the
+    union (-1: none or not held)."""
     b = len(samples)
     a = max(len(x.agent_type) for x in samples)
     s = max(x.pose.shape[1] for x in samples)
-    m = max(len(x.map_pose) for x in samples)
+    maps = list(dict.fromkeys(x.map_id for x in samples))
+    rows = [maps.index(x.map_id) for x in samples]
+    unions = []
+    for map_id in maps:
+        mine = [x for x in samples if x.map_id == map_id]
+        ids, first = np.unique(np.concatenate([x.map_piece for x in mine]), return_index=True)
+        unions.append((ids, *(np.concatenate([getattr(x, name) for x in mine])[first]
+                              for name in ("map_pose", "map_points", "map_type", "map_nbr"))))
+    m = max([len(u[0]) for u in unions] + [0])
     out = {
         "pose": torch.zeros(b, a, s, 3), "valid": torch.zeros(b, a, s, dtype=torch.bool),
         "in_token": torch.full((b, a, s), -1, dtype=torch.long), "target": torch.full((b, a, s), -1, dtype=torch.long),
         "agent_type": torch.zeros(b, a, dtype=torch.long), "extent": torch.ones(b, a, 2),
-        "map_pose": torch.zeros(b, m, 3), "map_points": torch.zeros(b, m, 11, 2),
-        "map_type": torch.zeros(b, m, dtype=torch.long), "map_valid": torch.zeros(b, m, dtype=torch.bool),
-        "map_nbr": torch.full((b, m, samples[0].map_nbr.shape[-1]), -1, dtype=torch.long),
+        "map_pose": torch.zeros(len(maps), m, 3), "map_points": torch.zeros(len(maps), m, PIECE_POINTS, 2),
+        "map_type": torch.zeros(len(maps), m, dtype=torch.long),
+        "map_valid": torch.zeros(len(maps), m, dtype=torch.bool),
+        "map_nbr": torch.full((len(maps), m, samples[0].map_nbr.shape[-1]), -1, dtype=torch.long),
+        "map_rows": torch.as_tensor(rows, dtype=torch.long),
         "m2a_nbr": torch.full((b, a, s, samples[0].m2a_nbr.shape[-1]), -1, dtype=torch.long),
     }
+    for u, (ids, pose, points, kind, nbr) in enumerate(unions):
+        n = len(ids)
+        out["map_pose"][u, :n] = torch.from_numpy(pose)
+        out["map_points"][u, :n] = torch.from_numpy(points)
+        out["map_type"][u, :n] = torch.from_numpy(kind)
+        out["map_valid"][u, :n] = True
+        out["map_nbr"][u, :n] = torch.from_numpy(_positions(ids, nbr))
     for i, x in enumerate(samples):
-        na, ns, nm = len(x.agent_type), x.pose.shape[1], len(x.map_pose)
+        na, ns = len(x.agent_type), x.pose.shape[1]
         out["pose"][i, :na, :ns] = torch.from_numpy(x.pose)
         out["valid"][i, :na, :ns] = torch.from_numpy(x.valid)
         out["in_token"][i, :na, :ns] = torch.from_numpy(x.in_token)
         out["target"][i, :na, :ns] = torch.from_numpy(x.target)
         out["agent_type"][i, :na] = torch.from_numpy(x.agent_type)
         out["extent"][i, :na] = torch.from_numpy(x.extent)
-        out["map_pose"][i, :nm] = torch.from_numpy(x.map_pose)
-        out["map_points"][i, :nm] = torch.from_numpy(x.map_points)
-        out["map_type"][i, :nm] = torch.from_numpy(x.map_type)
-        out["map_valid"][i, :nm] = True
-        out["map_nbr"][i, :nm] = torch.from_numpy(x.map_nbr)
-        out["m2a_nbr"][i, :na, :ns] = torch.from_numpy(x.m2a_nbr)
+        out["m2a_nbr"][i, :na, :ns] = torch.from_numpy(_positions(unions[rows[i]][0], x.m2a_nbr))
     return out
+
+
+def _positions(ids: np.ndarray, pieces: np.ndarray) -> np.ndarray:
+    """Map piece indices ``pieces`` (any shape, -1: none) as positions in the sorted ``ids`` (-1 where absent)."""
+    if len(ids) == 0:
+        return np.full(pieces.shape, -1, np.int64)
+    pos = np.searchsorted(ids, pieces).clip(max=len(ids) - 1)
+    return np.where((pieces >= 0) & (ids[pos] == pieces), pos, -1)

@@ -98,6 +98,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_args(pairs: list[str] | None) -> dict:
+    """``--agent-arg KEY=VALUE`` options as constructor config (values read as JSON where they parse: numbers,
+    booleans; otherwise kept as strings)."""
+    from envs.errors import TrafficGymError
+
+    config = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TrafficGymError(f"--agent-arg expects KEY=VALUE (e.g. top_k=48), got {pair!r}.")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
 def _eval(args: argparse.Namespace) -> int:
     from agents.registry import AGENTS, available_agents
     from training.evaluate import evaluate, format_metric_table
@@ -106,12 +123,20 @@ def _eval(args: argparse.Namespace) -> int:
     # --checkpoint goes to the agents that have weights (e.g. --agent smart --agent constant_velocity); with
     # none of those it goes everywhere, so the "takes no checkpoint" error names the mistake
     weighted = [n for n in args.agent if getattr(AGENTS.get(n), "has_weights", False)]
+    config = _agent_args(args.agent_arg)
+    if config and len(set(args.agent)) > 1 and not weighted:
+        from envs.errors import TrafficGymError
+
+        raise TrafficGymError("--agent-arg with several --agent: it goes to the agents with weights, and none of "
+                              f"{args.agent} has any; evaluate one agent at a time.")
+    weighted = weighted or list(args.agent)  # one agent (or only baselines): options and checkpoint go to it
     ds = _open(args, args.split)
     results = []
     for name in args.agent:
-        ckpt = args.checkpoint if (name in weighted or not weighted) else None
+        ckpt = args.checkpoint if name in weighted else None
         result = evaluate(name, ds, num_rollouts=args.rollouts, setting=args.setting, traffic=args.traffic,
                           num_scenes=args.scenes, seed=args.seed, checkpoint=ckpt,
+                          traffic_checkpoint=args.traffic_checkpoint, agent_config=config if name in weighted else {},
                           metrics=args.metric, save_dir=args.save_rollouts and str(Path(args.save_rollouts) / name),
                           progress_bar=True)
         if result is None:  # a non-zero torchrun rank: rank 0 reports
@@ -136,7 +161,9 @@ def _render(args: argparse.Namespace) -> int:
     ds = _open(args, args.split)
     config = RenderConfig(width=args.size, height=args.size, px_per_m=args.px_per_m, camera=args.camera)
     out = record_agent_video(args.agent, ds, args.scene, args.out, setting=args.setting, traffic=args.traffic,
-                             checkpoint=args.checkpoint, side_by_side=args.side_by_side, config=config,
+                             checkpoint=args.checkpoint, traffic_checkpoint=args.traffic_checkpoint,
+                             agent_config=_agent_args(args.agent_arg),
+                             side_by_side=args.side_by_side, config=config,
                              fps=args.fps, seed=args.seed)
     print(out)
     return 0
@@ -197,11 +224,12 @@ def _train_bc(args: argparse.Namespace) -> int:
     model, history = train_bc(ds, vocab, args.size, out, args.max_steps, batch_size=args.batch_size, lr=args.lr,
                               resume=args.resume, seed=args.seed, scenes=args.scenes, progress=rank == 0,
                               ckpt_every=args.ckpt_every, validate_fn=validate, val_every=args.val_every,
-                              workers=args.workers)
+                              workers=args.workers, token_noise=args.token_noise, dropout=args.dropout)
     if rank == 0:
         last = [h for h in history if "loss" in h][-1]
         val = [h for h in history if any(k.startswith("val/") for k in h)]
-        print(json.dumps({"checkpoint": str(out / "last.safetensors"), "steps": last["step"],
+        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
+                          "steps": last["step"],
                           "loss": round(last["loss"], 4), "accuracy": round(last.get("accuracy", 0.0), 4),
                           "tokens_per_s": round(last["tokens_per_s"]), "processes": world,
                           "wall_s": round(history[-1].get("wall_s", 0.0), 1),
@@ -239,13 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="closed-loop evaluation: rollouts per scene and every episode metric")
     ev.add_argument("--agent", action="append", required=True, help="registered agent name; repeat to compare")
-    ev.add_argument("--checkpoint", default=None, help="weights for an agent that has them")
+    ev.add_argument("--checkpoint", default=None,
+                    help="weights for an agent that has them: a file, or a bundled name (smart: towns-nano)")
     _add_dataset_args(ev, split_default="val", split_help="split to evaluate on")
     ev.add_argument("--scenes", type=int, default=None, help="first N scenes (default: all)")
     ev.add_argument("--rollouts", type=int, default=32, help="samples per scene (WOSAC: 32)")
     ev.add_argument("--setting", default="sim_agents", choices=["sim_agents", "ego"],
                     help="sim_agents: the agent drives every agent valid at step 10; ego: the ego only")
     ev.add_argument("--traffic", default="log", help="ego setting: who drives the others (agent name or log)")
+    ev.add_argument("--traffic-checkpoint", default=None, help="weights of the traffic agent (e.g. towns-nano)")
+    ev.add_argument("--agent-arg", action="append", default=None, metavar="KEY=VALUE",
+                    help="agent constructor option, repeatable (e.g. top_k=48 for smart, time_headway=1.2 for idm); "
+                         "with several --agent it goes to the agents with weights")
     ev.add_argument("--metric", action="append", default=None, help="only these episode metrics (repeatable)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="also write the results (means and per scene) to this file")
@@ -255,10 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ren = sub.add_parser("render", help="one closed-loop episode of an agent on one scene, as mp4 or gif")
     ren.add_argument("--agent", required=True, help="registered agent name (e.g. idm, log_replay)")
-    ren.add_argument("--checkpoint", default=None)
+    ren.add_argument("--checkpoint", default=None, help="weights: a file, or a bundled name (smart: towns-nano)")
     ren.add_argument("--setting", default="sim_agents", choices=["sim_agents", "ego"],
                      help="sim_agents: the agent drives every agent valid at the start; ego: only the ego")
     ren.add_argument("--traffic", default="log", help="who drives the others in the ego setting (agent name or log)")
+    ren.add_argument("--traffic-checkpoint", default=None, help="weights of the traffic agent (e.g. towns-nano)")
+    ren.add_argument("--agent-arg", action="append", default=None, metavar="KEY=VALUE",
+                     help="agent constructor option, repeatable (e.g. top_k=48)")
     _add_dataset_args(ren, split_default="val", split_help="split holding the scene")
     ren.add_argument("--scene", required=True, help="scene id (trafficgym data info lists the dataset)")
     ren.add_argument("--out", required=True, help="output .mp4 or .gif")
@@ -290,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-steps", type=int, default=2000)
     bc.add_argument("--batch-size", type=int, default=4, help="scenes per global batch")
     bc.add_argument("--lr", type=float, default=5e-4)
+    bc.add_argument("--dropout", type=float, default=0.1, help="dropout of every attention block (SMART: 0.1)")
+    bc.add_argument("--token-noise", type=int, default=1,
+                    help="tokenize the training tracks drawing each applied token from the K nearest (1: none)")
     bc.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
     bc.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
     bc.add_argument("--val-scenes", type=int, default=4,

@@ -1,9 +1,10 @@
 """The end-to-end demo behind ``make demo``: what the project can do today, on the bundled towns data.
 
-1. sim agents: every agent valid at the start step driven by each baseline for 8 s (one rollout per scene:
-   collision / off-road rates, ADE, distance travelled — ``trafficgym eval --rollouts 1`` with those metrics);
+1. sim agents: every agent valid at the start step driven for 8 s by the learned tokenized policy (the bundled
+   ``towns-nano`` weights) and by each baseline (one rollout per scene: collision / off-road rates, ADE,
+   distance travelled — ``trafficgym eval --rollouts 1`` with those metrics);
 2. ego: the ``trafficgym/Ego-v0`` vector env with reactive IDM traffic, driven by two reference controllers;
-3. a video: IDM driving every agent of one val scene, next to the log.
+3. a video: the learned policy driving every agent of one val scene, next to the log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEMO_AGENTS = ("log_replay", "idm", "constant_velocity", "random")
+# (agent, checkpoint): the learned policy with its bundled weights, then the baselines
+DEMO_AGENTS = (("smart", "towns-nano"), ("log_replay", None), ("idm", None), ("constant_velocity", None),
+               ("random", None))
 DEMO_METRICS = ("blm_safety", "min_ade", "distance_travelled")
 DEMO_VIDEO_SCENE = "DR_USA_Town_Spider_val_17"  # a busy junction
 
@@ -71,8 +74,8 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     val = open_dataset("towns", "val")
     print(f"\nsim agents: {num_scenes} towns val scenes, every agent valid at step 10 driven for 8 s")
-    sim_rows = [evaluate(name, val, num_rollouts=1, num_scenes=num_scenes, metrics=DEMO_METRICS)
-                for name in DEMO_AGENTS]
+    sim_rows = [evaluate(name, val, num_rollouts=1, num_scenes=num_scenes, metrics=DEMO_METRICS, checkpoint=ckpt)
+                for name, ckpt in DEMO_AGENTS]
     print(format_metric_table(sim_rows))
 
     print(f"\nego (trafficgym/Ego-v0, vector env): {num_scenes} val scenes, reactive IDM traffic")
@@ -83,9 +86,10 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
               f"{r['progress_m']:>12.1f}{r['env_steps_per_s']:>13,.0f}")
     from training.record import record_agent_video
 
-    video = record_agent_video("idm", val, DEMO_VIDEO_SCENE, out_dir / "idm_vs_log.mp4", side_by_side=True)
+    video = record_agent_video("smart", val, DEMO_VIDEO_SCENE, out_dir / "smart_vs_log.mp4", side_by_side=True,
+                               checkpoint="towns-nano")
     result = {"sim_agents": [{k: v for k, v in r.items() if k != "per_scene"} for r in sim_rows], "ego": ego_rows,
               "video": str(video)}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {video} (log | IDM, side by side) and {out_dir / 'demo.json'}")
+    print(f"\nwrote {video} (log | learned policy, side by side) and {out_dir / 'demo.json'}")
     return result

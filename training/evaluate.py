@@ -11,7 +11,8 @@ import torch
 
 
 def evaluate(agent_name: str, ds, *, num_rollouts: int = 32, setting: str = "sim_agents", traffic: str = "log",
-             num_scenes: int | None = None, seed: int = 0, checkpoint: str | None = None, metrics=None,
+             num_scenes: int | None = None, seed: int = 0, checkpoint: str | None = None,
+             traffic_checkpoint: str | None = None, agent_config: dict | None = None, metrics=None,
              save_dir: str | None = None, progress_bar: bool = False, start_step: int = 10) -> dict | None:
     """Roll ``agent_name`` out ``num_rollouts`` times on each of the first ``num_scenes`` scenes of ``ds`` and
     compute the episode metrics. Returns ``{"agent", "setting", "scenes", "rollouts", "metrics": means over
@@ -26,8 +27,8 @@ def evaluate(agent_name: str, ds, *, num_rollouts: int = 32, setting: str = "sim
 
     rank, world = init_from_env()
     count = len(ds) if num_scenes is None else min(num_scenes, len(ds))
-    agent = make_agent(agent_name, checkpoint=checkpoint)
-    other = None if traffic == "log" else make_agent(traffic)
+    agent = make_agent(agent_name, checkpoint=checkpoint, **(agent_config or {}))
+    other = None if traffic == "log" else make_agent(traffic, checkpoint=traffic_checkpoint)
     mine = shard(range(count), rank, world)
     if progress_bar and rank == 0:
         from tqdm import tqdm

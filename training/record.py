@@ -15,7 +15,8 @@ import torch
 
 @torch.inference_mode()
 def record_agent_video(agent_name: str, dataset, scene_id: str, out: str | Path, setting: str = "sim_agents",
-                       traffic: str = "log", checkpoint: str | None = None, side_by_side: bool = False,
+                       traffic: str = "log", checkpoint: str | None = None, traffic_checkpoint: str | None = None,
+                       agent_config: dict | None = None, side_by_side: bool = False,
                        config=None, fps: float | None = None, start_step: int = 10, seed: int = 0) -> Path:
     """Roll the agent out on ``scene_id`` of ``dataset`` (a ``SceneDataset``) and write the video to ``out``.
 
@@ -33,8 +34,8 @@ def record_agent_video(agent_name: str, dataset, scene_id: str, out: str | Path,
     path = check_video_path(out)
     scene = dataset[dataset.index_of(scene_id)]
     config = config or RenderConfig()
-    agent = make_agent(agent_name, checkpoint=checkpoint)
-    other = None if traffic == "log" else make_agent(traffic)
+    agent = make_agent(agent_name, checkpoint=checkpoint, **(agent_config or {}))
+    other = None if traffic == "log" else make_agent(traffic, checkpoint=traffic_checkpoint)
     maps = sim.stack_maps([scene.map], indices=[dataset.map_index(scene.map_id)])
     state = sim.reset([scene], start_step=start_step, controlled="all" if setting == "sim_agents" else "ego",
                       maps=maps)

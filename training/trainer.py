@@ -7,11 +7,14 @@ over the batch's ``count`` targets. The trainer divides by the count summed over
 N shards of a global batch take exactly the step one process takes on the whole batch (tested).
 
 Data: a list of samples and a ``collate``; each step draws the next global batch of ``batch_size`` samples from
-a seeded per-epoch permutation and rank ``r`` of ``N`` takes samples ``r, r + N, ...`` of it.
+a seeded per-epoch permutation and rank ``r`` of ``N`` takes samples ``r, r + N, ...`` of it. With a ``group_fn``
+every global batch holds samples of one group (the tokenized policy groups scenes by map: the map encoder then
+runs on one map per step).
 
 Checkpoints (rank 0): ``DIR/last.safetensors`` every ``ckpt_every`` steps and at the end — the model's tensors,
 the optimizer's (prefixed ``optim.``), and in the metadata the model config, step and epoch (``save_fn`` gives
-the agent name and config). ``resume=True`` continues from it.
+the agent name and config). ``resume=True`` continues from it. At the end, ``DIR/model.safetensors`` holds the
+weights alone (what an agent loads; a third of the size).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from agents.checkpoint import load_checkpoint, save_checkpoint
 from envs.errors import CheckpointError, TrafficGymError
 
 CHECKPOINT = "last.safetensors"
+WEIGHTS = "model.safetensors"  # the final weights alone (no optimizer state): the file to share or ship
 
 
 @dataclass
@@ -59,13 +63,21 @@ def rank_and_world() -> tuple[int, int]:
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, samples: list, collate: Callable, cfg: TrainConfig,
                  save_fn: Callable[[torch.nn.Module], tuple[str, dict]],
-                 validate_fn: Callable[[torch.nn.Module], dict] | None = None):
+                 validate_fn: Callable[[torch.nn.Module], dict] | None = None,
+                 group_fn: Callable[[object], object] | None = None):
         if len(samples) == 0:
             raise TrafficGymError("No training samples: the split is empty (or every scene was filtered out).")
         if cfg.max_steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"max_steps and batch_size must be >= 1, got {cfg.max_steps}, {cfg.batch_size}.")
         self.model, self.loss_fn, self.samples, self.collate, self.cfg = model, loss_fn, samples, collate, cfg
         self.save_fn, self.validate_fn = save_fn, validate_fn
+        # group_fn: samples of one global batch share its value (e.g. their map, so a batch encodes one map)
+        self.groups = None
+        if group_fn is not None:
+            keys = [group_fn(x) for x in samples]
+            self.groups = [np.flatnonzero([k == g for k in keys]) for g in dict.fromkeys(keys)]
+            if all(len(g) < cfg.batch_size for g in self.groups):
+                raise ValueError(f"No group of samples fills a batch of {cfg.batch_size}.")
         self.rank, self.world = rank_and_world()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes.")
@@ -85,7 +97,13 @@ class Trainer:
         return self.cfg.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(self.cfg.seed + epoch).permutation(len(self.samples))
+        rng = np.random.default_rng(self.cfg.seed + epoch)
+        if self.groups is None:
+            return rng.permutation(len(self.samples))
+        # whole batches from one group each, in random order (each group's remainder waits for another epoch)
+        bs = self.cfg.batch_size
+        chunks = [c for g in self.groups for c in rng.permutation(g)[:len(g) // bs * bs].reshape(-1, bs)]
+        return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))])
 
     def next_batch(self) -> list:
         """This rank's share of the next global batch."""
@@ -140,6 +158,14 @@ class Trainer:
                  "train_config": self.cfg.__dict__}
         return save_checkpoint(self.out / CHECKPOINT, name, config, tensors, extra=extra)
 
+    def save_weights(self) -> Path | None:
+        """``DIR/model.safetensors``: the model's tensors and config without the optimizer (a third of the size)."""
+        if self.rank != 0:
+            return None
+        name, config = self.save_fn(self.model)
+        return save_checkpoint(self.out / WEIGHTS, name, config, dict(self.model.state_dict()),
+                               extra={"step": self.step, "train_config": self.cfg.__dict__})
+
     def load(self) -> None:
         path = self.out / CHECKPOINT
         if not path.exists():
@@ -188,7 +214,9 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save()
-        if self.validate_fn:
+        self.save_weights()
+        validated = [h["step"] for h in self.history if any(k.startswith("val/") for k in h)]
+        if self.validate_fn and (not validated or validated[-1] != self.step):
             self._validate(writer)
         if writer is not None:
             writer.close()

@@ -62,7 +62,7 @@ def build_motion_vocabulary(ds, size: int = 2048, tol: float = 0.05, max_segment
         scene = ds[i]
         kinds = torch.from_numpy(scene.agent_type.astype(np.int64))
         keep = torch.tensor([TYPE_NAMES.get(int(k)) in poses for k in kinds.tolist()], dtype=torch.bool)
-        _, _, err = tokenize(torch.from_numpy(scene.trajectory)[keep], torch.from_numpy(scene.valid)[keep],
+        _, _, err, _ = tokenize(torch.from_numpy(scene.trajectory)[keep], torch.from_numpy(scene.valid)[keep],
                              kinds[keep], vocab)
         for kind in kinds[keep].unique().tolist():
             e = err[kinds[keep] == kind]
