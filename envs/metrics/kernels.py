@@ -284,6 +284,14 @@ def road_edge_distance(traj, valid, extent, sdf, origin_x, origin_y, resolution)
     return out
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bin(x, low, width, nb):
+    """Histogram bin of ``x`` (float32 arithmetic, as the torch reference); outside the range: the end bins. The
+    float is clamped before the integer conversion (truncation equals floor there: negatives land in bin 0)."""
+    v = (x - low) / width * np.float32(nb)
+    return int(min(max(v, np.float32(0.0)), np.float32(nb - 1)))
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def histogram_likelihoods(sim, sim_valid, log, log_valid, low, width, bins, pseudocount):
     """WOSAC histogram likelihoods of ``F`` features at once (``realism.py`` defines the method; its torch
@@ -321,12 +329,10 @@ def histogram_likelihoods(sim, sim_valid, log, log_valid, low, width, bins, pseu
                 out[f, a] = p if log_hit else 1.0 - p
             continue
         counts = np.zeros(nb)
-        nbf = np.float32(nb)
         for r in range(n_r):
             for t in range(n_t):
                 if sim_valid[f, r, a, t]:
-                    k = int(math.floor((sim[f, r, a, t] - low[f]) / width[f] * nbf))
-                    counts[min(max(k, 0), nb - 1)] += 1.0
+                    counts[_bin(sim[f, r, a, t], low[f], width[f], nb)] += 1.0
         total = 0.0
         for k in range(nb):
             counts[k] += pseudocount
@@ -334,8 +340,7 @@ def histogram_likelihoods(sim, sim_valid, log, log_valid, low, width, bins, pseu
         acc, n = 0.0, 0
         for t in range(n_t):
             if log_valid[f, a, t]:
-                k = int(math.floor((log[f, a, t] - low[f]) / width[f] * nbf))
-                acc += math.log(counts[min(max(k, 0), nb - 1)] / total)
+                acc += math.log(counts[_bin(log[f, a, t], low[f], width[f], nb)] / total)
                 n += 1
         if n:
             out[f, a] = math.exp(acc / n)
