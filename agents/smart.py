@@ -327,14 +327,15 @@ class SmartAgent(PlanningAgent):
     decoder step from its per-layer cache) and samples each driven agent's next token (top-K, temperature), whose
     poses it then plays over the next 5 steps.
 
-    The token that led into the current pose is the vocabulary token nearest to the agent's actual last 0.5 s
-    (exactly the sampled one for agents it drives; log-replayed or otherwise driven agents are tokenized on the
-    fly). At an episode's first step the logged history is fed in 0.5 s steps (up to 5 of them). The map pieces
-    around the scene's logged tracks are encoded once per episode (shared by identical rows, e.g. the R copies
-    of a scene in an evaluation).
+    The token that led into the current pose is the one it sampled for the agents it drove through the last 0.5 s;
+    log-replayed or otherwise driven agents are tokenized on the fly (the token nearest to their actual motion).
+    At an episode's first step the logged history is fed in 0.5 s steps (up to 5 of them). Every piece of each
+    map of the batch is encoded once per episode (shared by the rows on it, e.g. the R copies of a scene in an
+    evaluation). Driven agents that pass a map exit leave the scene (``act``).
 
-    ``make_agent("smart", checkpoint=DIR/last.safetensors)``; ``top_k`` (METHODS: ~48 for evaluation, 5 by
-    default) and ``temperature`` shape the sampling.
+    ``make_agent("smart", checkpoint="towns-nano")`` (bundled) or ``checkpoint=DIR/model.safetensors``; ``top_k``
+    (default 5: the best realism of 5 / 16 / 48 on 16 towns *train* scenes) and ``temperature`` shape the
+    sampling.
     """
 
     dynamics = StatePose()
@@ -398,6 +399,11 @@ class SmartAgent(PlanningAgent):
             self._encoded: dict = {}  # map id -> its encoding, kept while slots reset (the weights are fixed)
         else:
             self._cache["valid"][rows] = False
+        if fresh_cache:
+            self._token = torch.full((b, state.num_agents), -1, dtype=torch.long, device=state.device)
+            self._token_t = torch.full_like(self._token, -10**9)  # step at which _token was sampled
+        else:
+            self._token_t[rows] = -10**9
         self._map = self._encode_maps(state)
         self._exits = [torch.as_tensor(lane_exits(m), device=state.device) for m in state.maps.sources]
         self._fresh = torch.zeros(b, dtype=torch.bool)
@@ -470,6 +476,7 @@ class SmartAgent(PlanningAgent):
                 continue
             tok = self._sample(logits[name][sel])
             out[sel] = token_poses(self.model.vocab(name), tok, pose[sel].float()).to(out.dtype)
+            self._token[sel], self._token_t[sel] = tok, state.t[:, None].expand_as(sel)[sel]
         return out
 
     def _advance(self, state, t: torch.Tensor, ok: torch.Tensor, rows: torch.Tensor) -> dict:
@@ -480,8 +487,11 @@ class SmartAgent(PlanningAgent):
         prev = state.traj[b, :, prev_t][..., :3].float()
         prev_ok = state.valid[b, :, prev_t] & (t >= TOKEN_STEPS)[:, None] & ok
         in_token = torch.full(ok.shape, -1, dtype=torch.long, device=state.device)
+        # agents this policy drove through the last 0.5 s moved exactly by the token it sampled then
+        ours = prev_ok & (self._token_t == (t - TOKEN_STEPS)[:, None])
+        in_token[ours] = self._token[ours]
         for name in self.model.types:
-            sel = (state.agent_type == _type_of(name)) & prev_ok
+            sel = (state.agent_type == _type_of(name)) & prev_ok & ~ours
             if sel.any():
                 from agents.layers import relative_pose
 
