@@ -59,10 +59,10 @@ def _window_locate(path, b, a, last, pos_idx, x, y):
     return best_s
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True, parallel=True)
 def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half_len_of, v0, dt, spacing,
              params, pose, gone):
-    """One IDM step for every scene, in place.
+    """One IDM step for every scene, in place (scenes in parallel threads).
 
     path ``(B, A, P, 2)`` points every ``spacing`` m, length ``(B, A)`` points per path; pos ``(B, A)`` arc
     position (m), placed ``(B, A)`` whether ``pos`` is exact (this IDM moved the agent last step), was_live
@@ -75,8 +75,8 @@ def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half
     n_win = int(lookahead / spacing)
     n_tau = int(math.floor((horizon - 0.5 + 1e-6) / 0.5)) + 1 if horizon >= 0.5 else 0
     sqrt_ab = 2.0 * math.sqrt(a_max * b_comf)
-    win = np.empty((n_win, 2))
-    for b in range(n_b):
+    for b in numba.prange(n_b):  # scenes are independent: each writes only its own rows
+        win = np.empty((n_win, 2))
         # where each live agent is on its path (agents this IDM moved last step are exactly at pos)
         for a in range(n_a):
             if not live[b, a] or placed[b, a]:
