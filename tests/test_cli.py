@@ -77,3 +77,21 @@ def test_render_writes_a_closed_loop_video(tiny_args, tmp_path, capsys):
     assert main(["render", "--agent", "idm", *tiny_args, "--scene", "DR_USA_Tiny_Road_val_7",
                  "--out", str(tmp_path / "x.gif")]) == 2
     assert "Did you mean" in capsys.readouterr().err
+
+
+def test_eval_agent_args_and_traffic_checkpoint(tiny_args, tmp_path, capsys):
+    common = ["eval", *tiny_args, "--split", "val", "--rollouts", "2", "--metric", "min_ade"]
+    out = tmp_path / "idm.json"
+    assert main([*common, "--agent", "idm", "--agent-arg", "time_headway=0.6", "--agent-arg", "max_accel=3",
+                 "--json", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["metrics"]["min_ade"] >= 0
+    for argv, message in (
+            (["--agent", "idm", "--agent-arg", "time_headway"], "expects KEY=VALUE"),
+            (["--agent", "idm", "--agent-arg", "time_headwya=1.0"], "Did you mean 'time_headway'"),
+            (["--agent", "idm", "--agent", "constant_velocity", "--agent-arg", "time_headway=1.0"],
+             "evaluate one agent at a time"),
+            (["--agent", "constant_velocity", "--setting", "ego", "--traffic", "idm", "--traffic-checkpoint",
+              str(out)], "has no weights")):
+        assert main([*common, *argv]) == 2
+        assert message in capsys.readouterr().err
