@@ -79,12 +79,18 @@ def test_vocabulary_covers_its_training_motions_and_respects_the_size():
     assert len(small) == 20 and small_stats["clustered"] < 1.0
 
 
-def test_tokenized_tracks_reconstruct_within_tolerance_and_roll_out_to_the_matched_poses():
+def family_vocabulary():
+    """The family() tracks, all valid, and a fine (tol 0.05 m) vehicle vocabulary built from them."""
     tracks = family()
     valid = torch.ones(tracks.shape[:2], dtype=torch.bool)
     poses, _ = build_vocabulary(segments(tracks, valid), size=4096, tol=0.05)
     vocab = MotionVocabulary({"vehicle": poses}, 0.05)
     kinds = torch.zeros(len(tracks), dtype=torch.long)
+    return tracks, valid, poses, vocab, kinds
+
+
+def test_tokenized_tracks_reconstruct_within_tolerance_and_roll_out_to_the_matched_poses():
+    tracks, valid, poses, vocab, kinds = family_vocabulary()
     tokens, matched, error, _ = tokenize(tracks, valid, kinds, vocab)
     assert tokens.shape == (len(tracks), 8) and (tokens >= 0).all()
     assert float(error.max()) < 0.1  # the roll-out re-matches every 0.5 s: no drift beyond the tolerance
@@ -103,11 +109,7 @@ def test_tokenized_tracks_reconstruct_within_tolerance_and_roll_out_to_the_match
 
 
 def test_noised_tokenization_strays_from_the_log_and_its_targets_lead_back():
-    tracks = family()
-    valid = torch.ones(tracks.shape[:2], dtype=torch.bool)
-    poses, _ = build_vocabulary(segments(tracks, valid), size=4096, tol=0.05)
-    vocab = MotionVocabulary({"vehicle": poses}, 0.05)
-    kinds = torch.zeros(len(tracks), dtype=torch.long)
+    tracks, valid, poses, vocab, kinds = family_vocabulary()
     clean, _, clean_error, clean_applied = tokenize(tracks, valid, kinds, vocab)
     assert torch.equal(clean, clean_applied)
     tokens, matched, error, applied = tokenize(tracks, valid, kinds, vocab, noise_k=8,
