@@ -307,7 +307,9 @@ def test_compiled_likelihoods_equal_the_torch_reference(seed, r, a, t):
                                                                                         (r, a, t))
             log[i] = rng.uniform(lo - span / 4, hi + span / 4, (a, t))
     sim_ok, log_ok = rng.random(sim.shape) < 0.8, rng.random(log.shape) < 0.7
-    got = histogram_likelihoods(sim, sim_ok, log, log_ok, np.array([sp.low for sp in specs], np.float32),
+    got = histogram_likelihoods(tuple(np.concatenate([sim[i], log[i][None]]) for i in range(len(specs))),
+                                tuple(np.concatenate([sim_ok[i], log_ok[i][None]]) for i in range(len(specs))), r,
+                                np.array([sp.low for sp in specs], np.float32),
                                 np.array([sp.high - sp.low for sp in specs], np.float32),
                                 np.array([sp.bins for sp in specs], np.int64), 0.1)
     for i, sp in enumerate(specs):
@@ -402,6 +404,37 @@ def test_blm_collision_rate_fdd_and_jsd_of_the_log():
     sim = r.sim.clone()
     sim[1, :, -1, 0] += 3.0  # rollout 1 ends 3 m further: pairwise distances 3, 3, 0 -> FDD 2
     assert final_displacement_diversity(replace(r, sim=sim)) == pytest.approx(2.0, abs=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(1, 5), st.integers(1, 6))
+def test_safety_totals_equal_masked_sums(seed, r, a, t):
+    # the one-pass totals behind blm_safety against the plain masked reductions they replace
+    from envs.metrics.kernels import safety_totals
+
+    rng = np.random.default_rng(seed)
+    own, off_ok = rng.random((r, a, t)) < 0.7, rng.random((r, a, t)) < 0.6
+    over_a, over_c = rng.integers(0, 3, (r, a, t)) * own, rng.integers(0, 2, (r, a, t)) * own
+    vehicle = rng.random(a) < 0.5
+    off = (rng.random((r, a, t)) < 0.3) & off_ok & vehicle[None, :, None]
+    approach = rng.uniform(0, 5, (r, a, t)).astype(np.float32)
+    rss_long, rss_lat = (rng.random((r, a, t)) < 0.2) & own, (rng.random((r, a, t)) < 0.2) & own
+    got = safety_totals(own, over_a, over_c, off, off_ok, vehicle, approach, rss_long, rss_lat)
+    veh_steps = off_ok & vehicle[None, :, None]
+    expected = np.stack([own.sum((1, 2)), over_a.sum((1, 2)) / 2 + over_c.sum((1, 2)), off.sum((1, 2)),
+                         veh_steps.sum((1, 2)), np.where(own, approach, np.inf).min((1, 2)), rss_long.sum((1, 2)),
+                         rss_lat.sum((1, 2))], -1)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_fdd_skips_rollouts_without_a_final_position():
+    r = scene_rollouts([dict(x0=10, y0=-1.75, speed=5.0), dict(x0=60, y0=-1.75, speed=5.0)], rollouts=3,
+                       num_steps=31)
+    sim, valid = r.sim.clone(), r.sim_valid.clone()
+    sim[1, 0, -1, 0] += 4.0  # agent 0: final positions 0, 4, 0 m apart -> pairwise 4, 0, 4 -> 8 / 3
+    valid[2, 0, r.history_steps:] = False  # ... unless rollout 2 has no future: one pair, 4 m
+    valid[1:, 1, r.history_steps:] = False  # agent 1: a final position in one rollout only, not counted
+    assert final_displacement_diversity(replace(r, sim=sim, sim_valid=valid)) == pytest.approx(4.0, abs=1e-5)
 
 
 def test_planning_metrics_of_a_constant_speed_ego():

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from envs.metrics.episode import Rollouts, register_episode_metric
-from envs.metrics.features import Feature, require_rollouts, scene_features
+from envs.metrics.features import cpu_numpy, require_rollouts, scene_features
+from envs.metrics.kernels import bin_counts, final_spread, safety_totals
 from envs.metrics.realism import HistogramSpec
 from envs.types import AgentType
 
@@ -27,9 +28,8 @@ JSD_NAMES = {"linear_speed": "speed", "linear_accel": "accel", "jerk": "jerk"}
 
 def histogram(values: torch.Tensor, valid: torch.Tensor, spec: HistogramSpec) -> torch.Tensor:
     """Normalised ``(bins,)`` histogram of the valid entries of ``values`` (any shape); zeros if none is valid."""
-    idx = ((values.float() - spec.low) / (spec.high - spec.low) * spec.bins).floor().clamp(0, spec.bins - 1).long()
-    idx = torch.where(valid, idx, spec.bins)  # invalid entries land in an extra bin, dropped below
-    counts = torch.bincount(idx.reshape(-1), minlength=spec.bins + 1)[:spec.bins].double()
+    counts = torch.from_numpy(bin_counts(cpu_numpy(values.to(torch.float32)).reshape(-1),
+                                         cpu_numpy(valid).reshape(-1), spec.low, spec.high - spec.low, spec.bins))
     return counts / counts.sum().clamp(min=1)
 
 
@@ -61,21 +61,20 @@ def _per_rollout_mean(x: torch.Tensor) -> float:
     "the RSS safe distance (rho 0.5 s, accel 2 / brake 4 m/s^2; lateral accel 1.5 / brake 2.5 m/s^2, mu 0.2 m) to "
     "the followed object / an object alongside. All per rollout, mean over rollouts.", family="blm")
 def blm_safety(rollouts: Rollouts) -> dict[str, float]:
-    f = scene_features(rollouts).sim
-    own = scene_features(rollouts).sim_valid  # (R, A, Tf)
-    n = own.sum(dim=(1, 2)).clamp(min=1).float()
-    pairs = f["overlaps_agents"].value.sum(dim=(1, 2)) / 2 + f["overlaps_context"].value.sum(dim=(1, 2))
-    off: Feature = f["offroad"]
-    vehicle_steps = off.valid & (rollouts.agent_type == AgentType.VEHICLE)[None, :, None]
-    off_rate = off.value.sum(dim=(1, 2)) / vehicle_steps.sum(dim=(1, 2)).clamp(min=1)
-    ttc = f["closest_approach_ttc"]
-    min_ttc = torch.where(ttc.valid, ttc.value, torch.full_like(ttc.value, float("inf"))).amin(dim=(1, 2))
+    sf = scene_features(rollouts)
+    f = sf.sim
+    c = lambda name: cpu_numpy(f[name].value)  # noqa: E731
+    vehicle = cpu_numpy(rollouts.agent_type == AgentType.VEHICLE)
+    steps, pairs, off, veh, min_ttc, rss_long, rss_lat = torch.from_numpy(safety_totals(
+        cpu_numpy(sf.sim_valid), c("overlaps_agents"), c("overlaps_context"), c("offroad"),
+        cpu_numpy(f["offroad"].valid), vehicle, c("closest_approach_ttc"), c("rss_longitudinal"),
+        c("rss_lateral"))).unbind(-1)
     return {
-        "blm_collision_rate": _per_rollout_mean(pairs / n),
-        "blm_offroad_rate": _per_rollout_mean(off_rate) if vehicle_steps.any() else float("nan"),
-        "blm_min_ttc": _per_rollout_mean(min_ttc.clamp(max=5.0)) if ttc.valid.any() else float("nan"),
-        "blm_rss_longitudinal": _per_rollout_mean(f["rss_longitudinal"].value.sum(dim=(1, 2))),
-        "blm_rss_lateral": _per_rollout_mean(f["rss_lateral"].value.sum(dim=(1, 2))),
+        "blm_collision_rate": _per_rollout_mean(pairs / steps.clamp(min=1)),
+        "blm_offroad_rate": _per_rollout_mean(off / veh.clamp(min=1)) if veh.any() else float("nan"),
+        "blm_min_ttc": _per_rollout_mean(min_ttc.clamp(max=5.0)) if steps.any() else float("nan"),
+        "blm_rss_longitudinal": _per_rollout_mean(rss_long),
+        "blm_rss_lateral": _per_rollout_mean(rss_lat),
     }
 
 
@@ -99,18 +98,8 @@ def final_displacement_diversity(rollouts: Rollouts) -> float:
     """FDD (m): per agent, the mean pairwise distance between the rollouts' final positions (each rollout's last
     valid step), averaged over agents valid in at least two rollouts. Needs R >= 2."""
     require_rollouts(rollouts, 2, "final displacement diversity")
-    h = rollouts.history_steps
-    valid = rollouts.sim_valid[:, :, h:]  # (R, A, Tf)
-    tf = valid.shape[-1]
-    last = torch.where(valid, torch.arange(tf), -1).amax(dim=-1)  # (R, A)
-    ok = last >= 0
-    xy = rollouts.sim[:, :, h:, :2].gather(2, last.clamp(min=0)[..., None, None].expand(-1, -1, 1, 2))[:, :, 0]
-    d = (xy[:, None] - xy[None]).norm(dim=-1)  # (R, R, A)
-    pair = ok[:, None] & ok[None] & ~torch.eye(ok.shape[0], dtype=torch.bool)[..., None]
-    npair = pair.sum(dim=(0, 1))
-    per_agent = (d * pair).sum(dim=(0, 1)) / npair.clamp(min=1)
-    has = npair > 0
-    return float(per_agent[has].mean()) if has.any() else float("nan")
+    spread, has = final_spread(cpu_numpy(rollouts.sim), cpu_numpy(rollouts.sim_valid), rollouts.history_steps)
+    return float(spread[has].mean()) if has.any() else float("nan")
 
 
 @register_episode_metric(

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from envs.errors import TrafficGymError, UnknownNameError
+from envs.metrics.kernels import all_finite_where_valid
 
 HISTORY_TOLERANCE = 0.01  # m: sim and log must agree at the last history step (they are the same data)
 
@@ -102,11 +103,9 @@ class Rollouts:
             raise RolloutError(f"Rollouts {self.scene_id}: agent ids are not unique.")
         if not 0 < self.history_steps < t:
             raise RolloutError(f"Rollouts {self.scene_id}: history_steps={self.history_steps} outside (0, {t}).")
-        # (no boolean-mask gather: it copies the whole tensor)
-        if (self.sim_valid & ~torch.isfinite(self.sim).all(dim=-1)).any():
-            raise RolloutError(f"Rollouts {self.scene_id}: sim holds NaN/inf at valid steps.")
-        if (self.log_valid & ~torch.isfinite(self.log).all(dim=-1)).any():
-            raise RolloutError(f"Rollouts {self.scene_id}: log holds NaN/inf at valid steps.")
+        for name, value, valid in (("sim", self.sim, self.sim_valid), ("log", self.log, self.log_valid)):
+            if not _finite_where_valid(value, valid):
+                raise RolloutError(f"Rollouts {self.scene_id}: {name} holds NaN/inf at valid steps.")
         if not torch.isfinite(self.extent).all() or (self.extent <= 0).any():
             raise RolloutError(f"Rollouts {self.scene_id}: extent must be finite and > 0 m.")
         if not -1 <= self.ego_index < a:
@@ -131,8 +130,14 @@ class Rollouts:
                 if a2 < 0 or tuple(value.shape) != shape:
                     raise RolloutError(f"Rollouts {self.scene_id}: {name} has shape {tuple(value.shape)}, "
                                        f"expected {shape}.")
-            if not torch.isfinite(self.context[self.context_valid]).all():
+            if not _finite_where_valid(self.context, self.context_valid):
                 raise RolloutError(f"Rollouts {self.scene_id}: context holds NaN/inf at valid steps.")
+
+
+def _finite_where_valid(values: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether ``values`` ``(..., 5)`` is finite wherever ``valid`` ``(...)`` is (one compiled pass, no masks)."""
+    return all_finite_where_valid(np.ascontiguousarray(values.detach().cpu().float().numpy().reshape(-1, 5)),
+                                  np.ascontiguousarray(valid.cpu().numpy().reshape(-1)))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Per (rollout, agent, step) features of a scene, shared by every episode-metric family.
 
-Everything is batched torch over ``B`` samples (``R`` rollouts, or ``R = 1`` for the log) × ``A`` evaluated agents
-× ``T`` steps, with no Python loops over agents or steps. Every feature is a ``Feature(value, valid)`` pair of
+Everything is batched over ``B`` samples (``R`` rollouts, or ``R = 1`` for the log) × ``A`` evaluated agents
+× ``T`` steps, by compiled loops (``kernels.py``) with torch tensors in and out. Every feature is a ``Feature(value, valid)`` pair of
 ``(B, A, T)`` tensors: a feature is valid only where every sample it is computed from is valid; invalid entries
 hold 0 and must be ignored.
 
@@ -25,10 +25,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from envs.geometry import wrap_angle
 from envs.map_index import NO_ROAD_EDGE
 from envs.metrics.episode import RolloutError, Rollouts
-from envs.metrics.kernels import interaction_pairs, road_edge_distance
+from envs.metrics.kernels import interaction_pairs, kinematics, road_edge_distance
 from envs.types import AgentType
 
 TTC_CAP = 5.0  # s: time-to-collision values (and "nothing ahead") are capped here (WOSAC)
@@ -55,44 +54,27 @@ class Feature(NamedTuple):
 # Kinematics
 # ------------------------------------------------------------------------------------------------------------
 
-def central_diff(values: torch.Tensor, valid: torch.Tensor, dt: float, wrap: bool = False) -> Feature:
-    """``(v[t+1] - v[t-1]) / (2 dt)`` over the last axis, ``(..., T)``; valid where t-1, t and t+1 are valid.
-
-    ``wrap``: differences of angles are wrapped to [-pi, pi) first. The first and last steps are invalid.
-    """
-    d = values[..., 2:] - values[..., :-2]
-    if wrap:
-        d = wrap_angle(d)
-    ok = valid[..., 2:] & valid[..., :-2] & valid[..., 1:-1]
-    out = torch.zeros_like(values)
-    out[..., 1:-1] = torch.where(ok, d / (2 * dt), torch.zeros_like(d))
-    ok_full = torch.zeros_like(valid)
-    ok_full[..., 1:-1] = ok
-    return Feature(out, ok_full)
-
-
-def kinematic_features(traj: torch.Tensor, valid: torch.Tensor, dt: float) -> dict[str, Feature]:
+def kinematic_features(traj: torch.Tensor, valid: torch.Tensor, dt: float, start: int = 0) -> dict[str, Feature]:
     """Kinematics from positions and headings (velocities in ``traj`` are not used, as in WOSAC).
 
+    Each is a central difference ``(v[t+1] - v[t-1]) / (2 dt)``, valid where t - 1, t and t + 1 are valid (so
+    the first and last steps of a valid stretch are not): ``linear_speed`` (m/s, of position: the norm of the
+    displacement), ``linear_accel`` (m/s^2, signed: of speed), ``jerk`` (m/s^3, of acceleration),
+    ``angular_speed`` (rad/s, of heading, the difference wrapped to [-pi, pi)), ``angular_accel`` (rad/s^2).
+    One compiled pass over the tracks (``kernels.kinematics``; the differences in float64).
+
     Args:
-        traj: ``(..., T, 5)`` x, y (m), heading (rad), vx, vy; valid ``(..., T)`` bool; dt: s per step.
+        traj: ``(..., T, 5)`` x, y (m), heading (rad), vx, vy; valid ``(..., T)`` bool; dt: s per step;
+        start: the first step returned (e.g. the history length, for the future steps only).
     Returns:
-        ``linear_speed`` (m/s, central difference of position), ``linear_accel`` (m/s^2, signed: central
-        difference of speed), ``jerk`` (m/s^3, central difference of acceleration), ``angular_speed`` (rad/s,
-        wrapped central difference of heading), ``angular_accel`` (rad/s^2), each ``(..., T)``.
+        each feature ``(..., T - start)``, in the dtype and on the device of ``traj``.
     """
-    step = traj[..., 2:, :2] - traj[..., :-2, :2]
-    ok = valid[..., 2:] & valid[..., :-2] & valid[..., 1:-1]
-    speed = torch.zeros_like(traj[..., 0])
-    speed[..., 1:-1] = torch.where(ok, step.norm(dim=-1) / (2 * dt), torch.zeros_like(step[..., 0]))
-    speed_ok = torch.zeros_like(valid)
-    speed_ok[..., 1:-1] = ok
-    accel = central_diff(speed, speed_ok, dt)
-    jerk = central_diff(accel.value, accel.valid, dt)
-    ang_speed = central_diff(traj[..., 2], valid, dt, wrap=True)
-    ang_accel = central_diff(ang_speed.value, ang_speed.valid, dt)
-    return {"linear_speed": Feature(speed, speed_ok), "linear_accel": accel, "jerk": jerk,
-            "angular_speed": ang_speed, "angular_accel": ang_accel}
+    lead, t = traj.shape[:-2], traj.shape[-2]
+    values, ok = kinematics(cpu_numpy(traj.reshape(-1, t, 5)), cpu_numpy(valid.reshape(-1, t)), float(dt), int(start))
+    values = torch.from_numpy(values).to(traj.device).reshape(5, *lead, t - start)
+    ok = torch.from_numpy(ok).to(traj.device).reshape(5, *lead, t - start)
+    return {name: Feature(values[k], ok[k]) for k, name in
+            enumerate(("linear_speed", "linear_accel", "jerk", "angular_speed", "angular_accel"))}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -188,7 +170,7 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         (s, minimum over objects of the time of closest approach at constant velocities, for approaching pairs
         whose bounding circles would touch then; ``TTC_CAP`` otherwise).
     """
-    b, a, t, _ = agents.shape
+    t = agents.shape[2]
     dev, dtype = agents.device, agents.dtype
     if others is not None and others.shape[1] > 0:
         if others.shape[0] != 1:
@@ -198,33 +180,25 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
     else:
         ctx, ctx_valid, objs_extent = agents.new_zeros((0, t, 5)), agents_valid.new_zeros((0, t)), extent
     params = (TTC_CAP, TTC_MAX_HEADING_DIFF, RSS_RHO, RSS_ACCEL, RSS_BRAKE, RSS_LAT_ACCEL, RSS_LAT_BRAKE, RSS_MU)
-    out = interaction_pairs(_numpy(agents.float()), _numpy(agents_valid), _numpy(ctx.float()), _numpy(ctx_valid),
-                            _numpy(objs_extent.float()), neighbours, params)
-    nearest, n_agents, n_context, ttc, gap, rss_long, rss_lat, approach = (
-        torch.from_numpy(x).to(dev, dtype if x.dtype == np.float64 else None) for x in out)
-
-    def back(x: torch.Tensor) -> torch.Tensor:  # (F, A) -> (B, A, T)
-        return x.reshape(b, t, a).permute(0, 2, 1)
-
+    out = interaction_pairs(cpu_numpy(agents), cpu_numpy(agents_valid), cpu_numpy(ctx.to(agents.dtype)),
+                            cpu_numpy(ctx_valid), cpu_numpy(objs_extent.float()), neighbours, params)
+    nearest, has_other, n_agents, n_context, ttc, gap, rss_long, rss_lat, approach = (
+        torch.from_numpy(x).to(dev, dtype if x.dtype.kind == "f" else None) for x in out)
     own_valid = agents_valid
-    found = torch.isfinite(nearest)
-    has_other = back(found) & own_valid
-    nearest_value = back(torch.where(found, nearest, torch.zeros_like(nearest)))
-    zero = torch.zeros_like(nearest_value)
     return {
-        "distance_to_nearest_object": Feature(torch.where(has_other, nearest_value, zero), has_other),
-        "collision": Feature((nearest_value < 0) & has_other, has_other),
-        "overlaps_agents": Feature(back(n_agents) * own_valid, own_valid),
-        "overlaps_context": Feature(back(n_context) * own_valid, own_valid),
-        "time_to_collision": Feature(torch.where(own_valid, back(ttc), zero), own_valid),
-        "follow_gap": Feature(back(gap), own_valid),
-        "rss_longitudinal": Feature(back(rss_long) & own_valid, own_valid),
-        "rss_lateral": Feature(back(rss_lat) & own_valid, own_valid),
-        "closest_approach_ttc": Feature(torch.where(own_valid, back(approach), zero), own_valid),
+        "distance_to_nearest_object": Feature(nearest, has_other),
+        "collision": Feature(nearest < 0, has_other),
+        "overlaps_agents": Feature(n_agents, own_valid),
+        "overlaps_context": Feature(n_context, own_valid),
+        "time_to_collision": Feature(ttc, own_valid),
+        "follow_gap": Feature(gap, own_valid),
+        "rss_longitudinal": Feature(rss_long, own_valid),
+        "rss_lateral": Feature(rss_lat, own_valid),
+        "closest_approach_ttc": Feature(approach, own_valid),
     }
 
 
-def _numpy(x: torch.Tensor) -> np.ndarray:
+def cpu_numpy(x: torch.Tensor) -> np.ndarray:
     """A C-contiguous numpy view (or copy, when needed) of a tensor for the compiled loops, on the CPU."""
     return np.ascontiguousarray(x.detach().cpu().numpy())
 
@@ -249,14 +223,11 @@ def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Te
         none = torch.zeros_like(valid)
         return {"distance_to_road_edge": Feature(torch.zeros_like(traj[..., 0]), none),
                 "offroad": Feature(none.clone(), none)}
-    d = torch.from_numpy(road_edge_distance(
-        np.ascontiguousarray(traj.detach().cpu().numpy()), np.ascontiguousarray(valid.cpu().numpy()),
-        np.ascontiguousarray(extent.detach().cpu().float().numpy()), map_index.sdf, float(map_index.origin[0]),
-        float(map_index.origin[1]), float(map_index.resolution))).to(traj.device, traj.dtype)
-    d = torch.where(valid & (d > NO_ROAD_EDGE / 2), d, torch.zeros_like(d))
-    vehicle = (agent_type == AgentType.VEHICLE)[None, :, None]
-    return {"distance_to_road_edge": Feature(d, valid), "offroad": Feature((d > OFFROAD_THRESHOLD) & vehicle & valid,
-                                                                           valid)}
+    d, off = road_edge_distance(cpu_numpy(traj), cpu_numpy(valid), cpu_numpy(extent.float()), map_index.sdf,
+                                float(map_index.origin[0]), float(map_index.origin[1]), float(map_index.resolution),
+                                cpu_numpy(agent_type == AgentType.VEHICLE), NO_ROAD_EDGE / 2, OFFROAD_THRESHOLD)
+    return {"distance_to_road_edge": Feature(torch.from_numpy(d).to(traj.device, traj.dtype), valid),
+            "offroad": Feature(torch.from_numpy(off).to(traj.device), valid)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -275,13 +246,13 @@ class SceneFeatures:
     log: dict[str, Feature]
     sim_valid: torch.Tensor
     log_valid: torch.Tensor
+    joint: dict[str, Feature]  # (R + 1, A, T_future): the rollouts, then the log (``sim`` / ``log`` are views)
 
 
 def _features(traj: torch.Tensor, valid: torch.Tensor, r: Rollouts) -> tuple[dict[str, Feature], torch.Tensor]:
     """All features of ``(B, A, T, 5)`` trajectories, restricted to the future steps."""
     h = r.history_steps
-    out = {name: Feature(f.value[..., h:], f.valid[..., h:])
-           for name, f in kinematic_features(traj, valid, r.dt).items()}
+    out = kinematic_features(traj, valid, r.dt, start=h)
     fut, fut_valid = traj[:, :, h:].float(), valid[:, :, h:]
     extent = r.extent.float()
     ctx = ctx_valid = ctx_extent = None
@@ -308,7 +279,7 @@ def scene_features(rollouts: Rollouts) -> SceneFeatures:
                                     torch.cat([rollouts.sim_valid, rollouts.log_valid[None]]), rollouts)
         sim = {k: Feature(f.value[:r], f.valid[:r]) for k, f in both.items()}
         log = {k: Feature(f.value[r:], f.valid[r:]) for k, f in both.items()}
-        _CACHE[rollouts] = SceneFeatures(sim, log, valid[:r], valid[r:])
+        _CACHE[rollouts] = SceneFeatures(sim, log, valid[:r], valid[r:], both)
     return _CACHE[rollouts]
 
 

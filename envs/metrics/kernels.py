@@ -1,15 +1,22 @@
-"""The per-step box features of the episode metrics as compiled loops (numba), over plain numpy arrays;
-``features.py`` documents the features.
+"""The episode metrics' inner loops, compiled (numba) over plain numpy arrays; ``features.py``, ``realism.py``
+and ``blm.py`` document what they compute and call them.
 
 ``interaction_pairs``: box-to-box features. Per frame and evaluated agent: centre distances to every object,
 the ``k`` nearest kept (the neighbours of TTC, RSS and closest approach), then the exact nearest box distance
 and the overlap counts over *all* objects, where a bounding-circle lower bound lets most objects be skipped
 without a box test.
 
-``road_edge_distance``: the worst corner's signed distance to the road edge (bilinear SDF lookup).
+``road_edge_distance``: the worst corner's signed distance to the road edge (bilinear SDF lookup), and off-road.
+``kinematics``: the central-difference speeds, accelerations and jerk. ``histogram_likelihoods``: the WOSAC
+histogram likelihoods of every realism feature. ``bin_counts``, ``displacement``, ``final_spread``,
+``safety_totals``, ``all_finite_where_valid``: the JSD histograms, ADE / FDE, FDD, the BLM safety totals and the
+NaN check of the inputs.
 
 Why compiled: as torch ops the pairs were ~150 elementwise passes over (frames × agents × neighbours) tensors
 plus a top-k over all pairs, ~85 % of the episode-metric time; as a loop every pair is touched once, in cache.
+The rest followed once the pairs were fast: a masked torch reduction over a (rollouts × agents × steps) tensor
+costs 50-1000 µs (strided views, boolean temporaries), one pass of a loop a fraction of that; together they had
+become half of the metric time.
 """
 
 from __future__ import annotations
@@ -73,11 +80,11 @@ def _insert(nb_d2, nb_idx, k, k_max, dj, j):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _exact(fs, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, overlaps_c):
-    """Fold object j into agent i's nearest box distance and overlap counts, unless the bounding circles prove it
-    can neither overlap nor be nearer than ``best``."""
+def _exact(fs, i, j, dj, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, overlaps_c):
+    """Fold object j (squared centre distance ``dj``) into agent i's nearest box distance and overlap counts,
+    unless the bounding circles prove it can neither overlap nor be nearer than ``best``."""
     reach = radius[i] + radius[j] + max(best, 0.0)
-    if d2[j] >= reach * reach:
+    if dj >= reach * reach:
         return best, overlaps_a, overlaps_c
     value, overlap = _box_distance(fs[i, 0], fs[i, 1], cos_h[i], sin_h[i], 0.5 * ext[i, 0], 0.5 * ext[i, 1],
                                    fs[j, 0], fs[j, 1], cos_h[j], sin_h[j], 0.5 * ext[j, 0], 0.5 * ext[j, 1],
@@ -91,7 +98,7 @@ def _exact(fs, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, ov
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc, follow_gap,
+def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest, n_agents, n_context, ttc, follow_gap,
            rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb, prev_k):
     ttc_cap, max_heading_diff, rho, acc, brk, lat_acc, lat_brk, mu = params
     n = fs.shape[0]
@@ -101,18 +108,19 @@ def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n
         is_nb[j] = -1
     cos_max = math.cos(max_heading_diff)
     for i in range(n_eval):
-        nearest[f, i], n_agents[f, i], n_context[f, i] = _NONE, 0, 0
-        ttc[f, i], follow_gap[f, i], rss_long[f, i], rss_lat[f, i], approach[f, i] = ttc_cap, _NONE, False, \
-            False, ttc_cap
+        # an invalid agent: every feature 0 / False, no followed object
+        nearest[b, i, t], n_agents[b, i, t], n_context[b, i, t] = _NONE, 0, 0
+        ttc[b, i, t], follow_gap[b, i, t], rss_long[b, i, t], rss_lat[b, i, t], approach[b, i, t] = 0.0, _NONE, \
+            False, False, 0.0
         if not fv[i]:
             prev_k[i] = 0
             continue
         xi, yi, vxi, vyi = fs[i, 0], fs[i, 1], fs[i, 3], fs[i, 4]
         ca, sa = cos_h[i], sin_h[i]
         hl, hw = 0.5 * ext[i, 0], 0.5 * ext[i, 1]
-        # centre distances, and the k nearest: seeded with the previous frame's neighbours (usually the same
-        # objects one step later, so their current distances bound the k-th nearest and the scan below rarely
-        # inserts), then every other object
+        # centre distances (a loop of its own: it vectorises), and the k nearest: seeded with the previous frame's
+        # neighbours (usually the same objects one step later, so their current distances bound the k-th nearest
+        # and the scan below rarely inserts), then every other object
         for j in range(n):
             dx, dy = xs[j] - xi, ys[j] - yi
             d2[j] = dx * dx + dy * dy
@@ -135,17 +143,17 @@ def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n
         # exact nearest box distance and overlap counts over all objects, neighbours first (tight bound early)
         best, overlaps_a, overlaps_c = _NONE, 0, 0
         for q in range(k):
-            best, overlaps_a, overlaps_c = _exact(fs, i, nb_idx[q], d2, radius, cos_h, sin_h, ext, n_eval, best,
-                                                  overlaps_a, overlaps_c)
+            best, overlaps_a, overlaps_c = _exact(fs, i, nb_idx[q], nb_d2[q], radius, cos_h, sin_h, ext, n_eval,
+                                                  best, overlaps_a, overlaps_c)
         # then every other object, unless the k-th neighbour's distance proves none can overlap or be nearer
         # (all others are at least that far; fewer than k neighbours means there are no others)
         reach_any = radius[i] + radius_max + max(best, 0.0)
         others = k == k_max and nb_d2[k - 1] < reach_any * reach_any
         for j in range(n if others else 0):
             if is_nb[j] != 2 * i + 1 and d2[j] < _FAR_D2:
-                best, overlaps_a, overlaps_c = _exact(fs, i, j, d2, radius, cos_h, sin_h, ext, n_eval, best,
+                best, overlaps_a, overlaps_c = _exact(fs, i, j, d2[j], radius, cos_h, sin_h, ext, n_eval, best,
                                                       overlaps_a, overlaps_c)
-        nearest[f, i], n_agents[f, i], n_context[f, i] = best, overlaps_a, overlaps_c
+        nearest[b, i, t], n_agents[b, i, t], n_context[b, i, t] = best, overlaps_a, overlaps_c
         # the neighbours in the agent's frame: followed object (TTC, RSS longitudinal), RSS lateral, approach
         v_own_long, v_own_lat = vxi * ca + vyi * sa, vyi * ca - vxi * sa
         gap, v_lead, lateral, t_min = _NONE, 0.0, False, _NONE
@@ -176,22 +184,21 @@ def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n
             rvx, rvy = vxj - vxi, vyj - vyi
             dot = dx * rvx + dy * rvy
             rv2 = rvx * rvx + rvy * rvy
-            if dot < 0 and -dot < ttc_cap * rv2:
-                t_star = -dot / rv2
-                mx, my = dx + t_star * rvx, dy + t_star * rvy
-                reach = radius[i] + radius[j]
-                if mx * mx + my * my < reach * reach:
-                    t_min = min(t_min, t_star)
+            reach = radius[i] + radius[j]
+            # |d + t* rv|^2 = |d|^2 - dot^2 / rv2 at t* = -dot / rv2: the test without a division
+            if dot < 0 and -dot < ttc_cap * rv2 and nb_d2[q] * rv2 - dot * dot < reach * reach * rv2:
+                t_min = min(t_min, -dot / rv2)
+        ttc[b, i, t] = ttc_cap
         if gap < _NONE:
             closing = v_own_long - v_lead
             if closing > 0:
-                ttc[f, i] = min(max(gap, 0.0) / max(closing, 1e-9), ttc_cap)
+                ttc[b, i, t] = min(max(gap, 0.0) / max(closing, 1e-9), ttc_cap)
             v_r, v_f = max(v_own_long, 0.0), max(v_lead, 0.0)
             d_long = max(v_r * rho + 0.5 * acc * rho**2 + (v_r + rho * acc) ** 2 / (2 * brk) - v_f**2 / (2 * brk), 0.0)
-            rss_long[f, i] = gap < d_long
-        follow_gap[f, i] = gap
-        rss_lat[f, i] = lateral
-        approach[f, i] = min(t_min, ttc_cap)
+            rss_long[b, i, t] = gap < d_long
+        follow_gap[b, i, t] = gap
+        rss_lat[b, i, t] = lateral
+        approach[b, i, t] = min(t_min, ttc_cap)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -203,11 +210,13 @@ def interaction_pairs(agents, agents_valid, context, context_valid, ext, k_max, 
     context ``(O, T, 5)`` / context_valid ``(O, T)``: objects shared by every sample (O may be 0); ext
     ``(A + O, 2)`` length, width; k_max: neighbours for TTC / RSS / closest approach; params: TTC cap, max heading
     difference of a followed object, RSS rho, longitudinal accel and brake, lateral accel and brake, lateral
-    margin. Returns ``(F, A)`` arrays over the ``F = B * T`` frames (frame ``b * T + t``): nearest (signed box
-    distance, inf if alone), overlaps with evaluated / context objects, TTC, follow gap, RSS longitudinal /
-    lateral violations, closest-approach time. Frames run in ``n_chunks`` parallel chunks (a fixed number, not
-    the thread count: each chunk seeds its neighbour search from its previous frame, so results never depend on
-    the number of threads). Each frame's objects are gathered into a small buffer: no frame-major copy.
+    margin. Returns ``(B, A, T)`` arrays (floats in the dtype of ``agents``): nearest (signed box distance; 0
+    where the agent is invalid or alone), whether there was another object (False where the agent is invalid),
+    overlaps with evaluated / context objects, TTC, follow gap (inf without a followed object), RSS longitudinal
+    / lateral violations, closest-approach time; 0 / False for invalid agents except the follow gap. Frames run
+    in ``n_chunks`` parallel chunks (a fixed number, not the thread count: each chunk seeds its neighbour search
+    from its previous frame, so results never depend on the number of threads). Each frame's objects are gathered
+    into a small buffer: no frame-major copy.
     """
     n_b, n_eval, n_t = agents_valid.shape
     n_ctx = context.shape[0]
@@ -216,14 +225,11 @@ def interaction_pairs(agents, agents_valid, context, context_valid, ext, k_max, 
     radius = np.empty(n)
     for j in range(n):
         radius[j] = 0.5 * math.sqrt(ext[j, 0] ** 2 + ext[j, 1] ** 2)
-    nearest = np.empty((n_f, n_eval))
-    n_agents = np.empty((n_f, n_eval), np.int64)
-    n_context = np.empty((n_f, n_eval), np.int64)
-    ttc = np.empty((n_f, n_eval))
-    follow_gap = np.empty((n_f, n_eval))
-    rss_long = np.empty((n_f, n_eval), np.bool_)
-    rss_lat = np.empty((n_f, n_eval), np.bool_)
-    approach = np.empty((n_f, n_eval))
+    shape = (n_b, n_eval, n_t)
+    nearest, ttc = np.empty(shape, agents.dtype), np.empty(shape, agents.dtype)
+    follow_gap, approach = np.empty(shape, agents.dtype), np.empty(shape, agents.dtype)
+    n_agents, n_context = np.empty(shape, np.int64), np.empty(shape, np.int64)
+    rss_long, rss_lat = np.empty(shape, np.bool_), np.empty(shape, np.bool_)
     k_max = max(min(k_max, n - 1), 1)
     n_chunks = max(min(n_f, n_chunks), 1)
     radius_max = radius.max() if n else 0.0
@@ -243,26 +249,31 @@ def interaction_pairs(agents, agents_valid, context, context_valid, ext, k_max, 
                 fv[n_eval + j] = context_valid[j, t]
                 for q in range(5):
                     fs[n_eval + j, q] = context[j, t, q]
-            _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, f, nearest, n_agents, n_context, ttc,
+            _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest, n_agents, n_context, ttc,
                    follow_gap, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb,
                    prev_k)
-    for f in range(n_f):
+    has_other = nearest < _NONE
+    for b in numba.prange(n_b):
         for i in range(n_eval):
-            if nearest[f, i] >= _NONE:
-                nearest[f, i] = np.inf
-            if follow_gap[f, i] >= _NONE:
-                follow_gap[f, i] = np.inf
-    return nearest, n_agents, n_context, ttc, follow_gap, rss_long, rss_lat, approach
+            for t in range(n_t):
+                if not has_other[b, i, t]:
+                    nearest[b, i, t] = 0.0
+                if follow_gap[b, i, t] >= _NONE:
+                    follow_gap[b, i, t] = np.inf
+    return nearest, has_other, n_agents, n_context, ttc, follow_gap, rss_long, rss_lat, approach
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, parallel=True)
-def road_edge_distance(traj, valid, extent, sdf, origin_x, origin_y, resolution):
+def road_edge_distance(traj, valid, extent, sdf, origin_x, origin_y, resolution, vehicle, floor, threshold):
     """Largest signed distance (m, > 0 beyond the edge) of the 4 box corners, by bilinear lookup in ``sdf``
     ``(H, W)`` (cell centres at ``origin + (index + 0.5) * resolution``; points beyond the grid read its
-    border). traj ``(B, A, T, 5)``, valid ``(B, A, T)``, extent ``(A, 2)``; 0 where invalid."""
+    border). traj ``(B, A, T, 5)``, valid ``(B, A, T)``, extent ``(A, 2)``, vehicle ``(A,)`` bool. Returns the
+    distance ``(B, A, T)`` float32 (0 where invalid or not above ``floor``, the value of maps without road
+    edges) and off-road ``(B, A, T)`` bool (a valid vehicle whose distance exceeds ``threshold``)."""
     n_b, n_a, n_t = valid.shape
     h, w = sdf.shape
     out = np.zeros((n_b, n_a, n_t), np.float32)
+    off = np.zeros((n_b, n_a, n_t), np.bool_)
     for b in numba.prange(n_b):
         for a in range(n_a):
             hl, hw = 0.5 * extent[a, 0], 0.5 * extent[a, 1]
@@ -280,8 +291,10 @@ def road_edge_distance(traj, valid, extent, sdf, origin_x, origin_y, resolution)
                     top = sdf[v0, u0] * (1 - fu) + sdf[v0, u0 + 1] * fu
                     bottom = sdf[v0 + 1, u0] * (1 - fu) + sdf[v0 + 1, u0 + 1] * fu
                     worst = max(worst, top * (1 - fv) + bottom * fv)
-                out[b, a, t] = worst
-    return out
+                if worst > floor:
+                    out[b, a, t] = worst
+                    off[b, a, t] = vehicle[a] and worst > threshold
+    return out, off
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -293,37 +306,39 @@ def _bin(x, low, width, nb):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def histogram_likelihoods(sim, sim_valid, log, log_valid, low, width, bins, pseudocount):
+def histogram_likelihoods(values, valid, n_sim, low, width, bins, pseudocount):
     """WOSAC histogram likelihoods of ``F`` features at once (``realism.py`` defines the method; its torch
     functions ``histogram_log_likelihood`` / ``bernoulli_log_likelihood`` are the reference this loop matches).
 
-    sim ``(F, R, A, T)`` float32 simulated values, sim_valid ``(F, R, A, T)`` bool; log ``(F, A, T)`` float32,
-    log_valid ``(F, A, T)`` bool; per feature: low ``(F,)`` float32 range start, width ``(F,)`` float32 range
-    length, bins ``(F,)`` int64 (0: a boolean feature, scored by its any-over-time value per rollout).
-    Returns ``(F, A)`` float64 likelihoods, NaN where the object has no valid logged value. Bins are computed
-    in float32 exactly as the torch reference does.
+    values: a tuple of ``F`` float32 arrays ``(R + 1, A, T)``, one per feature: rows ``< n_sim`` (= R) the
+    simulated values, row ``n_sim`` the logged ones; valid: the matching tuple of bool arrays (all C-contiguous).
+    Per feature: low ``(F,)`` float32 range start, width ``(F,)`` float32 range length, bins ``(F,)`` int64 (0: a
+    boolean feature, scored by its any-over-time value per rollout). Returns ``(F, A)`` float64 likelihoods, NaN
+    where the object has no valid logged value. Bins are computed in float32 exactly as the torch reference does.
     """
-    n_f, n_r, n_a, n_t = sim.shape
+    n_f = len(values)
+    n_r, n_a, n_t = n_sim, values[0].shape[1], values[0].shape[2]
     out = np.full((n_f, n_a), np.nan)
     for fa in numba.prange(n_f * n_a):
         f, a = fa // n_a, fa % n_a
+        x, ok = values[f], valid[f]
         nb = bins[f]
         if nb == 0:
             true, counted = 0.0, 0.0
             for r in range(n_r):
                 seen, hit = False, False
                 for t in range(n_t):
-                    if sim_valid[f, r, a, t]:
+                    if ok[r, a, t]:
                         seen = True
-                        hit = hit or sim[f, r, a, t] != 0
+                        hit = hit or x[r, a, t] != 0
                 if seen:
                     counted += 1.0
                     true += 1.0 if hit else 0.0
             scored, log_hit = False, False
             for t in range(n_t):
-                if log_valid[f, a, t]:
+                if ok[n_r, a, t]:
                     scored = True
-                    log_hit = log_hit or log[f, a, t] != 0
+                    log_hit = log_hit or x[n_r, a, t] != 0
             if scored:
                 p = (true + pseudocount) / (counted + 2 * pseudocount)
                 out[f, a] = p if log_hit else 1.0 - p
@@ -331,17 +346,167 @@ def histogram_likelihoods(sim, sim_valid, log, log_valid, low, width, bins, pseu
         counts = np.zeros(nb)
         for r in range(n_r):
             for t in range(n_t):
-                if sim_valid[f, r, a, t]:
-                    counts[_bin(sim[f, r, a, t], low[f], width[f], nb)] += 1.0
+                if ok[r, a, t]:
+                    counts[_bin(x[r, a, t], low[f], width[f], nb)] += 1.0
         total = 0.0
         for k in range(nb):
             counts[k] += pseudocount
             total += counts[k]
         acc, n = 0.0, 0
         for t in range(n_t):
-            if log_valid[f, a, t]:
-                acc += math.log(counts[_bin(log[f, a, t], low[f], width[f], nb)] / total)
+            if ok[n_r, a, t]:
+                acc += math.log(counts[_bin(x[n_r, a, t], low[f], width[f], nb)] / total)
                 n += 1
         if n:
             out[f, a] = math.exp(acc / n)
     return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _wrap(angle):
+    """``(angle + pi) % (2 pi) - pi`` (Python's float modulo, as ``envs.geometry.wrap_angle``)."""
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def kinematics(traj, valid, dt, start):
+    """Central-difference kinematics of ``N`` tracks (``features.kinematic_features`` documents them).
+
+    traj ``(N, T, 5)`` x, y, heading, vx, vy (velocities unused); valid ``(N, T)`` bool; dt: s per step; start:
+    first step written out. Returns values ``(5, N, T - start)`` (speed, acceleration, jerk, angular speed,
+    angular acceleration; the dtype of ``traj``) and their validity ``(5, N, T - start)`` bool; 0 where invalid.
+    A difference at step t needs steps t - 1, t, t + 1 valid, so the first and last steps are never valid.
+    """
+    n, n_t = valid.shape
+    out = np.zeros((5, n, n_t - start), traj.dtype)
+    ok = np.zeros((5, n, n_t - start), np.bool_)
+    inv = 1.0 / (2.0 * dt)
+    for i in numba.prange(n):
+        # per track: speed / angular speed (same validity), acceleration / angular acceleration, jerk
+        d1, d1_ok = np.zeros((2, n_t)), np.zeros(n_t, np.bool_)
+        d2, d2_ok = np.zeros((2, n_t)), np.zeros(n_t, np.bool_)
+        for t in range(1, n_t - 1):
+            if valid[i, t - 1] and valid[i, t] and valid[i, t + 1]:
+                dx, dy = traj[i, t + 1, 0] - traj[i, t - 1, 0], traj[i, t + 1, 1] - traj[i, t - 1, 1]
+                d1[0, t] = math.sqrt(dx * dx + dy * dy) * inv
+                d1[1, t] = _wrap(traj[i, t + 1, 2] - traj[i, t - 1, 2]) * inv
+                d1_ok[t] = True
+        for t in range(1, n_t - 1):
+            if d1_ok[t - 1] and d1_ok[t] and d1_ok[t + 1]:
+                d2[0, t] = (d1[0, t + 1] - d1[0, t - 1]) * inv
+                d2[1, t] = (d1[1, t + 1] - d1[1, t - 1]) * inv
+                d2_ok[t] = True
+        for t in range(max(start, 1), n_t - 1):
+            s = t - start
+            if d1_ok[t]:
+                out[0, i, s], out[3, i, s] = d1[0, t], d1[1, t]
+                ok[0, i, s], ok[3, i, s] = True, True
+            if d2_ok[t]:
+                out[1, i, s], out[4, i, s] = d2[0, t], d2[1, t]
+                ok[1, i, s], ok[4, i, s] = True, True
+                if d2_ok[t - 1] and d2_ok[t + 1]:
+                    out[2, i, s] = (d2[0, t + 1] - d2[0, t - 1]) * inv
+                    ok[2, i, s] = True
+    return out, ok
+
+
+@numba.njit(cache=True, nogil=True)
+def all_finite_where_valid(values, valid):
+    """Whether every row ``values[i]`` (``(N, K)``) with ``valid[i]`` (``(N,)`` bool) is finite (no NaN / inf)."""
+    for i in range(valid.shape[0]):
+        if valid[i]:
+            for k in range(values.shape[1]):
+                if not math.isfinite(values[i, k]):
+                    return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def bin_counts(values, valid, low, width, nb):
+    """Counts ``(nb,)`` float64 of the valid entries of ``values`` (1-D, float32, ``valid`` 1-D bool) in ``nb``
+    equal bins of ``[low, low + width]``; values outside land in the end bins (float32 binning, as ``_bin``)."""
+    counts = np.zeros(nb)
+    low32, width32 = np.float32(low), np.float32(width)
+    for i in range(values.shape[0]):
+        if valid[i]:
+            counts[_bin(values[i], low32, width32, nb)] += 1.0
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def displacement(sim, sim_valid, log, log_valid, start):
+    """Position errors of ``R`` rollouts against the log from step ``start`` on: sim ``(R, A, T, 5)``, sim_valid
+    ``(R, A, T)``, log ``(A, T, 5)``, log_valid ``(A, T)``. Returns ``(R, A)`` mean error (m, over the steps
+    where both are valid), error at the last such step (m) and the number of such steps; errors 0 where none."""
+    n_r, n_a, n_t = sim_valid.shape
+    ade, fde = np.zeros((n_r, n_a)), np.zeros((n_r, n_a))
+    count = np.zeros((n_r, n_a), np.int64)
+    for r in range(n_r):
+        for a in range(n_a):
+            acc, last, n = 0.0, 0.0, 0
+            for t in range(start, n_t):
+                if sim_valid[r, a, t] and log_valid[a, t]:
+                    dx, dy = sim[r, a, t, 0] - log[a, t, 0], sim[r, a, t, 1] - log[a, t, 1]
+                    last = math.sqrt(dx * dx + dy * dy)
+                    acc += last
+                    n += 1
+            if n:
+                ade[r, a], fde[r, a], count[r, a] = acc / n, last, n
+    return ade, fde, count
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def safety_totals(own_valid, overlaps_agents, overlaps_context, offroad, offroad_valid, vehicle, approach, rss_long,
+                  rss_lat):
+    """Per-sample totals of BLM's safety set (``blm.blm_safety`` defines the metrics), one pass over ``(R, A, T)``.
+
+    own_valid ``(R, A, T)`` bool (the agents' validity, which also gates the pair features), overlaps_agents /
+    overlaps_context int64, offroad / offroad_valid bool, vehicle ``(A,)`` bool, approach (closest-approach time,
+    s), rss_long / rss_lat bool. Returns ``(R, 7)`` float64: valid agent-steps, overlapping pairs (evaluated pairs
+    once), off-road vehicle-steps, valid vehicle-steps, minimum closest-approach time (inf if none), RSS
+    longitudinal and lateral violations.
+    """
+    n_r, n_a, n_t = own_valid.shape
+    out = np.zeros((n_r, 7))
+    for r in numba.prange(n_r):
+        steps, pairs, off, veh, ttc_min, long_, lat = 0.0, 0.0, 0.0, 0.0, np.inf, 0.0, 0.0
+        for a in range(n_a):
+            for t in range(n_t):
+                if own_valid[r, a, t]:
+                    steps += 1.0
+                    pairs += 0.5 * overlaps_agents[r, a, t] + overlaps_context[r, a, t]
+                    ttc_min = min(ttc_min, approach[r, a, t])
+                    long_ += rss_long[r, a, t]
+                    lat += rss_lat[r, a, t]
+                if vehicle[a] and offroad_valid[r, a, t]:
+                    veh += 1.0
+                    off += offroad[r, a, t]
+        out[r, 0], out[r, 1], out[r, 2], out[r, 3], out[r, 4], out[r, 5], out[r, 6] = \
+            steps, pairs, off, veh, ttc_min, long_, lat
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def final_spread(sim, sim_valid, start):
+    """Per agent, the mean distance (m) between the final positions of every two rollouts (each rollout's last
+    valid step at or after ``start``): sim ``(R, A, T, 5)``, sim_valid ``(R, A, T)``. Returns ``(A,)`` float64
+    spreads and ``(A,)`` bool, whether the agent has a final position in at least two rollouts (else 0)."""
+    n_r, n_a, n_t = sim_valid.shape
+    spread, has = np.zeros(n_a), np.zeros(n_a, np.bool_)
+    xs, ys = np.empty(n_r), np.empty(n_r)
+    for a in range(n_a):
+        m = 0
+        for r in range(n_r):
+            for t in range(n_t - 1, start - 1, -1):
+                if sim_valid[r, a, t]:
+                    xs[m], ys[m] = sim[r, a, t, 0], sim[r, a, t, 1]
+                    m += 1
+                    break
+        if m < 2:
+            continue
+        total = 0.0
+        for p in range(m):
+            for q in range(p + 1, m):
+                total += math.sqrt((xs[p] - xs[q]) ** 2 + (ys[p] - ys[q]) ** 2)
+        spread[a], has[a] = total / (m * (m - 1) / 2), True
+    return spread, has

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from envs.errors import UnknownNameError
 from envs.metrics.episode import Rollouts, register_episode_metric
-from envs.metrics.features import require_rollouts, scene_features
+from envs.metrics.features import cpu_numpy, require_rollouts, scene_features
+from envs.metrics.kernels import displacement, histogram_likelihoods
 
 PSEUDOCOUNT = 0.1  # added to every histogram bin (WOSAC)
 
@@ -111,22 +113,15 @@ def bernoulli_log_likelihood(sim: torch.Tensor, sim_valid: torch.Tensor, log: to
 def per_object_likelihoods(rollouts: Rollouts) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{feature: ((A,) likelihood, (A,) scored)}`` for every ``REALISM_FEATURES`` entry: every feature in one
     compiled loop (``kernels.histogram_likelihoods``), the same values as ``histogram_log_likelihood``."""
-    import numpy as np
-
-    from envs.metrics.kernels import histogram_likelihoods
-
     require_rollouts(rollouts, 2, "realism (a histogram of simulated values)")
     f = scene_features(rollouts)
     names = list(REALISM_FEATURES)
     specs = [REALISM_FEATURES[n] for n in names]
 
-    def stacked(part: str, attr: str, dtype) -> np.ndarray:
-        return np.ascontiguousarray(torch.stack([getattr(getattr(f, part)[n], attr).to(dtype) for n in names])
-                                    .cpu().numpy())
-
+    joint = [f.joint[n] for n in names]  # rollouts and log as one (R + 1, A, T) array per feature: no copies
     lik = histogram_likelihoods(
-        stacked("sim", "value", torch.float32), stacked("sim", "valid", torch.bool),
-        stacked("log", "value", torch.float32)[:, 0], stacked("log", "valid", torch.bool)[:, 0],
+        tuple(cpu_numpy(x.value.to(torch.float32)) for x in joint), tuple(cpu_numpy(x.valid) for x in joint),
+        rollouts.num_rollouts,
         np.array([sp.low for sp in specs], np.float32), np.array([sp.high - sp.low for sp in specs], np.float32),
         np.array([sp.bins for sp in specs], np.int64), PSEUDOCOUNT)
     lik = torch.from_numpy(lik).float()
@@ -174,16 +169,11 @@ def realism(rollouts: Rollouts) -> dict[str, float]:
 def displacement_errors(rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per rollout and agent: ADE (m, mean over future steps where sim and log are valid), FDE (m, at the last
     such step) and whether the agent had any such step; each ``(R, A)`` (errors are 0 where not valid)."""
-    h = rollouts.history_steps
-    both = rollouts.sim_valid[:, :, h:] & rollouts.log_valid[None, :, h:]  # (R, A, Tf)
-    err = (rollouts.sim[:, :, h:, :2] - rollouts.log[None, :, h:, :2]).norm(dim=-1)
-    err = torch.where(both, err, torch.zeros_like(err))
-    n = both.sum(dim=-1)
-    ade = err.sum(dim=-1) / n.clamp(min=1)
-    tf = both.shape[-1]
-    last = torch.where(both, torch.arange(tf, device=err.device), -1).amax(dim=-1)  # (R, A) last valid step
-    fde = err.gather(-1, last.clamp(min=0)[..., None])[..., 0]
-    return ade, fde, n > 0
+    ade, fde, n = displacement(cpu_numpy(rollouts.sim), cpu_numpy(rollouts.sim_valid), cpu_numpy(rollouts.log),
+                               cpu_numpy(rollouts.log_valid), rollouts.history_steps)
+    dev, dtype = rollouts.sim.device, rollouts.sim.dtype
+    return (torch.from_numpy(ade).to(dev, dtype), torch.from_numpy(fde).to(dev, dtype),
+            torch.from_numpy(n > 0).to(dev))
 
 
 def min_ade(rollouts: Rollouts) -> float:
