@@ -9,10 +9,10 @@ open_loop: from the state at step 10, apply the inverse actions of the log for 8
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+from common import data_parser  # benchmarks/common.py (the script's folder is on sys.path)
 
 from envs.dynamics import DYNAMICS
 from envs.geometry import wrap_angle
@@ -49,10 +49,7 @@ def measure(dataset: str, split: str, num_scenes: int, data_dir=None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="towns")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--data-dir", default=None)
+    parser = data_parser(__doc__)
     parser.add_argument("--scenes", type=int, default=64)
     args = parser.parse_args()
     print(json.dumps(measure(args.dataset, args.split, args.scenes, args.data_dir), indent=1))

@@ -8,7 +8,6 @@ the warm numbers reopen that cache and load every scene of each split.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from common import data_parser  # benchmarks/common.py (the script's folder is on sys.path)
 
 
 def _dir_size(path: Path) -> int:
@@ -25,9 +25,7 @@ def _dir_size(path: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="towns")
-    parser.add_argument("--data-dir", default=None)
+    parser = data_parser(__doc__, split=False)
     parser.add_argument("--case-length", type=int, default=None)
     parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     args = parser.parse_args()

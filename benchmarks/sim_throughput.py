@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -19,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from common import data_parser  # benchmarks/common.py (the script's folder is on sys.path)
 
 
 def core_throughput(ds, batch: int, steps: int, max_agents: int) -> dict:
@@ -94,10 +94,7 @@ def vector_throughput(kwargs: dict, num_envs: int, steps: int = 200) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="towns")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--data-dir", default=None)
+    parser = data_parser(__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-agents", type=int, default=64)
     parser.add_argument("--steps", type=int, default=80)

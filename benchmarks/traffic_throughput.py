@@ -10,13 +10,13 @@ env: env-steps per second of the 64-scene ``trafficgym/Ego-v0`` vector env with 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import time
 
 import torch
+from common import data_parser  # benchmarks/common.py (the script's folder is on sys.path)
 
 
 @torch.inference_mode()
@@ -46,10 +46,7 @@ def env_throughput(traffic: str, kwargs: dict, num_envs: int = 64, steps: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="towns")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--data-dir", default=None)
+    parser = data_parser(__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--agents", nargs="+", default=["log_replay", "constant_velocity", "idm"])

@@ -1,9 +1,9 @@
 """Per (rollout, agent, step) features of a scene, shared by every episode-metric family.
 
 Everything is batched over ``B`` samples (``R`` rollouts, or ``R = 1`` for the log) × ``A`` evaluated agents
-× ``T`` steps, by compiled loops (``kernels.py``) with torch tensors in and out. Every feature is a ``Feature(value, valid)`` pair of
-``(B, A, T)`` tensors: a feature is valid only where every sample it is computed from is valid; invalid entries
-hold 0 and must be ignored.
+× ``T`` steps, by compiled loops (``kernels.py``) with torch tensors in and out. Every feature is a
+``Feature(value, valid)`` pair of ``(B, A, T)`` tensors: a feature is valid only where every sample it is
+computed from is valid; invalid entries hold 0 and must be ignored.
 
 Kinematic features (``kinematic_features``) use central differences of positions / headings, so they are
 valid from the second to the second-to-last step of a valid stretch (acceleration: third to third-to-last).
