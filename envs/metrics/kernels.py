@@ -132,7 +132,13 @@ def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest
             if d2[j] < _FAR_D2:
                 k = _insert(nb_d2, nb_idx, k, k_max, d2[j], j)
         thr = nb_d2[k - 1] if k == k_max else _FAR_D2  # only nearer objects can enter the list
+        # a count first (it vectorises): when every object nearer than thr is listed already, none can enter
+        nearer, listed = 0, 0
         for j in range(n):
+            nearer += d2[j] < thr
+        for q in range(k):
+            listed += nb_d2[q] < thr
+        for j in range(n if nearer > listed else 0):
             if d2[j] < thr and is_nb[j] != 2 * i:
                 k = _insert(nb_d2, nb_idx, k, k_max, d2[j], j)
                 thr = nb_d2[k - 1] if k == k_max else _FAR_D2
