@@ -370,8 +370,10 @@ def histogram_likelihoods(values, valid, n_sim, low, width, bins, pseudocount):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _wrap(angle):
-    """``(angle + pi) % (2 pi) - pi`` (Python's float modulo, as ``envs.geometry.wrap_angle``)."""
-    return (angle + math.pi) % (2 * math.pi) - math.pi
+    """Wrap to [-pi, pi) as ``envs.geometry.wrap_angle`` (``(angle + pi) % (2 pi) - pi``), by a floor instead of
+    the float modulo (a library call, 40 % of the kinematics pass)."""
+    a = angle + math.pi
+    return a - 2 * math.pi * math.floor(a * (1 / (2 * math.pi))) - math.pi
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
