@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from envs.metrics.episode import Rollouts, register_episode_metric
-from envs.metrics.features import cpu_numpy, require_rollouts, scene_features
+from envs.metrics.episode import Rollouts, cpu_numpy, register_episode_metric
+from envs.metrics.features import require_rollouts, scene_features
 from envs.metrics.kernels import bin_counts, final_spread, safety_totals
 from envs.metrics.realism import HistogramSpec
 from envs.types import AgentType

@@ -134,10 +134,14 @@ class Rollouts:
                 raise RolloutError(f"Rollouts {self.scene_id}: context holds NaN/inf at valid steps.")
 
 
+def cpu_numpy(x: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy view (or copy, when needed) of a tensor for the compiled loops, on the CPU."""
+    return np.ascontiguousarray(x.detach().cpu().numpy())
+
+
 def _finite_where_valid(values: torch.Tensor, valid: torch.Tensor) -> bool:
     """Whether ``values`` ``(..., 5)`` is finite wherever ``valid`` ``(...)`` is (one compiled pass, no masks)."""
-    return all_finite_where_valid(np.ascontiguousarray(values.detach().cpu().float().numpy().reshape(-1, 5)),
-                                  np.ascontiguousarray(valid.cpu().numpy().reshape(-1)))
+    return all_finite_where_valid(cpu_numpy(values.float()).reshape(-1, 5), cpu_numpy(valid).reshape(-1))
 
 
 @dataclass(frozen=True)

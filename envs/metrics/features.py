@@ -22,11 +22,10 @@ import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from envs.map_index import NO_ROAD_EDGE
-from envs.metrics.episode import RolloutError, Rollouts
+from envs.metrics.episode import RolloutError, Rollouts, cpu_numpy
 from envs.metrics.kernels import interaction_pairs, kinematics, road_edge_distance
 from envs.types import AgentType
 
@@ -198,11 +197,6 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
     }
 
 
-def cpu_numpy(x: torch.Tensor) -> np.ndarray:
-    """A C-contiguous numpy view (or copy, when needed) of a tensor for the compiled loops, on the CPU."""
-    return np.ascontiguousarray(x.detach().cpu().numpy())
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Map features
 # ------------------------------------------------------------------------------------------------------------
@@ -253,7 +247,8 @@ def _features(traj: torch.Tensor, valid: torch.Tensor, r: Rollouts) -> tuple[dic
     """All features of ``(B, A, T, 5)`` trajectories, restricted to the future steps."""
     h = r.history_steps
     out = kinematic_features(traj, valid, r.dt, start=h)
-    fut, fut_valid = traj[:, :, h:].float(), valid[:, :, h:]
+    # one contiguous copy of the future steps: the interaction and road-edge loops both read it as is
+    fut, fut_valid = traj[:, :, h:].float().contiguous(), valid[:, :, h:].contiguous()
     extent = r.extent.float()
     ctx = ctx_valid = ctx_extent = None
     if r.context is not None:

@@ -311,6 +311,18 @@ def _bin(x, low, width, nb):
     return int(min(max(v, np.float32(0.0)), np.float32(nb - 1)))
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _any_over_time(x, ok, row, a):
+    """Whether sample ``row`` of object ``a`` has a valid step in ``ok`` ``(B, A, T)``, and whether ``x`` is
+    non-zero at any of them."""
+    seen, hit = False, False
+    for t in range(ok.shape[2]):
+        if ok[row, a, t]:
+            seen = True
+            hit = hit or x[row, a, t] != 0
+    return seen, hit
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def histogram_likelihoods(values, valid, n_sim, low, width, bins, pseudocount):
     """WOSAC histogram likelihoods of ``F`` features at once (``realism.py`` defines the method; its torch
@@ -332,19 +344,11 @@ def histogram_likelihoods(values, valid, n_sim, low, width, bins, pseudocount):
         if nb == 0:
             true, counted = 0.0, 0.0
             for r in range(n_r):
-                seen, hit = False, False
-                for t in range(n_t):
-                    if ok[r, a, t]:
-                        seen = True
-                        hit = hit or x[r, a, t] != 0
+                seen, hit = _any_over_time(x, ok, r, a)
                 if seen:
                     counted += 1.0
                     true += 1.0 if hit else 0.0
-            scored, log_hit = False, False
-            for t in range(n_t):
-                if ok[n_r, a, t]:
-                    scored = True
-                    log_hit = log_hit or x[n_r, a, t] != 0
+            scored, log_hit = _any_over_time(x, ok, n_r, a)
             if scored:
                 p = (true + pseudocount) / (counted + 2 * pseudocount)
                 out[f, a] = p if log_hit else 1.0 - p

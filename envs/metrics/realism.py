@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from envs.errors import UnknownNameError
-from envs.metrics.episode import Rollouts, register_episode_metric
-from envs.metrics.features import cpu_numpy, require_rollouts, scene_features
+from envs.metrics.episode import Rollouts, cpu_numpy, register_episode_metric
+from envs.metrics.features import require_rollouts, scene_features
 from envs.metrics.kernels import displacement, histogram_likelihoods
 
 PSEUDOCOUNT = 0.1  # added to every histogram bin (WOSAC)
@@ -117,7 +117,6 @@ def per_object_likelihoods(rollouts: Rollouts) -> dict[str, tuple[torch.Tensor, 
     f = scene_features(rollouts)
     names = list(REALISM_FEATURES)
     specs = [REALISM_FEATURES[n] for n in names]
-
     joint = [f.joint[n] for n in names]  # rollouts and log as one (R + 1, A, T) array per feature: no copies
     lik = histogram_likelihoods(
         tuple(cpu_numpy(x.value.to(torch.float32)) for x in joint), tuple(cpu_numpy(x.valid) for x in joint),
