@@ -458,11 +458,15 @@ def test_errors_name_the_problem():
     r = scene_rollouts([dict(x0=10, y0=-1.75, speed=5.0), dict(x0=40, y0=-1.75, speed=5.0)], num_steps=21)
     bad_sim = r.sim.clone()
     bad_sim[0, 0, 15, 0] = float("nan")
+    bad_log = r.log.clone()
+    bad_log[1, 18, 4] = float("inf")
     reordered = r.sim.clone().flip(1)
     cases = [
         (replace(r, sim=r.sim[..., :4]), "sim must be"),
         (replace(r, log_valid=r.log_valid[:, :5]), "log_valid has shape"),
-        (replace(r, sim=bad_sim), "NaN"),
+        (replace(r, sim=bad_sim), "sim holds NaN"),
+        (replace(r, log=bad_log), "log holds NaN"),
+        (replace(r, context=bad_log, context_valid=r.log_valid, context_extent=r.extent), "context holds NaN"),
         (replace(r, agent_ids=np.array(["0"])), "1 agent ids for 2"),
         (replace(r, agent_ids=np.array(["a", "a"])), "not unique"),
         (replace(r, sim=reordered), "order of agent_ids"),
@@ -481,6 +485,10 @@ def test_errors_name_the_problem():
         compute_episode_metrics(one, ["blm_fdd"])
     with pytest.raises(UnknownNameError, match="Did you mean 'realism'"):
         compute_episode_metrics(r, ["realsim"])
+    per_sample_context = r.log[None].expand(2, -1, -1, -1)  # context differs per sample: not supported
+    with pytest.raises(ValueError, match="shared by every sample"):
+        interaction_features(r.sim, r.sim_valid, r.extent, per_sample_context, r.log_valid[None].expand(2, -1, -1),
+                             r.extent)
     assert {"realism", "min_ade", "blm_safety", "blm_jsd", "blm_fdd", "planning"} <= set(episode_metric_names())
 
 

@@ -253,6 +253,17 @@ def test_smart_agent_drives_closed_loop_deterministically(tmp_path):
     assert float(dist.max()) < 1e-3
 
 
+def test_map_encoding_rows_must_be_given_for_shared_maps():
+    from agents.smart import MapEncoding
+
+    enc = MapEncoding(torch.zeros(2, 3, 4), torch.zeros(2, 3, 3), torch.ones(2, 3, dtype=torch.bool))
+    assert enc.row_maps(2).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="2 encoded maps for a batch of 5 rows"):
+        enc.row_maps(5)
+    shared = MapEncoding(enc.feat, enc.pose, enc.valid, rows=torch.tensor([0, 0, 1, 1, 1]))
+    assert shared.row_maps(5).tolist() == [0, 0, 1, 1, 1]
+
+
 def test_smart_agent_error_paths(tmp_path):
     from agents.checkpoint import save_checkpoint
     from agents.registry import make_agent
