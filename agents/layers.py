@@ -140,33 +140,46 @@ class RadiusGrid:
     def __init__(self, cells: torch.Tensor, origin: torch.Tensor, dims: torch.Tensor, cell: float, radius: float):
         self.cells, self.origin, self.dims, self.cell, self.radius = cells, origin, dims, cell, radius
 
+    @staticmethod
+    def table(points: np.ndarray, radius: float, cell: float = 10.0, tree=None) -> tuple[np.ndarray, np.ndarray,
+                                                                                          np.ndarray]:
+        """One point set's part of a grid: ``(G, C)`` point indices per cell (-1: padding; cells x-major), the
+        grid's origin ``(2,)`` and its cells along x and y ``(2,)``. ``tree``: the points' ``cKDTree`` if one
+        exists already."""
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        low = pts.min(axis=0) - radius if len(pts) else np.zeros(2)
+        high = pts.max(axis=0) + radius if len(pts) else np.zeros(2)
+        n = np.maximum(np.ceil((high - low) / cell).astype(np.int64), 1)
+        ix, iy = np.meshgrid(np.arange(n[0]), np.arange(n[1]), indexing="ij")
+        centres = low + (np.stack([ix.ravel(), iy.ravel()], -1) + 0.5) * cell
+        if len(pts):
+            if tree is None:
+                from scipy.spatial import cKDTree
+
+                tree = cKDTree(pts)
+            lists = tree.query_ball_point(centres, radius + cell * math.sqrt(0.5))
+        else:
+            lists = [[] for _ in centres]
+        cells = np.full((len(lists), max([len(x) for x in lists] + [1])), -1, np.int64)
+        for j, x in enumerate(lists):
+            cells[j, :len(x)] = x
+        return cells, low, n
+
     @classmethod
     def build(cls, point_sets: list[np.ndarray], radius: float, cell: float = 10.0, device=None) -> RadiusGrid:
         """One grid per ``(M_u, 2)`` point set (m)."""
-        from scipy.spatial import cKDTree
+        return cls.stack([cls.table(pts, radius, cell) for pts in point_sets], radius, cell, device)
 
-        tables, origins, dims = [], [], []
-        for pts in point_sets:
-            pts = np.asarray(pts, np.float64).reshape(-1, 2)
-            low = pts.min(axis=0) - radius if len(pts) else np.zeros(2)
-            high = pts.max(axis=0) + radius if len(pts) else np.zeros(2)
-            n = np.maximum(np.ceil((high - low) / cell).astype(np.int64), 1)
-            ix, iy = np.meshgrid(np.arange(n[0]), np.arange(n[1]), indexing="ij")
-            centres = low + (np.stack([ix.ravel(), iy.ravel()], -1) + 0.5) * cell
-            lists = cKDTree(pts).query_ball_point(centres, radius + cell * math.sqrt(0.5)) if len(pts) else \
-                [[] for _ in centres]
-            tables.append(lists)
-            origins.append(low)
-            dims.append(n)
-        g = max(len(t) for t in tables)
-        c = max([len(x) for t in tables for x in t] + [1])
+    @classmethod
+    def stack(cls, tables: list[tuple], radius: float, cell: float, device=None) -> RadiusGrid:
+        """The grid of point sets whose ``table`` (same ``radius`` and ``cell``) is already known."""
+        g, c = max(t[0].shape[0] for t in tables), max(t[0].shape[1] for t in tables)
         cells = np.full((len(tables), g, c), -1, np.int64)
-        for u, lists in enumerate(tables):
-            for j, x in enumerate(lists):
-                cells[u, j, :len(x)] = x
-        return cls(torch.as_tensor(cells, device=device), torch.as_tensor(np.asarray(origins), dtype=torch.float32,
-                                                                         device=device),
-                   torch.as_tensor(np.asarray(dims), device=device), cell, radius)
+        for u, (t, _, _) in enumerate(tables):
+            cells[u, :t.shape[0], :t.shape[1]] = t
+        return cls(torch.as_tensor(cells, device=device),
+                   torch.as_tensor(np.stack([t[1] for t in tables]), dtype=torch.float32, device=device),
+                   torch.as_tensor(np.stack([t[2] for t in tables]), device=device), cell, radius)
 
     def knn(self, query_xy: torch.Tensor, sets: torch.Tensor, key_xy: torch.Tensor, k: int
             ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ closed-loop rollout costs one incremental step per 0.5 s, not a re-encoding of t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ TOKEN_SECONDS = 0.5
 # the command in the README's training section (the file's metadata holds its training config).
 PRETRAINED = {"towns-nano": Path(__file__).with_name("weights") / "smart_nano_towns.safetensors"}
 TEMPORAL_WINDOW = 6  # steps of history each step attends to (itself included)
+MAP_GRID_CELL = 10.0  # m: cell of the rollout's map->agent neighbour grid (``RadiusGrid``)
 
 SIZES = {
     # hidden, heads, map layers, agent layers, radii map / map->agent / agent<->agent (m): METHODS.md §2;
@@ -312,6 +313,7 @@ from agents.tokenizer import (  # noqa: E402
     TOKEN_BOX,
     TOKEN_STEPS,
     cached_map_pieces,
+    map_piece_grid_table,
     map_piece_neighbours,
     nearest_final,
     token_poses,
@@ -397,12 +399,11 @@ class SmartAgent(PlanningAgent):
         if fresh_cache:
             self._cache = self._empty_cache(state)
             self._encoded: dict = {}  # map id -> its encoding, kept while slots reset (the weights are fixed)
-        else:
-            self._cache["valid"][rows] = False
-        if fresh_cache:
+            self._batch_maps: dict = {}  # the map ids of the batch -> their stacked, cached encoding and grid
             self._token = torch.full((b, state.num_agents), -1, dtype=torch.long, device=state.device)
             self._token_t = torch.full_like(self._token, -10**9)  # step at which _token was sampled
         else:
+            self._cache["valid"][rows] = False
             self._token_t[rows] = -10**9
         self._map = self._encode_maps(state)
         self._exits = [torch.as_tensor(lane_exits(m), device=state.device) for m in state.maps.sources]
@@ -419,28 +420,34 @@ class SmartAgent(PlanningAgent):
     @torch.no_grad()
     def _encode_maps(self, state) -> MapEncoding:
         """Every piece of each map of the batch (``state.maps``), encoded once per map and shared by the rows on
-        it. The whole map, not a crop around the logged tracks: where the agents will drive is not known."""
+        it. The whole map, not a crop around the logged tracks: where the agents will drive is not known. The
+        stacked encoding (with its projected keys/values and neighbour grid) is kept per set of maps: a vector
+        env's slot resets come back with the same maps."""
         cfg, dev = self.model.cfg, state.device
-        pieces = [cached_map_pieces(m) for m in state.maps.sources]
-        for m, p in zip(state.maps.sources, pieces, strict=True):
-            if m.map_id not in self._encoded:
-                n = len(p["pose"])
-                nbr = map_piece_neighbours(m, cfg.k_map, cfg.map_radius)
-                self._encoded[m.map_id] = self.model.encode_map(
-                    torch.as_tensor(p["points"], device=dev)[None], torch.as_tensor(p["pose"], device=dev)[None],
-                    torch.as_tensor(p["type"], device=dev)[None], torch.ones(1, n, dtype=torch.bool, device=dev),
-                    nbr=torch.as_tensor(nbr, device=dev)[None])
-        encs = [self._encoded[m.map_id] for m in state.maps.sources]
-        u, width, d = len(encs), max(e.feat.shape[1] for e in encs), encs[0].feat.shape[-1]
-        feat = torch.zeros(u, width, d, device=dev)
-        pose = torch.zeros(u, width, 3, device=dev)
-        valid = torch.zeros(u, width, dtype=torch.bool, device=dev)
-        for i, e in enumerate(encs):
-            n = e.feat.shape[1]
-            feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
-        grid = RadiusGrid.build([p["pose"][:, :2] for p in pieces], cfg.m2a_radius, device=dev)
+        maps = tuple(m.map_id for m in state.maps.sources)
+        if maps not in self._batch_maps:
+            for m in state.maps.sources:
+                if m.map_id not in self._encoded:
+                    p = cached_map_pieces(m)
+                    nbr = map_piece_neighbours(m, cfg.k_map, cfg.map_radius)
+                    self._encoded[m.map_id] = self.model.encode_map(
+                        torch.as_tensor(p["points"], device=dev)[None], torch.as_tensor(p["pose"], device=dev)[None],
+                        torch.as_tensor(p["type"], device=dev)[None],
+                        torch.ones(1, len(p["pose"]), dtype=torch.bool, device=dev),
+                        nbr=torch.as_tensor(nbr, device=dev)[None])
+            encs = [self._encoded[m] for m in maps]
+            u, width, d = len(encs), max(e.feat.shape[1] for e in encs), encs[0].feat.shape[-1]
+            feat = torch.zeros(u, width, d, device=dev)
+            pose = torch.zeros(u, width, 3, device=dev)
+            valid = torch.zeros(u, width, dtype=torch.bool, device=dev)
+            for i, e in enumerate(encs):
+                n = e.feat.shape[1]
+                feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
+            grid = RadiusGrid.stack([map_piece_grid_table(m, cfg.m2a_radius, MAP_GRID_CELL)
+                                     for m in state.maps.sources], cfg.m2a_radius, MAP_GRID_CELL, dev)
+            self._batch_maps[maps] = self.model.cache_map(MapEncoding(feat, pose, valid, grid=grid))
         rows = torch.as_tensor(state.map_idx, dtype=torch.long, device=dev)
-        return self.model.cache_map(MapEncoding(feat, pose, valid, rows=rows, grid=grid))
+        return replace(self._batch_maps[maps], rows=rows)
 
     # ---- acting --------------------------------------------------------------------------------------------
     def act(self, state, mask):

@@ -294,6 +294,18 @@ def cached_map_pieces(m) -> dict:
     return _PIECES[m.map_id]
 
 
+def map_piece_grid_table(m, radius: float, cell: float) -> tuple:
+    """``RadiusGrid.table`` of the piece positions of map ``m``, cached with the pieces (rollouts on the map
+    share it)."""
+    from agents.layers import RadiusGrid
+
+    p = cached_map_pieces(m)
+    key = ("grid", float(radius), float(cell))
+    if key not in p:
+        p[key] = RadiusGrid.table(p["pose"][:, :2], radius, cell, tree=p["tree"] if len(p["pose"]) else None)
+    return p[key]
+
+
 def map_piece_neighbours(m, k: int, radius: float) -> np.ndarray:
     """``(M, k)`` the ``k`` nearest pieces of every piece of map ``m`` within ``radius`` (m) on the whole map (-1:
     none), cached with the pieces. Training crops and rollouts use these same lists, so a piece's encoding never
