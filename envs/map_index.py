@@ -4,6 +4,8 @@
   from the road-edge rings: off-road tests and distance-to-road-edge become one bilinear lookup per point
   instead of a search over thousands of edge segments.
 - Fixed-length polyline chunks (lane centres, boundaries, road edges) for observations.
+- The road edges the episode metrics measure against (``metric_road_edges``: opened where lanes cross the map
+  border) with their candidate grid (``envs.road_edges.RoadEdges``): exact signed distances, as WOSAC defines them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from envs.road_edges import RoadEdges, build_road_edges
 from envs.types import MapData, PolylineType
 
 SDF_RESOLUTION = 0.25  # m per cell
@@ -31,6 +34,7 @@ class MapIndex:
     chunks: ``(C, CHUNK_POINTS, 2)`` float32 world points; chunk_mask ``(C, CHUNK_POINTS)`` bool;
     chunk_type: ``(C,)`` int64 ``PolylineType``; chunk_polyline: ``(C,)`` int64 source polyline index.
     has_road_edges: whether off-road is defined on this map.
+    road_edges: the metric road edges (``metric_road_edges``) and their query grid.
     """
 
     map_id: str
@@ -42,6 +46,7 @@ class MapIndex:
     chunk_type: np.ndarray
     chunk_polyline: np.ndarray
     has_road_edges: bool
+    road_edges: RoadEdges
 
 
 def drivable_mask(m: MapData, origin: np.ndarray, shape: tuple[int, int], resolution: float) -> np.ndarray:
@@ -120,10 +125,10 @@ def build_map_index(m: MapData, resolution: float = SDF_RESOLUTION, margin: floa
     chunks, mask, ctype, cpoly = chunk_polylines(m)
     return MapIndex(map_id=m.map_id, sdf=sdf, origin=origin.astype(np.float32), resolution=resolution,
                     chunks=chunks, chunk_mask=mask, chunk_type=ctype, chunk_polyline=cpoly,
-                    has_road_edges=has_edges)
+                    has_road_edges=has_edges, road_edges=build_road_edges(metric_road_edges(m)))
 
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the metric road edges and their grid
 
 
 def save_map_index(path, ix: MapIndex) -> None:
@@ -139,7 +144,8 @@ def save_map_index(path, ix: MapIndex) -> None:
         np.savez_compressed(f, version=np.array(INDEX_VERSION), map_id=np.array(ix.map_id),
                             sdf=ix.sdf.astype(np.float16), origin=ix.origin, resolution=np.array(ix.resolution),
                             chunks=ix.chunks, chunk_mask=ix.chunk_mask, chunk_type=ix.chunk_type,
-                            chunk_polyline=ix.chunk_polyline, has_road_edges=np.array(ix.has_road_edges))
+                            chunk_polyline=ix.chunk_polyline, has_road_edges=np.array(ix.has_road_edges),
+                            **ix.road_edges.arrays())
     os.replace(tmp, path)
 
 
@@ -160,7 +166,7 @@ def load_map_index(path, resolution: float = SDF_RESOLUTION) -> MapIndex:
     return MapIndex(map_id=str(data["map_id"]), sdf=data["sdf"].astype(np.float32), origin=data["origin"],
                     resolution=float(data["resolution"]), chunks=data["chunks"], chunk_mask=data["chunk_mask"],
                     chunk_type=data["chunk_type"], chunk_polyline=data["chunk_polyline"],
-                    has_road_edges=bool(data["has_road_edges"]))
+                    has_road_edges=bool(data["has_road_edges"]), road_edges=RoadEdges.from_arrays(data))
 
 
 @lru_cache(maxsize=64)
@@ -227,3 +233,65 @@ def passed_exit(xy: torch.Tensor, exits: torch.Tensor, half_width: float = EXIT_
     along = d[..., 0] * exits[:, 2] + d[..., 1] * exits[:, 3]
     across = d[..., 1] * exits[:, 2] - d[..., 0] * exits[:, 3]
     return ((along > 0) & (along <= depth) & (across.abs() <= half_width)).any(dim=-1)
+
+
+# ---- the map border for the episode metrics -----------------------------------------------------------------
+BORDER_STUB = 50.0  # m: how far the road continues straight past the map border, for metrics
+_CAP_ALONG = 0.3  # m: ring points this close to the end line of a lane that crosses the border lie on its cap
+_CAP_ACROSS = 2.5  # m either side of that lane's end point (about a lane and a half)
+
+
+def lane_entries(m: MapData) -> np.ndarray:
+    """``(E, 4)`` float32 x, y (m) of the first point of every lane centre without a predecessor and cos, sin of
+    the direction pointing *out* of the lane there (against its first segment)."""
+    has_prev = set(np.asarray(m.successors)[:, 1].tolist()) if len(m.successors) else set()
+    out = []
+    for p in np.flatnonzero(m.polyline_type == PolylineType.LANE_CENTER):
+        line = m.polyline(int(p))
+        if int(p) in has_prev or len(line) < 2:
+            continue
+        d = line[0] - line[1]
+        n = float(np.hypot(*d))
+        if n > 1e-6:
+            out.append((line[0, 0], line[0, 1], d[0] / n, d[1] / n))
+    return np.asarray(out, np.float32).reshape(-1, 4)
+
+
+def metric_road_edges(m: MapData, stub: float = BORDER_STUB) -> list[np.ndarray]:
+    """The road edges the episode metrics measure against: the map's road-edge polylines, except that a closed
+    ring is opened where a lane crosses the map border (a lane without successor ends on the ring, or one without
+    predecessor starts on it) and both sides continue straight outward for ``stub`` m. Logged vehicles leave the
+    scene there, and under the WOSAC protocol a simulated vehicle that drives on is still on the road, as it would
+    be on the real road beyond the mapped area. Open polylines (e.g. Waymo's road-edge pieces) are kept as given."""
+    ends = np.concatenate([lane_exits(m), lane_entries(m)]).astype(np.float64)
+    out = []
+    for line in m.polylines_of(PolylineType.ROAD_EDGE):
+        line = np.asarray(line, np.float64)
+        closed = len(line) > 3 and float(np.hypot(*(line[0] - line[-1]))) < 1e-6
+        if not closed or len(ends) == 0:
+            out.append(line)
+            continue
+        rel = line[:, None, :] - ends[None, :, :2]  # (N, E, 2)
+        along = rel[..., 0] * ends[:, 2] + rel[..., 1] * ends[:, 3]
+        across = rel[..., 1] * ends[:, 2] - rel[..., 0] * ends[:, 3]
+        on_cap = (np.abs(along) <= _CAP_ALONG) & (np.abs(across) <= _CAP_ACROSS)  # (N, E)
+        flagged = on_cap.any(axis=1)
+        outward = ends[on_cap.argmax(axis=1), 2:]  # (N, 2), meaningful where flagged
+        n_seg = len(line) - 1
+        removed = flagged[:-1] & flagged[1:]  # segments across a cap
+        if not removed.any():
+            out.append(line)
+            continue
+        first = int(np.flatnonzero(removed)[0])
+        run: list[int] = []
+        for k in range(1, n_seg + 1):  # segments after the first removed one, around the ring
+            s = (first + k) % n_seg
+            if not removed[s]:
+                run.append(s)
+            if (removed[s] or k == n_seg) and run:
+                pts = [line[i] for i in run] + [line[run[-1] + 1]]
+                a, b = run[0], run[-1] + 1
+                pts = [line[a] + outward[a] * stub] + pts + [line[b] + outward[b % n_seg] * stub]
+                out.append(np.asarray(pts))
+                run = []
+    return out
