@@ -2,8 +2,9 @@
 
 Rollouts: R perturbed copies of a towns val scene's log (random smooth lateral/longitudinal drifts over the
 future steps), ~50 evaluated agents per scene (the densest scenes; agents of a second scene on the same map are
-added to reach the target count). Each of ``--repeats`` timed passes scores fresh ``Rollouts`` objects (nothing
-memoised carries over); the median pass is reported. Prints one JSON object.
+added to reach the target count), completed to the WOSAC protocol (every agent present at every future step).
+Each of ``--repeats`` timed passes scores fresh ``Rollouts`` objects (nothing memoised carries over); the median
+pass is reported. Prints one JSON object.
 
     python benchmarks/eval_speed.py [--rollouts 32] [--agents 50] [--scenes 8] [--threads 2] [--repeats 5] [--profile]
 """
@@ -20,6 +21,7 @@ import torch
 from envs.data import open_dataset
 from envs.metrics.episode import compute_episode_metrics, episode_metric_names, rollouts_from_log
 from envs.types import Scene
+from training.rollouts import complete_rollouts
 
 METRICS = ("realism", "min_ade", "blm_safety", "blm_jsd", "blm_fdd")
 
@@ -55,7 +57,8 @@ def perturbed(scene: Scene, rollouts: int, history: int, rng: np.random.Generato
     sim[..., 3:5] += a * t[None, None, :, None]
     valid = np.repeat(scene.valid[None], rollouts, axis=0)
     sim[~valid] = 0
-    return sim, valid
+    sim, valid = complete_rollouts(torch.from_numpy(sim), torch.from_numpy(valid), history - 1, scene.dt)
+    return sim.numpy(), valid.numpy()
 
 
 def main() -> None:

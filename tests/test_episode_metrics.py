@@ -30,16 +30,18 @@ from envs.metrics.features import (
     kinematic_features,
     road_edge_features,
 )
+from envs.metrics.kernels import wosac_kinematics, wosac_log_likelihoods
 from envs.metrics.planning import ego_planning_metrics
 from envs.metrics.realism import (
+    BERNOULLI_PSEUDOCOUNT,
     META_WEIGHTS,
+    PSEUDOCOUNT,
     REALISM_FEATURES,
-    HistogramSpec,
     displacement_errors,
-    histogram_log_likelihood,
     min_ade,
     realism_meta,
 )
+from envs.road_edges import build_road_edges
 from envs.types import AgentType
 from tests.scenes import make_scene, straight_road
 
@@ -109,14 +111,28 @@ def test_interaction_features_distance_collision_and_overlap_counts():
     np.testing.assert_allclose(f["distance_to_nearest_object"].value[0, :, 0], [-1.0, -1.0, 8.0], atol=1e-5)
     assert f["collision"].value[0, :, 0].tolist() == [True, True, False]
     assert f["overlaps_agents"].value[0, :, 0].tolist() == [1, 1, 0]
-    # A context object overlapping agent 2 counts as context, and invalid objects are ignored.
+    # A context object overlapping agent 2 counts as context, invalid objects are ignored, and context objects
+    # (not present at the current step) are no WOSAC objects: the nearest distance ignores them.
     ctx = torch.tensor([[[0.0, 10.5, 0, 0, 0]], [[0.0, 0.0, 0, 0, 0]]])[None]  # (1, 2, 1, 5)
     f = interaction_features(s, v, ext, ctx, torch.tensor([[[True], [False]]]), torch.tensor([[4.0, 2], [4, 2]]))
     assert f["overlaps_context"].value[0, :, 0].tolist() == [0, 0, 1]
-    assert float(f["distance_to_nearest_object"].value[0, 2, 0]) == pytest.approx(-1.5)
-    # Alone: distance is invalid, not a made-up number.
+    assert float(f["distance_to_nearest_object"].value[0, 2, 0]) == pytest.approx(8.0)
+    # Nor are agents outside ``wosac_objects``.
+    f = interaction_features(s, v, ext, wosac_objects=torch.tensor([True, False, True]))
+    np.testing.assert_allclose(f["distance_to_nearest_object"].value[0, :, 0], [8.0, -1.0, 8.0], atol=1e-5)
+    # Alone: the official "no other object" value, 1e10 (it lands in the histogram's top bin).
     f = interaction_features(*frame([(0, 0, 0, 0, 0)], [(4, 2)]))
-    assert not f["distance_to_nearest_object"].valid.any()
+    assert f["distance_to_nearest_object"].valid.all() and float(f["distance_to_nearest_object"].value) == 1e10
+
+
+def test_rounded_box_distance_corner_to_corner():
+    # Two 4.5 x 2 m cars 1 m apart corner to corner (diagonally): sharp boxes sqrt(2) m apart, but WOSAC's corners
+    # are rounded with radius 0.7 x 1 m, so the distance is between the rounded corners: 2.4 sqrt(2) - 1.4 m.
+    s, v, ext = frame([(0, 0, 0, 0, 0), (5.5, 3.0, 0, 0, 0)], [(4.5, 2), (4.5, 2)])
+    assert float(box_signed_distance(box(0, 0, 0, 4.5, 2), box(5.5, 3, 0, 4.5, 2))) == pytest.approx(math.sqrt(2))
+    d = interaction_features(s, v, ext)["distance_to_nearest_object"].value[0, :, 0]
+    np.testing.assert_allclose(d, [2.4 * math.sqrt(2) - 1.4] * 2, atol=1e-5)
+    assert float(d[0]) == pytest.approx(1.994, abs=1e-3)
 
 
 def test_nearest_distance_exact_beyond_the_neighbour_broad_phase():
@@ -144,35 +160,100 @@ def test_nearest_distance_and_overlaps_match_brute_force(objects, neighbours, n_
     f = interaction_features(states[None, :a, None], valid[None, :a, None], ext[:a], states[None, a:, None],
                              valid[None, a:, None], ext[a:], neighbours=neighbours)
     boxes = torch.cat([states[:, :3], ext], dim=-1).double()
-    d = box_signed_distance(boxes[:, None], boxes[None, :])  # (N, N)
-    d = torch.where(valid[None] & ~torch.eye(len(objects), dtype=torch.bool), d, torch.inf)
+    d = box_signed_distance(boxes[:, None], boxes[None, :])  # (N, N), sharp boxes
+    # rounded boxes (WOSAC): the cores' distance minus both corner radii
+    radius = 0.7 * ext.double().min(dim=-1).values / 2
+    cores = torch.cat([boxes[:, :3], boxes[:, 3:] - 2 * radius[:, None]], dim=-1)
+    rounded = box_signed_distance(cores[:, None], cores[None, :]) - radius[:, None] - radius[None, :]
+    others = valid[None] & ~torch.eye(len(objects), dtype=torch.bool)
+    d = torch.where(others, d, torch.inf)
+    rounded = torch.where(others & (torch.arange(len(objects)) < a)[None], rounded, torch.inf)[:, :a]
     for i in range(a):
-        has = bool(valid[i]) and bool(torch.isfinite(d[i]).any())
-        assert bool(f["distance_to_nearest_object"].valid[0, i, 0]) == has
-        if has:
-            assert float(f["distance_to_nearest_object"].value[0, i, 0]) == pytest.approx(float(d[i].min()), abs=2e-4)
+        assert bool(f["distance_to_nearest_object"].valid[0, i, 0]) == bool(valid[i])
+        if valid[i]:
+            expected = float(rounded[i].min()) if torch.isfinite(rounded[i]).any() else 1e10
+            assert float(f["distance_to_nearest_object"].value[0, i, 0]) == pytest.approx(expected, abs=2e-4)
         if valid[i]:  # overlap counts, up to boxes within float32 rounding of touching
             for name, cols in (("overlaps_agents", d[i, :a]), ("overlaps_context", d[i, a:])):
                 count = int(f[name].value[0, i, 0])
                 assert int((cols < -1e-4).sum()) <= count <= int((cols < 1e-4).sum())
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.floats(-20, 220), st.floats(-10, 10), st.floats(-4, 4)), min_size=1, max_size=6))
-def test_road_edge_distance_matches_the_simulator_sdf_lookup(poses):
-    # The compiled corner lookup must read the SDF exactly as the simulator's per-step off-road metric does.
-    from envs.map_index import sample_sdf
+def reference_signed_distances(point: np.ndarray, polylines: list[np.ndarray], tie: float = 1e-9) -> list[float]:
+    """The WOSAC road-edge distance by its definition, one point, every segment (no grid): the nearest segment
+    (first on ties), signed by its side, or at a vertex by the two segments meeting there (the larger side at a
+    left turn, the smaller at a right turn); at an open end, by the end segment's side. Returns the value for every
+    segment within ``tie`` of the nearest (float rounding decides between exact ties)."""
+    found = []
+    for line in polylines:
+        closed = np.hypot(*(line[0] - line[-1])) < 1.0
+        segs = [(line[k], line[k + 1]) for k in range(len(line) - 1) if np.any(line[k] != line[k + 1])]
+        for k, (a, b) in enumerate(segs):
+            e, d = b - a, point - a
+            t = float(d @ e / (e @ e))
+            found.append((float(np.hypot(*(d - min(max(t, 0), 1) * e))), t, k, segs, closed))
+    nearest = min(f[0] for f in found)
+    out = []
+    for dist, t, k, segs, closed in found:
+        if dist > nearest + tie:
+            continue
 
-    index = build_map_index(straight_road())
-    traj = torch.tensor([[(x, y, h, 0.0, 0.0)] for x, y, h in poses], dtype=torch.float32)[None]  # (1, A, 1, 5)
-    ext = torch.tensor([[4.5, 2.0]] * len(poses))
-    f = road_edge_features(traj, torch.ones(traj.shape[:3], dtype=torch.bool), ext,
-                           torch.zeros(len(poses), dtype=torch.long), index)
-    corners = box_corners(traj[..., 0], traj[..., 1], traj[..., 2], ext[:, None, 0], ext[:, None, 1])
-    ref = sample_sdf(torch.as_tensor(index.sdf)[None], torch.as_tensor(index.origin, dtype=torch.float32)[None],
-                     index.resolution, torch.zeros(1, dtype=torch.long), corners.reshape(1, -1, 2))
-    torch.testing.assert_close(f["distance_to_road_edge"].value, ref.reshape(1, -1, 1, 4).amax(-1), atol=1e-4,
-                               rtol=0)
+        def side(j, segs=segs):
+            a, b = segs[j]
+            return float(np.sign((point[0] - a[0]) * (b[1] - a[1]) - (point[1] - a[1]) * (b[0] - a[0])))
+
+        def left_turn(i, j, segs=segs):
+            (a0, a1), (b0, b1) = segs[i], segs[j]
+            return (a1 - a0)[0] * (b1 - b0)[1] - (a1 - a0)[1] * (b1 - b0)[0] > 0
+
+        n = side(k)
+        if t < 0 and (k > 0 or closed):
+            other = (k - 1) % len(segs)
+            n = max(n, side(other)) if left_turn(other, k) else min(n, side(other))
+        elif t > 1 and (k < len(segs) - 1 or closed):
+            other = (k + 1) % len(segs)
+            n = max(n, side(other)) if left_turn(k, other) else min(n, side(other))
+        out.append(n * dist)
+    return out
+
+
+coordinate = st.floats(-30, 30, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(coordinate, coordinate), min_size=2, max_size=6), min_size=1, max_size=3),
+       st.lists(st.booleans(), min_size=3, max_size=3),
+       st.lists(st.tuples(st.floats(-150, 150), st.floats(-150, 150)), min_size=1, max_size=20))
+def test_road_edge_distance_equals_the_definition(lines, close, points):
+    # random open and closed polylines, points on and far beyond the candidate grid: the gridded query must equal
+    # the brute-force definition exactly
+    polylines = []
+    for pts, c in zip(lines, close, strict=False):
+        p = np.asarray(pts, np.float64)
+        p = p[np.r_[True, np.hypot(*np.diff(p, axis=0).T) > 1e-3]]  # no repeated points
+        if len(p) >= 2 and c and len(p) >= 3:
+            p = np.concatenate([p, p[:1]])
+        if len(p) >= 2:
+            polylines.append(p)
+    if not polylines:
+        return
+    edges = build_road_edges(polylines, margin=20.0)
+    pts = np.asarray(points, np.float64)
+    got = edges.signed_distance(pts)
+    for q, g in zip(pts, got, strict=True):
+        assert any(g == pytest.approx(ref, abs=1e-8) for ref in reference_signed_distances(q, polylines))
+
+
+def test_road_edge_distance_signs_of_open_and_closed_edges():
+    # A square ring (counter-clockwise: the inside is road) and the same edge as two open pieces.
+    ring = np.array([[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]], np.float64)
+    edges = build_road_edges([ring])
+    np.testing.assert_allclose(edges.signed_distance(np.array([[5, 5], [5, -2], [-1, -1], [12, 5], [5, 9]])),
+                               [-5, 2, math.sqrt(2), 2, -1])
+    # open: a straight edge along +x with the road on its left (y > 0); beyond its end the end segment decides
+    line = build_road_edges([np.array([[0, 0], [10, 0]], np.float64)])
+    np.testing.assert_allclose(line.signed_distance(np.array([[5, 3], [5, -3], [13, 4], [13, -4], [13, 0]])),
+                               [-3, 3, -5, 5, 0])
 
 
 def test_interaction_loop_results_do_not_depend_on_chunking():
@@ -190,11 +271,13 @@ def test_interaction_loop_results_do_not_depend_on_chunking():
                         vel[None].repeat(steps, 0)], axis=-1).astype(np.float32)
     v = rng.random((steps, n)) > 0.1
     ext = np.stack([rng.uniform(3, 12, n), rng.uniform(1.5, 2.6, n)], -1).astype(np.float32)
-    params = (TTC_CAP, 1.309, 0.5, 2.0, 4.0, 1.5, 2.5, 0.2)
+    params = (TTC_CAP, 1.309, 0.1745, 0.5, 0.5, 2.0, 4.0, 1.5, 2.5, 0.2)
     agents, agents_valid = s[:, :20].transpose(1, 0, 2)[None].copy(), v[:, :20].T[None].copy()  # (1, 20, T, ...)
     context, context_valid = s[:, 20:].transpose(1, 0, 2).copy(), v[:, 20:].T.copy()  # (10, T, ...)
-    one = interaction_pairs(agents, agents_valid, context, context_valid, ext, 8, params, 1)
-    many = interaction_pairs(agents, agents_valid, context, context_valid, ext, 8, params, 7)
+    speed = np.linalg.norm(agents[..., 3:5], axis=-1).astype(np.float64)
+    wosac = rng.random(20) < 0.8
+    one = interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, wosac, 8, params, 1)
+    many = interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, wosac, 8, params, 7)
     for x, y in zip(one, many, strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -205,14 +288,42 @@ def test_time_to_collision_follower_closing():
     f = interaction_features(s, v, ext)
     ttc = f["time_to_collision"].value[0, :, 0]
     assert float(ttc[0]) == pytest.approx(2.0) and float(ttc[1]) == TTC_CAP  # the leader follows nobody
-    assert float(f["follow_gap"].value[0, 0, 0]) == pytest.approx(10.0)
     # Not closing, crossing at 90°, or one lane over: nothing to collide with.
     for other in [(14.5, 0, 0, 12, 0), (14.5, 0, math.pi / 2, 0, 5), (14.5, 3.5, 0, 0, 0)]:
         f = interaction_features(*frame([(0, 0, 0, 10, 0), other], [(4.5, 2), (4.5, 2)]))
         assert float(f["time_to_collision"].value[0, 0, 0]) == TTC_CAP
+    # Speeds are the given magnitudes (positions' central differences in the metric), not the velocity vectors.
+    s, v, ext = frame([(0, 0, 0, 0, 0), (14.5, 0, 0, 0, 0)], [(4.5, 2), (4.5, 2)])
+    f = interaction_features(s, v, ext, speed=torch.tensor([[[10.0], [5.0]]]))
+    assert float(f["time_to_collision"].value[0, 0, 0]) == pytest.approx(2.0)
+    # NaN speed (no central difference at the scene's last step): the cap.
+    f = interaction_features(s, v, ext, speed=torch.tensor([[[float("nan")], [5.0]]]))
+    assert float(f["time_to_collision"].value[0, 0, 0]) == TTC_CAP
     # Closest approach (BLM): head-on at 10 m/s each, 20 m apart centre to centre -> 1 s.
     f = interaction_features(*frame([(0, 0, 0, 10, 0), (20, 0, math.pi, -10, 0)], [(4.5, 2), (4.5, 2)]))
     assert float(f["closest_approach_ttc"].value[0, 0, 0]) == pytest.approx(1.0)
+
+
+def test_time_to_collision_official_following_rules():
+    # Westbound pair straddling +-pi: the same direction of travel, but headings are not wrapped in the official
+    # definition (|3.1 - (-3.1)| > 75°), so the car ahead is not followed: 5 s (3 s with wrapped headings).
+    west = [(0, 0, 3.1, -10, 0), (-15.0, -0.3, -3.1, -5, 0)]
+    f = interaction_features(*frame(west, [(4.5, 2), (4.5, 2)]))
+    assert float(f["time_to_collision"].value[0, 0, 0]) == TTC_CAP
+    west[1] = (-15.0, -0.3, 3.1, -5, 0)  # the same heading value: followed
+    f = interaction_features(*frame(west, [(4.5, 2), (4.5, 2)]))
+    assert float(f["time_to_collision"].value[0, 0, 0]) == pytest.approx((15.0 - 4.5) / 5, abs=0.05)
+    # A small lateral overlap (< 0.5 m) counts only with a heading difference <= 10°.
+    for heading, followed in ((0.0, True), (math.radians(9), True), (math.radians(20), False)):
+        y = 1.0 + (2.25 * math.sin(heading) + 1.0 * math.cos(heading)) - 0.2  # lateral overlap 0.2 m
+        f = interaction_features(*frame([(0, 0, 0, 10, 0), (20.0, y, heading, 0, 0)], [(4.5, 2), (4.5, 2)]))
+        assert (float(f["time_to_collision"].value[0, 0, 0]) < TTC_CAP) == followed
+        f = interaction_features(*frame([(0, 0, 0, 10, 0), (20.0, y - 0.4, heading, 0, 0)], [(4.5, 2), (4.5, 2)]))
+        assert float(f["time_to_collision"].value[0, 0, 0]) < TTC_CAP  # 0.6 m of overlap: followed at 20° too
+    # The nearest of several followed objects, whatever the order, and none beyond reach matters.
+    objs = [(0, 0, 0, 10, 0), (60, 0, 0, 0, 0), (25, 0.2, 0, 0, 0), (40, 0, 0, 0, 0)]
+    f = interaction_features(*frame(objs, [(4.5, 2)] * 4))
+    assert float(f["time_to_collision"].value[0, 0, 0]) == pytest.approx((25 - 4.5) / 10)
 
 
 def test_rss_longitudinal_and_lateral():
@@ -259,7 +370,7 @@ def test_road_edge_distance_on_a_straight_road():
     types = torch.tensor([AgentType.VEHICLE, AgentType.VEHICLE, AgentType.VEHICLE, AgentType.PEDESTRIAN])
     f = road_edge_features(traj, torch.ones(1, 4, 1, dtype=torch.bool), ext, types, ix)
     d = f["distance_to_road_edge"].value[0, :, 0]
-    np.testing.assert_allclose(d, [-2.5, 0.0, 2.0, 7.5], atol=ix.resolution + 1e-3)  # rasterised edge: one cell
+    np.testing.assert_allclose(d, [-2.5, 0.0, 2.0, 7.5], atol=1e-6)  # exact: the edge segments themselves
     assert f["offroad"].value[0, :, 0].tolist() == [False, False, True, False]  # pedestrians never off-road
     f = road_edge_features(traj, torch.ones(1, 4, 1, dtype=torch.bool), ext, types, None)
     assert not f["distance_to_road_edge"].valid.any() and not f["offroad"].valid.any()
@@ -269,66 +380,132 @@ def test_road_edge_distance_on_a_straight_road():
 # Realism
 # ------------------------------------------------------------------------------------------------------------
 
-def test_histogram_likelihood_exact():
-    spec = HistogramSpec(0.0, 2.0, 2)
-    sim = torch.tensor([[[0.5, 0.5]], [[1.5, -3.0]]])  # (R=2, A=1, T=2); -3 clips into bin 0
-    log = torch.tensor([[0.5, 7.0]])  # 7 clips into bin 1
-    ok = torch.ones(2, 1, 2, dtype=torch.bool)
-    lik, scored = histogram_log_likelihood(sim, ok, log, torch.ones(1, 2, dtype=torch.bool), spec)
-    assert scored.tolist() == [True]
-    assert float(lik) == pytest.approx(math.sqrt(3.1 * 1.1) / 4.2)  # bins [3, 1] + 0.1 each over 4.2
-    # Invalid sim values do not count; an object with no valid logged value is skipped (NaN).
+def likelihoods(sim, sim_use, log, log_use, bins, low=0.0, high=1.0):
+    """``wosac_log_likelihoods`` of one feature: sim ``(R, A, T)``, log ``(A, T)`` -> (sum, count) per object."""
+    values = np.concatenate([np.asarray(sim, np.float32), np.asarray(log, np.float32)[None]])
+    use = np.concatenate([np.asarray(sim_use, bool), np.asarray(log_use, bool)[None]])
+    total, count = wosac_log_likelihoods((values,), (use,), len(sim), np.array([low], np.float32),
+                                         np.array([high - low], np.float32), np.array([bins], np.int64), PSEUDOCOUNT,
+                                         BERNOULLI_PSEUDOCOUNT)
+    return total[0], count[0]
+
+
+def reference_log_likelihoods(sim, sim_use, log, log_use, bins, low, high):
+    """The official estimators, written out: per object a histogram of its used rollout values (clipped into the
+    end bins, NaN in the top bin, 0.1 per bin) scoring its scored log values; booleans: any-over-time per rollout
+    over the log-scored steps, two bins with 0.001 each, scoring the log's any-over-time."""
+    r, a, t = sim.shape
+    total, count = np.zeros(a), np.zeros(a)
+    for i in range(a):
+        if bins == 0:
+            hits = sum(bool(np.any(sim[k, i] & sim_use[k, i] & log_use[i])) for k in range(r))
+            p = (hits + 0.001) / (r + 0.002)
+            total[i], count[i] = math.log(p if np.any(log[i] & log_use[i]) else 1 - p), 1
+            continue
+
+        def bin_of(x):
+            if np.isnan(x):
+                return bins - 1
+            return int(min(max(np.float32((np.float32(x) - np.float32(low)) / np.float32(high - low) * bins), 0),
+                           bins - 1))
+
+        counts = np.full(bins, 0.1)
+        for k in range(r):
+            for j in range(t):
+                if sim_use[k, i, j]:
+                    counts[bin_of(sim[k, i, j])] += 1
+        for j in range(t):
+            if log_use[i, j]:
+                total[i] += math.log(counts[bin_of(log[i, j])] / counts.sum())
+                count[i] += 1
+    return total, count
+
+
+def test_histogram_likelihood_pools_objects_and_steps():
+    # object 0: sim values [0.5, 0.5 | 1.5, -3 (clips into bin 0)], log [0.5, 7 (clips into bin 1)]
+    # object 1: every sim value in bin 0, the log in bin 1 (a badly matched object)
+    sim = np.array([[[0.5, 0.5], [0.2, 0.2]], [[1.5, -3.0], [0.3, 0.3]]])  # (R=2, A=2, T=2)
+    log = np.array([[0.5, 7.0], [1.2, 1.8]])
+    ok = np.ones((2, 2, 2), bool)
+    total, count = likelihoods(sim, ok, log, np.ones((2, 2), bool), bins=2, high=2.0)
+    p0 = [3.1 / 4.2, 1.1 / 4.2]  # object 0: bins [3, 1] + 0.1 each
+    p1 = [4.1 / 4.2, 0.1 / 4.2]
+    np.testing.assert_allclose(total, [math.log(p0[0]) + math.log(p0[1]), 2 * math.log(p1[1])], rtol=1e-6)
+    np.testing.assert_allclose(count, [2, 2])
+    pooled = math.exp(total.sum() / count.sum())  # the official aggregation
+    per_object = np.mean([math.sqrt(p0[0] * p0[1]), p1[1]])  # what averaging objects' likelihoods would give
+    assert pooled == pytest.approx((p0[0] * p0[1] * p1[1] ** 2) ** 0.25) and pooled < per_object
+    # unused sim values do not count; unscored log values neither; NaN lands in the top bin
     ok[1, 0, 1] = False
-    log_ok = torch.tensor([[True, False]])
-    lik, _ = histogram_log_likelihood(sim, ok, log, log_ok, spec)
-    assert float(lik) == pytest.approx(2.1 / 3.2)
-    lik, scored = histogram_log_likelihood(sim, ok, log, torch.zeros(1, 2, dtype=torch.bool), spec)
-    assert not scored.any() and torch.isnan(lik).all()
+    total, count = likelihoods(sim, ok, log, [[True, False], [False, False]], bins=2, high=2.0)
+    assert total[0] == pytest.approx(math.log(2.1 / 3.2)) and count.tolist() == [1, 0]
+    sim[0, 0, :] = np.nan
+    total, _ = likelihoods(sim, np.ones((2, 2, 2), bool), [[np.nan, 0.5], [0, 0]], [[True, False], [False, False]],
+                           bins=2, high=2.0)
+    assert total[0] == pytest.approx(math.log(3.1 / 4.2))  # -3 in bin 0; 1.5 and the two NaN in the top bin
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 6), st.integers(1, 5), st.integers(1, 7))
-def test_compiled_likelihoods_equal_the_torch_reference(seed, r, a, t):
-    # every realism feature's spec, random values around (and beyond) its range, random validity
-    from envs.metrics.kernels import histogram_likelihoods
-
+def test_compiled_likelihoods_equal_the_reference(seed, r, a, t):
+    # every realism feature's spec, random values around (and beyond) its range, NaN now and then, random use
     rng = np.random.default_rng(seed)
-    specs = list(REALISM_FEATURES.values())
-    sim = np.empty((len(specs), r, a, t), np.float32)
-    log = np.empty((len(specs), a, t), np.float32)
-    for i, sp in enumerate(specs):
+    for sp in REALISM_FEATURES.values():
         lo, hi = (sp.low, sp.high) if not sp.boolean else (0.0, 1.0)
         span = hi - lo
         if sp.boolean:
-            sim[i], log[i] = rng.random((r, a, t)) < 0.3, rng.random((a, t)) < 0.3
+            sim, log = rng.random((r, a, t)) < 0.3, rng.random((a, t)) < 0.3
         else:  # bin edges hit exactly now and then
-            sim[i] = rng.choice([rng.uniform(lo - span / 4, hi + span / 4), lo + span * rng.integers(0, 5) / 4],
-                                size=(r, a, t)) if rng.random() < 0.3 else rng.uniform(lo - span / 4, hi + span / 4,
-                                                                                        (r, a, t))
-            log[i] = rng.uniform(lo - span / 4, hi + span / 4, (a, t))
-    sim_ok, log_ok = rng.random(sim.shape) < 0.8, rng.random(log.shape) < 0.7
-    got = histogram_likelihoods(tuple(np.concatenate([sim[i], log[i][None]]) for i in range(len(specs))),
-                                tuple(np.concatenate([sim_ok[i], log_ok[i][None]]) for i in range(len(specs))), r,
-                                np.array([sp.low for sp in specs], np.float32),
-                                np.array([sp.high - sp.low for sp in specs], np.float32),
-                                np.array([sp.bins for sp in specs], np.int64), 0.1)
-    for i, sp in enumerate(specs):
-        ref, scored = histogram_log_likelihood(torch.from_numpy(sim[i]), torch.from_numpy(sim_ok[i]),
-                                               torch.from_numpy(log[i]), torch.from_numpy(log_ok[i]), sp)
-        assert np.isnan(got[i]).tolist() == (~scored).tolist()
-        np.testing.assert_allclose(got[i][scored.numpy()], ref[scored].double().numpy(), rtol=1e-5)  # f32 reference
+            sim = rng.uniform(lo - span / 4, hi + span / 4, (r, a, t))
+            edges = rng.random((r, a, t)) < 0.2
+            sim[edges] = lo + span * rng.integers(0, 5, edges.sum()) / 4
+            sim[rng.random((r, a, t)) < 0.05] = np.nan
+            log = rng.uniform(lo - span / 4, hi + span / 4, (a, t))
+            sim, log = sim.astype(np.float32), log.astype(np.float32)
+        sim_ok, log_ok = rng.random((r, a, t)) < 0.8, rng.random((a, t)) < 0.7
+        got = likelihoods(sim, sim_ok, log, log_ok, sp.bins, lo, hi)
+        ref = reference_log_likelihoods(sim, sim_ok, log, log_ok, sp.bins, lo, hi)
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(got[1], ref[1])
 
 
-def test_boolean_likelihood_any_over_time():
-    sim = torch.zeros(4, 1, 3, dtype=torch.bool)
+def test_boolean_likelihood_any_over_time_masked_by_the_log():
+    sim = np.zeros((4, 1, 3), bool)
     sim[0, 0, 2] = True  # one rollout of four collides at some step
-    ok = torch.ones(4, 1, 3, dtype=torch.bool)
-    log = torch.tensor([[False, True, False]])
-    lik, _ = histogram_log_likelihood(sim, ok, log, torch.ones(1, 3, dtype=torch.bool), HistogramSpec())
-    assert float(lik) == pytest.approx(1.1 / 4.2)
-    lik, _ = histogram_log_likelihood(sim, ok, torch.zeros_like(log), torch.ones(1, 3, dtype=torch.bool),
-                                      HistogramSpec())
-    assert float(lik) == pytest.approx(1 - 1.1 / 4.2)
+    ok = np.ones((4, 1, 3), bool)
+    total, count = likelihoods(sim, ok, [[False, True, False]], [[True, True, True]], bins=0)
+    assert math.exp(total[0]) == pytest.approx(1.001 / 4.002) and count[0] == 1
+    total, _ = likelihoods(sim, ok, np.zeros((1, 3), bool), [[True, True, True]], bins=0)
+    assert math.exp(total[0]) == pytest.approx(1 - 1.001 / 4.002)
+    # the collision came at a step where the log is not valid: the official metric does not count it
+    total, _ = likelihoods(sim, ok, np.zeros((1, 3), bool), [[True, True, False]], bins=0)
+    assert math.exp(total[0]) == pytest.approx(4.001 / 4.002)  # a "perfect" boolean: ~1, not 0.9969
+    # an object with no valid logged step still counts (as never true)
+    total, count = likelihoods(sim, ok, np.zeros((1, 3), bool), np.zeros((1, 3), bool), bins=0)
+    assert math.exp(total[0]) == pytest.approx(4.001 / 4.002) and count[0] == 1
+
+
+def test_wosac_kinematics_padding_and_validity():
+    # constant acceleration along x from step 0; 11 history steps of 21
+    t = np.arange(21) * DT
+    traj = np.zeros((2, 21, 5))
+    traj[:, :, 0] = 3.0 * t + 0.75 * t**2
+    valid = np.ones((2, 21), bool)
+    values, use = wosac_kinematics(traj, valid, DT, 11, np.array([True, False]))
+    speed, accel = values[0], values[1]
+    np.testing.assert_allclose(speed[0, :-1], (3.0 + 1.5 * t)[11:-1], atol=1e-9)
+    assert np.isnan(speed[:, -1]).all() and np.isnan(accel[:, -2:]).all()  # past the end of the scene: NaN
+    np.testing.assert_allclose(accel[0, :-2], 1.5, atol=1e-8)  # the first future steps use the history
+    # the log is scored from the future steps' validity alone: speed not at the first or last future step,
+    # acceleration not at the first two or last two; a rollout's values all enter its histogram
+    assert use[0, 0].tolist() == [False] + [True] * 8 + [False]
+    assert use[1, 0].tolist() == [False] * 2 + [True] * 6 + [False] * 2
+    assert use[:, 1].all()
+    # angular speed across the +-pi wrap; angular acceleration 0
+    traj[:, :, 2] = np.remainder(3.0 + 0.3 * t + math.pi, 2 * math.pi) - math.pi
+    values, _ = wosac_kinematics(traj, valid, DT, 0, np.array([True, False]))
+    np.testing.assert_allclose(values[2, 0, 1:-1], 0.3, atol=1e-9)
+    np.testing.assert_allclose(values[3, 0, 2:-2], 0.0, atol=1e-7)
 
 
 def test_meta_metric_weighting_and_presets():
@@ -354,21 +531,28 @@ def test_min_ade_ade_fde_exact():
     for ri, agent, dy in [(0, 0, 1.0), (0, 1, 3.0), (1, 0, 2.0), (1, 1, 0.5)]:
         sim[ri, agent, h:, 1] += dy
     r = replace(r, sim=sim)
-    assert min_ade(r) == pytest.approx(1.25)  # rollout means 2.0 and 1.25
+    # the official ADE divides the 10 future errors by all 21 valid logged steps (the history adds no error)
+    scale = 10 / 21
+    assert min_ade(r) == pytest.approx(1.25 * scale)  # rollout means 2.0 and 1.25
     ade, fde, ok = displacement_errors(r)
-    np.testing.assert_allclose(ade, [[1, 3], [2, 0.5]], atol=1e-5)
+    np.testing.assert_allclose(ade, np.array([[1, 3], [2, 0.5]]) * scale, atol=1e-5)
     np.testing.assert_allclose(fde, [[1, 3], [2, 0.5]], atol=1e-5)
     m = compute_episode_metrics(r, ["min_ade"])
-    assert m["ade"] == pytest.approx(1.625) and m["min_ade"] == pytest.approx(1.25)
+    assert m["ade"] == pytest.approx(1.625 * scale) and m["min_ade"] == pytest.approx(1.25 * scale)
+    # agents not valid at the current step are no WOSAC objects: left out
+    late = r.log_valid.clone()
+    late[1, :h] = False
+    assert min_ade(replace(r, log_valid=late, sim_valid=r.sim_valid & late)) == pytest.approx(1.0 * scale)
 
 
 def test_realism_of_the_log_itself_on_a_hand_built_scene():
     r = scene_rollouts([dict(x0=10, y0=-1.75, speed=8.0), dict(x0=40, y0=-1.75, speed=5.0)], rollouts=4)
     m = compute_episode_metrics(r, ["realism"])
     assert set(m) == {f"realism_{k}" for k in REALISM_FEATURES} | {"realism_meta_wosac2024", "realism_meta_wosac2025"}
-    # Each agent's speeds all fall in one bin: 79 valid future steps x 4 rollouts, + 0.1 in each of 10 bins.
-    assert m["realism_linear_speed"] == pytest.approx(316.1 / 317.0, abs=1e-6)
-    assert m["realism_collision"] == pytest.approx(4.1 / 4.2)
+    # Each agent's 80 future speeds x 4 rollouts: 79 in its speed's bin and the last step's NaN (the central
+    # difference runs past the scene) in the top bin; + 0.1 in each of 10 bins. The log is scored at 78 steps.
+    assert m["realism_linear_speed"] == pytest.approx(316.1 / 321.0, abs=1e-6)
+    assert m["realism_collision"] == pytest.approx(4.001 / 4.002)
     # A closing gap sweeps the distance histogram's bins, so even the log's own likelihood is far below 1 there.
     assert m["realism_distance_to_nearest_object"] < 0.5
     per_feature = {k: m[f"realism_{k}"] for k in REALISM_FEATURES}

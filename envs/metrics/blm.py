@@ -104,6 +104,6 @@ def final_displacement_diversity(rollouts: Rollouts) -> float:
 
 @register_episode_metric(
     "blm_fdd", "m", "blm_fdd: final displacement diversity, the mean over agents of the mean pairwise distance "
-    "between the rollouts' final positions (last valid step). Needs R >= 2.", family="blm")
+    "between the rollouts' final positions (last valid step). Needs R >= 2.", family="blm", min_rollouts=2)
 def blm_fdd(rollouts: Rollouts) -> dict[str, float]:
     return {"blm_fdd": final_displacement_diversity(rollouts)}

@@ -20,6 +20,7 @@ import torch
 
 from envs.errors import TrafficGymError, UnknownNameError
 from envs.metrics.kernels import all_finite_where_valid
+from envs.metrics.traffic_lights import TrafficLights
 
 HISTORY_TOLERANCE = 0.01  # m: sim and log must agree at the last history step (they are the same data)
 
@@ -48,6 +49,10 @@ class Rollouts:
         ego_index: index of the ego among the agents (-1: none).
         context: optional ``(A2, T, 5)`` states of other agents in the scene (not evaluated, e.g. log-replayed),
             with ``context_valid`` ``(A2, T)`` and ``context_extent`` ``(A2, 2)``, for interaction features.
+        traffic_lights: the scene's signals (``envs.metrics.traffic_lights.TrafficLights``), or None.
+
+    Invalid steps may hold anything finite (the simulator and the datasets store zeros); like the official WOSAC
+    code, the realism features difference the stored values where the logged history is invalid.
     """
 
     scene_id: str
@@ -65,6 +70,7 @@ class Rollouts:
     context: torch.Tensor | None = None
     context_valid: torch.Tensor | None = None
     context_extent: torch.Tensor | None = None
+    traffic_lights: object = None
 
     @property
     def num_rollouts(self) -> int:
@@ -151,19 +157,21 @@ class EpisodeMetric:
     doc: str
     fn: Callable[[Rollouts], dict[str, float]]
     family: str
+    min_rollouts: int = 1  # rollouts per scene the metric needs (a histogram of rollouts needs two)
 
 
 EPISODE_METRICS: dict[str, EpisodeMetric] = {}
 
 
-def register_episode_metric(name: str, units: str, doc: str, family: str):
+def register_episode_metric(name: str, units: str, doc: str, family: str, min_rollouts: int = 1):
     """Decorator registering ``fn(rollouts) -> {name: value, ...}`` (one metric may report several values,
-    e.g. per-feature likelihoods). Duplicate names are refused."""
+    e.g. per-feature likelihoods); ``min_rollouts``: how many rollouts per scene it needs (checked up front by
+    ``check_metrics``). Duplicate names are refused."""
 
     def wrap(fn):
         if name in EPISODE_METRICS:
             raise TrafficGymError(f"Episode metric {name!r} is already registered.")
-        EPISODE_METRICS[name] = EpisodeMetric(name, units, doc, fn, family)
+        EPISODE_METRICS[name] = EpisodeMetric(name, units, doc, fn, family, min_rollouts)
         return fn
 
     return wrap
@@ -183,6 +191,23 @@ def _load_families() -> None:
 def episode_metric_names(family: str | None = None) -> list[str]:
     _load_families()
     return sorted(n for n, m in EPISODE_METRICS.items() if family is None or m.family == family)
+
+
+def check_metrics(names, num_rollouts: int) -> list[str]:
+    """The metric names to compute (default: all registered), checked before anything is rolled out: an unknown
+    name raises ``UnknownNameError``, too few rollouts for a metric a ``RolloutError`` naming it and the fix."""
+    _load_families()
+    names = list(EPISODE_METRICS) if names is None else list(names)
+    for name in names:
+        if name not in EPISODE_METRICS:
+            raise UnknownNameError("episode metric", name, EPISODE_METRICS)
+    short = [n for n in names if num_rollouts < EPISODE_METRICS[n].min_rollouts]
+    if short:
+        need = max(EPISODE_METRICS[n].min_rollouts for n in short)
+        raise RolloutError(f"{num_rollouts} rollout(s) per scene are too few for the metric(s) {short}, which need "
+                           f"at least {need}. Sample more rollouts (e.g. --rollouts 32, the WOSAC protocol) or choose "
+                           "other metrics (--metric min_ade --metric blm_safety ...).")
+    return names
 
 
 def compute_episode_metrics(rollouts: Rollouts, names=None) -> dict[str, float]:
@@ -214,6 +239,7 @@ def rollouts_from_log(scene, num_rollouts: int, history_steps: int = 11, map_ind
         sim_valid = log_valid[None].repeat(num_rollouts, 1, 1)
     ego = int(np.searchsorted(live, scene.ego_index)) if scene.ego_index in live else -1
     ctx = len(others) > 0
+
     return Rollouts(scene_id=scene.scene_id, agent_ids=scene.agent_ids[live],
                     agent_type=torch.as_tensor(scene.agent_type[live]).long(),
                     extent=torch.as_tensor(scene.extent[live], dtype=torch.float32),
@@ -222,4 +248,5 @@ def rollouts_from_log(scene, num_rollouts: int, history_steps: int = 11, map_ind
                     ego_index=ego,
                     context=torch.as_tensor(scene.trajectory[others], dtype=torch.float32) if ctx else None,
                     context_valid=torch.as_tensor(scene.valid[others]) if ctx else None,
-                    context_extent=torch.as_tensor(scene.extent[others], dtype=torch.float32) if ctx else None)
+                    context_extent=torch.as_tensor(scene.extent[others], dtype=torch.float32) if ctx else None,
+                    traffic_lights=TrafficLights.from_scene(scene))

@@ -12,7 +12,14 @@ boxes; ``scene_features`` assembles everything for the future steps of a ``Rollo
 the realism, BLM and planning families share one computation).
 
 Objects interacting with the evaluated agents: the other evaluated agents of the same sample plus the
-``Rollouts.context`` agents (log-replayed, identical in every rollout).
+``Rollouts.context`` agents (log-replayed, identical in every rollout) for the BLM features (overlaps, RSS,
+closest approach); for the WOSAC features (nearest rounded-box distance, time to collision) only the evaluated
+agents valid at the current step, as the official metric defines its objects.
+
+The WOSAC features (``wosac_*`` kinematics, ``distance_to_nearest_object``, ``collision``, ``time_to_collision``,
+``distance_to_road_edge``, ``traffic_light_violation``) follow the official Waymo implementation's definitions;
+``realism.py`` scores them. Their ``valid`` means "counts": for a rollout, the value enters its histogram; for
+the log, the value is scored.
 """
 
 from __future__ import annotations
@@ -24,15 +31,17 @@ from typing import NamedTuple
 
 import torch
 
-from envs.map_index import NO_ROAD_EDGE
 from envs.metrics.episode import RolloutError, Rollouts, cpu_numpy
-from envs.metrics.kernels import interaction_pairs, kinematics, road_edge_distance
+from envs.metrics.kernels import interaction_pairs, kinematics, wosac_kinematics
+from envs.road_edges import box_edge_distance
 from envs.types import AgentType
 
 TTC_CAP = 5.0  # s: time-to-collision values (and "nothing ahead") are capped here (WOSAC)
 TTC_MAX_HEADING_DIFF = math.radians(75.0)  # an object is "followed" only if headed within this of the agent
-NEIGHBOURS = 8  # objects per agent (nearest centres) for the pair features; nearest distance stays exact
-OFFROAD_THRESHOLD = 0.0  # m: a vehicle is off-road when its worst corner is beyond the road edge by more
+TTC_SMALL_OVERLAP = 0.5  # m: a followed object overlapping the agent's lane by less than this ...
+TTC_SMALL_OVERLAP_HEADING = math.radians(10.0)  # ... must be headed within this of the agent (WOSAC)
+NEIGHBOURS = 8  # objects per agent (nearest centres) for RSS and closest approach
+OFFROAD_THRESHOLD = 0.0  # m: an agent is off-road when its worst corner is beyond the road edge by more
 # RSS parameters (BLM): response time, longitudinal accel / brake, lateral accel / brake, lateral margin.
 RSS_RHO = 0.5  # s
 RSS_ACCEL = 2.0  # m/s^2
@@ -142,32 +151,33 @@ def _corners_to_box(cx, cy, rel, hl_b, hw_b, hl_a, hw_a) -> torch.Tensor:
 
 def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, extent: torch.Tensor,
                          others: torch.Tensor | None = None, others_valid: torch.Tensor | None = None,
-                         others_extent: torch.Tensor | None = None,
-                         neighbours: int = NEIGHBOURS) -> dict[str, Feature]:
+                         others_extent: torch.Tensor | None = None, speed: torch.Tensor | None = None,
+                         wosac_objects: torch.Tensor | None = None, neighbours: int = NEIGHBOURS) -> dict[str, Feature]:
     """Box-to-box features of every agent against the other objects at the same step.
 
-    The nearest-object distance, collision and overlap counts consider every object (exactly: an object is
-    skipped only when its bounding-circle lower bound proves it can neither overlap nor be nearer). TTC, RSS and
-    closest approach consider the agent's ``neighbours`` nearest objects by centre distance (an object beyond
-    them is in practice neither followed nor alongside). Computed by one compiled loop over frames and agents
-    (``kernels.py``, numba, on the CPU; inputs on another device are copied there and back).
+    Computed by one compiled loop over frames and agents (``kernels.py``, numba, on the CPU; inputs on another
+    device are copied there and back). Exact: an object is skipped only where a bound proves it cannot matter.
 
     Args:
         agents: ``(B, A, T, 5)`` x, y, heading, vx, vy of the evaluated agents; agents_valid ``(B, A, T)``;
             extent ``(A, 2)`` length, width (m).
         others: optional ``(1, O, T, 5)`` further objects shared by every sample (context), others_valid
             ``(1, O, T)``, others_extent ``(O, 2)``.
+        speed: ``(B, A, T)`` the agents' speeds from central differences of positions (m/s, NaN where there is
+            none; default: the norm of vx, vy), for the time to collision.
+        wosac_objects: ``(A,)`` bool, the agents that are objects of the WOSAC features (default: all).
     Returns ``(B, A, T)`` features:
-        ``distance_to_nearest_object`` (m, exact signed box distance, < 0 overlapping; valid where the agent and
-        at least one other object are valid), ``collision`` (bool, that distance < 0), ``overlaps_agents`` /
-        ``overlaps_context`` (number of evaluated / context boxes overlapping the agent's),
-        ``time_to_collision`` (s, with the object followed ahead: heading within 75°, centre ahead, lateral box
-        overlap; the nearest such object's longitudinal box gap over the closing speed of the two velocities
-        projected on the agent's heading; 0 if the boxes already overlap lengthwise, ``TTC_CAP`` if nothing is
-        followed or it is not closing), ``follow_gap`` (m, that gap; inf without a followed object),
-        ``rss_longitudinal`` / ``rss_lateral`` (bool RSS violations, see ``blm.py``), ``closest_approach_ttc``
-        (s, minimum over objects of the time of closest approach at constant velocities, for approaching pairs
-        whose bounding circles would touch then; ``TTC_CAP`` otherwise).
+        ``distance_to_nearest_object`` (m, WOSAC: the signed distance between boxes with rounded corners — each
+        box's corners rounded with radius 0.7 x half its shorter side — to the nearest other WOSAC object, < 0
+        overlapping; ``NO_OBJECT`` = 1e10 where there is none), ``collision`` (bool, that distance < 0),
+        ``overlaps_agents`` / ``overlaps_context`` (number of evaluated / context boxes, sharp, overlapping the
+        agent's), ``time_to_collision`` (s, WOSAC: with the nearest WOSAC object followed ahead — headed within
+        75° of the agent (headings not wrapped), entirely ahead of its front, overlapping its lane laterally, by
+        at least 0.5 m or headed within 10° — the longitudinal gap over the difference of the two speeds; 5 s if
+        nothing is followed, it is not closing, or a speed is missing), ``rss_longitudinal`` / ``rss_lateral``
+        (bool RSS violations with the ``neighbours`` nearest objects, see ``blm.py``), ``closest_approach_ttc`` (s,
+        minimum over those objects of the time of closest approach at constant velocities, for approaching pairs
+        whose bounding circles would touch then; ``TTC_CAP`` otherwise). All valid where the agent is.
     """
     t = agents.shape[2]
     dev, dtype = agents.device, agents.dtype
@@ -178,19 +188,24 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         ctx, ctx_valid, objs_extent = others[0], others_valid[0], torch.cat([extent, others_extent], dim=0)
     else:
         ctx, ctx_valid, objs_extent = agents.new_zeros((0, t, 5)), agents_valid.new_zeros((0, t)), extent
-    params = (TTC_CAP, TTC_MAX_HEADING_DIFF, RSS_RHO, RSS_ACCEL, RSS_BRAKE, RSS_LAT_ACCEL, RSS_LAT_BRAKE, RSS_MU)
-    out = interaction_pairs(cpu_numpy(agents), cpu_numpy(agents_valid), cpu_numpy(ctx.to(agents.dtype)),
-                            cpu_numpy(ctx_valid), cpu_numpy(objs_extent.float()), neighbours, params)
-    nearest, has_other, n_agents, n_context, ttc, gap, rss_long, rss_lat, approach = (
+    if speed is None:
+        speed = agents[..., 3:5].norm(dim=-1)
+    if wosac_objects is None:
+        wosac_objects = torch.ones(agents.shape[1], dtype=torch.bool)
+    params = (TTC_CAP, TTC_MAX_HEADING_DIFF, TTC_SMALL_OVERLAP_HEADING, TTC_SMALL_OVERLAP, RSS_RHO, RSS_ACCEL,
+              RSS_BRAKE, RSS_LAT_ACCEL, RSS_LAT_BRAKE, RSS_MU)
+    out = interaction_pairs(cpu_numpy(agents), cpu_numpy(agents_valid), cpu_numpy(speed.double()),
+                            cpu_numpy(ctx.to(agents.dtype)), cpu_numpy(ctx_valid), cpu_numpy(objs_extent.float()),
+                            cpu_numpy(wosac_objects), neighbours, params)
+    nearest, n_agents, n_context, ttc, rss_long, rss_lat, approach = (
         torch.from_numpy(x).to(dev, dtype if x.dtype.kind == "f" else None) for x in out)
     own_valid = agents_valid
     return {
-        "distance_to_nearest_object": Feature(nearest, has_other),
-        "collision": Feature(nearest < 0, has_other),
+        "distance_to_nearest_object": Feature(nearest, own_valid),
+        "collision": Feature(nearest < 0, own_valid),
         "overlaps_agents": Feature(n_agents, own_valid),
         "overlaps_context": Feature(n_context, own_valid),
         "time_to_collision": Feature(ttc, own_valid),
-        "follow_gap": Feature(gap, own_valid),
         "rss_longitudinal": Feature(rss_long, own_valid),
         "rss_lateral": Feature(rss_lat, own_valid),
         "closest_approach_ttc": Feature(approach, own_valid),
@@ -208,20 +223,23 @@ def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Te
     Args:
         traj: ``(B, A, T, 5)``; valid ``(B, A, T)``; extent ``(A, 2)``; agent_type ``(A,)`` ``AgentType``;
         map_index: ``envs.map_index.MapIndex`` or None.
-    Returns ``(B, A, T)`` features: ``distance_to_road_edge`` (m, bilinear SDF lookup at each corner, max over
-    the corners; > 0 beyond the edge; exact to the SDF grid's resolution), ``offroad`` (bool, a vehicle whose
-    distance exceeds ``OFFROAD_THRESHOLD``; other agent types are never off-road). Both are invalid everywhere
-    when the map is missing or has no road edges.
+    Returns ``(B, A, T)`` features: ``distance_to_road_edge`` (m, the largest over the 4 corners of the exact
+    signed distance to the map's metric road edges, ``envs.road_edges``; > 0 beyond the edge), ``offroad`` (bool, a
+    *vehicle* whose distance exceeds ``OFFROAD_THRESHOLD``: BLM's off-road; the WOSAC one counts every type). Both
+    are invalid everywhere when the map is missing or has no road edges.
     """
-    if map_index is None or not map_index.has_road_edges:
+    if map_index is None or not map_index.has_road_edges or map_index.road_edges.empty:
         none = torch.zeros_like(valid)
         return {"distance_to_road_edge": Feature(torch.zeros_like(traj[..., 0]), none),
                 "offroad": Feature(none.clone(), none)}
-    d, off = road_edge_distance(cpu_numpy(traj), cpu_numpy(valid), cpu_numpy(extent.float()), map_index.sdf,
-                                float(map_index.origin[0]), float(map_index.origin[1]), float(map_index.resolution),
-                                cpu_numpy(agent_type == AgentType.VEHICLE), NO_ROAD_EDGE / 2, OFFROAD_THRESHOLD)
-    return {"distance_to_road_edge": Feature(torch.from_numpy(d).to(traj.device, traj.dtype), valid),
-            "offroad": Feature(torch.from_numpy(off).to(traj.device), valid)}
+    e = map_index.road_edges
+    d = box_edge_distance(cpu_numpy(traj.double()), cpu_numpy(valid), cpu_numpy(extent.double()), e.packed, e.prev,
+                          e.next, float(e.origin[0]), float(e.origin[1]), e.cell, e.shape[0], e.shape[1],
+                          e.cell_start, e.cell_segments)
+    d = torch.from_numpy(d).to(traj.device, traj.dtype)
+    vehicle = (agent_type == AgentType.VEHICLE).to(traj.device)
+    return {"distance_to_road_edge": Feature(d, valid),
+            "offroad": Feature(valid & vehicle[:, None] & (d > OFFROAD_THRESHOLD), valid)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -244,9 +262,20 @@ class SceneFeatures:
 
 
 def _features(traj: torch.Tensor, valid: torch.Tensor, r: Rollouts) -> tuple[dict[str, Feature], torch.Tensor]:
-    """All features of ``(B, A, T, 5)`` trajectories, restricted to the future steps."""
-    h = r.history_steps
+    """All features of ``(B, A, T, 5)`` trajectories (the last sample is the log), restricted to the future
+    steps."""
+    h, n = r.history_steps, traj.shape[0]
     out = kinematic_features(traj, valid, r.dt, start=h)
+    # the WOSAC kinematics on the raw arrays (the last sample is the log: scored by its own validity rule)
+    is_log = torch.zeros(n, r.num_agents, dtype=torch.bool)
+    is_log[-1] = True
+    w, use = wosac_kinematics(cpu_numpy(traj.reshape(-1, *traj.shape[2:])),
+                              cpu_numpy(valid.reshape(-1, valid.shape[-1])), float(r.dt), int(h),
+                              cpu_numpy(is_log.reshape(-1)))
+    w = torch.from_numpy(w).reshape(4, n, r.num_agents, -1)
+    use = torch.from_numpy(use).reshape(4, n, r.num_agents, -1)
+    for k, name in enumerate(("linear_speed", "linear_accel", "angular_speed", "angular_accel")):
+        out[f"wosac_{name}"] = Feature(w[k].to(traj.device, traj.dtype), use[k].to(traj.device))
     # one contiguous copy of the future steps: the interaction and road-edge loops both read it as is
     fut, fut_valid = traj[:, :, h:].float().contiguous(), valid[:, :, h:].contiguous()
     extent = r.extent.float()
@@ -254,10 +283,14 @@ def _features(traj: torch.Tensor, valid: torch.Tensor, r: Rollouts) -> tuple[dic
     if r.context is not None:
         ctx, ctx_valid, ctx_extent = r.context[None, :, h:].float(), r.context_valid[None, :, h:], \
             r.context_extent.float()
-    out.update(interaction_features(fut, fut_valid, extent, ctx, ctx_valid, ctx_extent))
+    out.update(interaction_features(fut, fut_valid, extent, ctx, ctx_valid, ctx_extent, speed=w[0],
+                                    wosac_objects=r.log_valid[:, h - 1]))
     out.update(road_edge_features(fut, fut_valid, extent, r.agent_type, r.map_index))
-    # No traffic lights in our scenes: nobody ever violates one (kept so the 2025 meta-metric is complete).
-    out["traffic_light_violation"] = Feature(torch.zeros_like(fut_valid), fut_valid)
+    if r.traffic_lights is not None:
+        tl = r.traffic_lights.violations(cpu_numpy(traj[..., :2].double()), cpu_numpy(valid))[:, :, h:]
+        out["traffic_light_violation"] = Feature(torch.from_numpy(tl).to(traj.device), fut_valid)
+    else:  # a scene without signals: nobody ever violates one
+        out["traffic_light_violation"] = Feature(torch.zeros_like(fut_valid), fut_valid)
     return out, fut_valid
 
 

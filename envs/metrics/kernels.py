@@ -2,13 +2,13 @@
 and ``blm.py`` document what they compute and call them.
 
 ``interaction_pairs``: box-to-box features. Per frame and evaluated agent: centre distances to every object,
-the ``k`` nearest kept (the neighbours of TTC, RSS and closest approach), then the exact nearest box distance
-and the overlap counts over *all* objects, where a bounding-circle lower bound lets most objects be skipped
-without a box test.
+the ``k`` nearest kept (the neighbours of RSS and closest approach), then the overlap counts (sharp boxes) and
+the exact nearest rounded-box distance over *all* objects, where a bounding-circle lower bound lets most objects
+be skipped without a box test, and the WOSAC time to collision over the objects near enough to matter.
 
-``road_edge_distance``: the worst corner's signed distance to the road edge (bilinear SDF lookup), and off-road.
-``kinematics``: the central-difference speeds, accelerations and jerk. ``histogram_likelihoods``: the WOSAC
-histogram likelihoods of every realism feature. ``bin_counts``, ``displacement``, ``final_spread``,
+``kinematics``: the central-difference speeds, accelerations and jerk (BLM, planning). ``wosac_kinematics`` and
+``wosac_log_likelihoods``: the WOSAC kinematic features and the pooled histogram / Bernoulli log-likelihoods of
+every realism feature, as the official code computes them. ``bin_counts``, ``displacement``, ``final_spread``,
 ``safety_totals``, ``all_finite_where_valid``: the JSD histograms, ADE / FDE, FDD, the BLM safety totals and the
 NaN check of the inputs.
 
@@ -32,6 +32,8 @@ _FASTMATH = True
 _NONE = 1e30
 _FAR = 1e9  # m: where invalid objects are parked
 _FAR_D2 = 1e16  # m^2: squared distances beyond this involve a parked object
+NO_OBJECT = 1e10  # m: the nearest-object distance where no other object is valid (WOSAC)
+CORNER_ROUNDING = 0.7  # WOSAC boxes: corners rounded with radius 0.7 x half the shorter side
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -80,27 +82,37 @@ def _insert(nb_d2, nb_idx, k, k_max, dj, j):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _exact(fs, i, j, dj, radius, cos_h, sin_h, ext, n_eval, best, overlaps_a, overlaps_c):
-    """Fold object j (squared centre distance ``dj``) into agent i's nearest box distance and overlap counts,
-    unless the bounding circles prove it can neither overlap nor be nearer than ``best``."""
+def _exact(fs, i, j, dj, radius, cos_h, sin_h, ext, shrink, n_eval, wosac, best, overlaps_a, overlaps_c):
+    """Fold object j (squared centre distance ``dj``) into agent i's overlap counts (sharp boxes, every object)
+    and its nearest rounded-box distance (WOSAC objects only), unless the bounding circles prove it can neither
+    overlap nor be nearer than ``best``."""
     reach = radius[i] + radius[j] + max(best, 0.0)
     if dj >= reach * reach:
         return best, overlaps_a, overlaps_c
-    value, overlap = _box_distance(fs[i, 0], fs[i, 1], cos_h[i], sin_h[i], 0.5 * ext[i, 0], 0.5 * ext[i, 1],
-                                   fs[j, 0], fs[j, 1], cos_h[j], sin_h[j], 0.5 * ext[j, 0], 0.5 * ext[j, 1],
-                                   best)
-    if overlap:
-        if j < n_eval:
-            overlaps_a += 1
-        else:
-            overlaps_c += 1
-    return min(best, value), overlaps_a, overlaps_c
+    xi, yi, xj, yj = fs[i, 0], fs[i, 1], fs[j, 0], fs[j, 1]
+    hli, hwi, hlj, hwj = 0.5 * ext[i, 0], 0.5 * ext[i, 1], 0.5 * ext[j, 0], 0.5 * ext[j, 1]
+    touch = radius[i] + radius[j]
+    if dj < touch * touch:
+        _, overlap = _box_distance(xi, yi, cos_h[i], sin_h[i], hli, hwi, xj, yj, cos_h[j], sin_h[j], hlj, hwj, 0.0)
+        if overlap:
+            if j < n_eval:
+                overlaps_a += 1
+            else:
+                overlaps_c += 1
+    if wosac[j]:
+        # rounded boxes: the distance between the cores (each box shrunk by its corner radius) minus both radii
+        si, sj = shrink[i], shrink[j]
+        value, _ = _box_distance(xi, yi, cos_h[i], sin_h[i], hli - si, hwi - si, xj, yj, cos_h[j], sin_h[j],
+                                 hlj - sj, hwj - sj, best + si + sj)
+        best = min(best, value - si - sj)
+    return best, overlaps_a, overlaps_c
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest, n_agents, n_context, ttc, follow_gap,
-           rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb, prev_k):
-    ttc_cap, max_heading_diff, rho, acc, brk, lat_acc, lat_brk, mu = params
+def _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, wosac, k_max, params, b, t, nearest, n_agents,
+           n_context, ttc, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb,
+           prev_k):
+    ttc_cap, max_heading_diff, small_heading_diff, small_overlap, rho, acc, brk, lat_acc, lat_brk, mu = params
     n = fs.shape[0]
     for j in range(n):
         cos_h[j], sin_h[j] = math.cos(fs[j, 2]), math.sin(fs[j, 2])
@@ -108,10 +120,9 @@ def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest
         is_nb[j] = -1
     cos_max = math.cos(max_heading_diff)
     for i in range(n_eval):
-        # an invalid agent: every feature 0 / False, no followed object
+        # an invalid agent: every feature 0 / False
         nearest[b, i, t], n_agents[b, i, t], n_context[b, i, t] = _NONE, 0, 0
-        ttc[b, i, t], follow_gap[b, i, t], rss_long[b, i, t], rss_lat[b, i, t], approach[b, i, t] = 0.0, _NONE, \
-            False, False, 0.0
+        ttc[b, i, t], rss_long[b, i, t], rss_lat[b, i, t], approach[b, i, t] = 0.0, False, False, 0.0
         if not fv[i]:
             prev_k[i] = 0
             continue
@@ -146,21 +157,50 @@ def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest
         for q in range(k):
             prev_nb[i, q] = nb_idx[q]
             is_nb[nb_idx[q]] = 2 * i + 1  # a neighbour
-        # exact nearest box distance and overlap counts over all objects, neighbours first (tight bound early)
+        # overlap counts and the nearest rounded-box distance over all objects, neighbours first (a tight bound
+        # early)
         best, overlaps_a, overlaps_c = _NONE, 0, 0
         for q in range(k):
-            best, overlaps_a, overlaps_c = _exact(fs, i, nb_idx[q], nb_d2[q], radius, cos_h, sin_h, ext, n_eval,
-                                                  best, overlaps_a, overlaps_c)
+            best, overlaps_a, overlaps_c = _exact(fs, i, nb_idx[q], nb_d2[q], radius, cos_h, sin_h, ext, shrink,
+                                                  n_eval, wosac, best, overlaps_a, overlaps_c)
         # then every other object, unless the k-th neighbour's distance proves none can overlap or be nearer
         # (all others are at least that far; fewer than k neighbours means there are no others)
         reach_any = radius[i] + radius_max + max(best, 0.0)
         others = k == k_max and nb_d2[k - 1] < reach_any * reach_any
         for j in range(n if others else 0):
             if is_nb[j] != 2 * i + 1 and d2[j] < _FAR_D2:
-                best, overlaps_a, overlaps_c = _exact(fs, i, j, d2[j], radius, cos_h, sin_h, ext, n_eval, best,
-                                                      overlaps_a, overlaps_c)
+                best, overlaps_a, overlaps_c = _exact(fs, i, j, d2[j], radius, cos_h, sin_h, ext, shrink, n_eval,
+                                                      wosac, best, overlaps_a, overlaps_c)
         nearest[b, i, t], n_agents[b, i, t], n_context[b, i, t] = best, overlaps_a, overlaps_c
-        # the neighbours in the agent's frame: followed object (TTC, RSS longitudinal), RSS lateral, approach
+        # WOSAC time to collision: the WOSAC object followed nearest ahead (every one is considered; only those
+        # whose centre is near enough to be reached within the cap can give less than the cap)
+        ttc[b, i, t] = ttc_cap
+        v_i = fspeed[i]
+        if v_i >= 0.0:  # a speed (negative: none, e.g. at the last step of the scene)
+            # beyond this centre distance an object that is followed is more than ttc_cap * v_i ahead: its TTC
+            # is the cap whatever its speed, and so is that of the nearest followed object if it is one of them
+            reach_t2 = (ttc_cap * v_i + hl + radius_max) ** 2 + (hw + radius_max) ** 2
+            follow_d, follow_v = _NONE, 0.0
+            for j in range(n_eval):
+                if not wosac[j] or d2[j] >= reach_t2 or j == i:
+                    continue
+                dx, dy = fs[j, 0] - xi, fs[j, 1] - yi
+                rx, ry = dx * ca + dy * sa, dy * ca - dx * sa
+                if rx <= hl or abs(ry) >= hw + radius[j]:
+                    continue
+                yaw = abs(fs[j, 2] - fs[i, 2])  # not wrapped (as the official definition)
+                if yaw > max_heading_diff:
+                    continue
+                c_rel = abs(cos_h[j] * ca + sin_h[j] * sa)
+                s_rel = abs(sin_h[j] * ca - cos_h[j] * sa)
+                long_d = rx - hl - (0.5 * ext[j, 0] * c_rel + 0.5 * ext[j, 1] * s_rel)
+                lat = abs(ry) - hw - (0.5 * ext[j, 0] * s_rel + 0.5 * ext[j, 1] * c_rel)
+                if long_d > 0 and lat < 0 and (lat < -small_overlap or yaw <= small_heading_diff) and \
+                        long_d < follow_d:
+                    follow_d, follow_v = long_d, fspeed[j]
+            if follow_d < _NONE and follow_v >= 0.0 and v_i - follow_v > 0:
+                ttc[b, i, t] = min(follow_d / (v_i - follow_v), ttc_cap)
+        # the neighbours in the agent's frame: followed object (RSS longitudinal), RSS lateral, approach
         v_own_long, v_own_lat = vxi * ca + vyi * sa, vyi * ca - vxi * sa
         gap, v_lead, lateral, t_min = _NONE, 0.0, False, _NONE
         for q in range(k):
@@ -194,46 +234,44 @@ def _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest
             # |d + t* rv|^2 = |d|^2 - dot^2 / rv2 at t* = -dot / rv2: the test without a division
             if dot < 0 and -dot < ttc_cap * rv2 and nb_d2[q] * rv2 - dot * dot < reach * reach * rv2:
                 t_min = min(t_min, -dot / rv2)
-        ttc[b, i, t] = ttc_cap
         if gap < _NONE:
-            closing = v_own_long - v_lead
-            if closing > 0:
-                ttc[b, i, t] = min(max(gap, 0.0) / max(closing, 1e-9), ttc_cap)
             v_r, v_f = max(v_own_long, 0.0), max(v_lead, 0.0)
             d_long = max(v_r * rho + 0.5 * acc * rho**2 + (v_r + rho * acc) ** 2 / (2 * brk) - v_f**2 / (2 * brk), 0.0)
             rss_long[b, i, t] = gap < d_long
-        follow_gap[b, i, t] = gap
         rss_lat[b, i, t] = lateral
         approach[b, i, t] = min(t_min, ttc_cap)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def interaction_pairs(agents, agents_valid, context, context_valid, ext, k_max, params, n_chunks=16):
+def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, wosac, k_max, params, n_chunks=16):
     """Features of every evaluated agent against all objects of its frame (the other agents of its sample and
     the context objects).
 
-    agents ``(B, A, T, 5)`` x, y, heading, vx, vy of the evaluated agents, agents_valid ``(B, A, T)`` bool;
-    context ``(O, T, 5)`` / context_valid ``(O, T)``: objects shared by every sample (O may be 0); ext
-    ``(A + O, 2)`` length, width; k_max: neighbours for TTC / RSS / closest approach; params: TTC cap, max heading
-    difference of a followed object, RSS rho, longitudinal accel and brake, lateral accel and brake, lateral
-    margin. Returns ``(B, A, T)`` arrays (floats in the dtype of ``agents``): nearest (signed box distance; 0
-    where the agent is invalid or alone), whether there was another object (False where the agent is invalid),
-    overlaps with evaluated / context objects, TTC, follow gap (inf without a followed object), RSS longitudinal
-    / lateral violations, closest-approach time; 0 / False for invalid agents except the follow gap. Frames run
-    in ``n_chunks`` parallel chunks (a fixed number, not the thread count: each chunk seeds its neighbour search
-    from its previous frame, so results never depend on the number of threads). Each frame's objects are gathered
-    into a small buffer: no frame-major copy.
+    agents ``(B, A, T, 5)`` x, y, heading, vx, vy of the evaluated agents, agents_valid ``(B, A, T)`` bool; speed
+    ``(B, A, T)`` their speeds from central differences of positions (m/s; negative where there is none);
+    context ``(O, T, 5)`` / context_valid ``(O, T)``: objects shared by every sample (O may be 0); ext ``(A + O,
+    2)`` length, width; wosac ``(A,)`` bool: the evaluated agents that are objects of the WOSAC features (valid at
+    the current step); k_max: neighbours for RSS / closest approach; params: TTC cap, max heading difference of a
+    followed object, the stricter one for a small lateral overlap and that overlap (m), RSS rho, longitudinal
+    accel and brake, lateral accel and brake, lateral margin. Returns ``(B, A, T)`` arrays (floats in the dtype of
+    ``agents``): the nearest rounded-box distance to a WOSAC object (``NO_OBJECT`` where there is none), overlaps
+    with evaluated / context objects (sharp boxes), the WOSAC time to collision, RSS longitudinal / lateral
+    violations, closest-approach time; 0 / False for invalid agents. Frames run in ``n_chunks`` parallel chunks (a
+    fixed number, not the thread count: each chunk seeds its neighbour search from its previous frame, so results
+    never depend on the number of threads). Each frame's objects are gathered into a small buffer.
     """
     n_b, n_eval, n_t = agents_valid.shape
     n_ctx = context.shape[0]
     n = n_eval + n_ctx
     n_f = n_b * n_t
-    radius = np.empty(n)
+    radius, shrink = np.empty(n), np.empty(n)
+    is_wosac = np.zeros(n, np.bool_)
     for j in range(n):
         radius[j] = 0.5 * math.sqrt(ext[j, 0] ** 2 + ext[j, 1] ** 2)
+        shrink[j] = CORNER_ROUNDING * 0.5 * min(ext[j, 0], ext[j, 1])
+        is_wosac[j] = j < n_eval and wosac[j]
     shape = (n_b, n_eval, n_t)
-    nearest, ttc = np.empty(shape, agents.dtype), np.empty(shape, agents.dtype)
-    follow_gap, approach = np.empty(shape, agents.dtype), np.empty(shape, agents.dtype)
+    nearest, ttc, approach = np.empty(shape, agents.dtype), np.empty(shape, agents.dtype), np.empty(shape, agents.dtype)
     n_agents, n_context = np.empty(shape, np.int64), np.empty(shape, np.int64)
     rss_long, rss_lat = np.empty(shape, np.bool_), np.empty(shape, np.bool_)
     k_max = max(min(k_max, n - 1), 1)
@@ -241,7 +279,7 @@ def interaction_pairs(agents, agents_valid, context, context_valid, ext, k_max, 
     radius_max = radius.max() if n else 0.0
     for c in numba.prange(n_chunks):
         # scratch buffers once per chunk of frames, not per frame
-        fs, fv = np.empty((n, 5), agents.dtype), np.empty(n, np.bool_)
+        fs, fv, fspeed = np.empty((n, 5), agents.dtype), np.empty(n, np.bool_), np.full(n, -1.0)
         cos_h, sin_h, xs, ys, d2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
         nb_idx, nb_d2, is_nb = np.empty(k_max, np.int64), np.empty(k_max), np.empty(n, np.int64)
         prev_nb, prev_k = np.empty((n_eval, k_max), np.int64), np.zeros(n_eval, np.int64)
@@ -249,58 +287,23 @@ def interaction_pairs(agents, agents_valid, context, context_valid, ext, k_max, 
             b, t = f // n_t, f % n_t
             for j in range(n_eval):
                 fv[j] = agents_valid[b, j, t]
+                v = speed[b, j, t]
+                fspeed[j] = v if v >= 0.0 else -1.0  # NaN too
                 for q in range(5):
                     fs[j, q] = agents[b, j, t, q]
             for j in range(n_ctx):
                 fv[n_eval + j] = context_valid[j, t]
                 for q in range(5):
                     fs[n_eval + j, q] = context[j, t, q]
-            _frame(fs, fv, ext, radius, radius_max, n_eval, k_max, params, b, t, nearest, n_agents, n_context, ttc,
-                   follow_gap, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb,
-                   prev_k)
-    has_other = nearest < _NONE
+            _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, is_wosac, k_max, params, b, t, nearest,
+                   n_agents, n_context, ttc, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2,
+                   is_nb, prev_nb, prev_k)
     for b in numba.prange(n_b):
         for i in range(n_eval):
             for t in range(n_t):
-                if not has_other[b, i, t]:
-                    nearest[b, i, t] = 0.0
-                if follow_gap[b, i, t] >= _NONE:
-                    follow_gap[b, i, t] = np.inf
-    return nearest, has_other, n_agents, n_context, ttc, follow_gap, rss_long, rss_lat, approach
-
-
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, parallel=True)
-def road_edge_distance(traj, valid, extent, sdf, origin_x, origin_y, resolution, vehicle, floor, threshold):
-    """Largest signed distance (m, > 0 beyond the edge) of the 4 box corners, by bilinear lookup in ``sdf``
-    ``(H, W)`` (cell centres at ``origin + (index + 0.5) * resolution``; points beyond the grid read its
-    border). traj ``(B, A, T, 5)``, valid ``(B, A, T)``, extent ``(A, 2)``, vehicle ``(A,)`` bool. Returns the
-    distance ``(B, A, T)`` float32 (0 where invalid or not above ``floor``, the value of maps without road
-    edges) and off-road ``(B, A, T)`` bool (a valid vehicle whose distance exceeds ``threshold``)."""
-    n_b, n_a, n_t = valid.shape
-    h, w = sdf.shape
-    out = np.zeros((n_b, n_a, n_t), np.float32)
-    off = np.zeros((n_b, n_a, n_t), np.bool_)
-    for b in numba.prange(n_b):
-        for a in range(n_a):
-            hl, hw = 0.5 * extent[a, 0], 0.5 * extent[a, 1]
-            for t in range(n_t):
-                if not valid[b, a, t]:
-                    continue
-                x, y, c, s = traj[b, a, t, 0], traj[b, a, t, 1], math.cos(traj[b, a, t, 2]), math.sin(traj[b, a, t, 2])
-                worst = -_NONE
-                for sx, sy in ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)):
-                    px, py = x + sx * hl * c - sy * hw * s, y + sx * hl * s + sy * hw * c
-                    u = min(max((px - origin_x) / resolution - 0.5, 0.0), w - 1 - 1e-4)
-                    v = min(max((py - origin_y) / resolution - 0.5, 0.0), h - 1 - 1e-4)
-                    u0, v0 = int(u), int(v)
-                    fu, fv = u - u0, v - v0
-                    top = sdf[v0, u0] * (1 - fu) + sdf[v0, u0 + 1] * fu
-                    bottom = sdf[v0 + 1, u0] * (1 - fu) + sdf[v0 + 1, u0 + 1] * fu
-                    worst = max(worst, top * (1 - fv) + bottom * fv)
-                if worst > floor:
-                    out[b, a, t] = worst
-                    off[b, a, t] = vehicle[a] and worst > threshold
-    return out, off
+                if nearest[b, i, t] >= _NONE:
+                    nearest[b, i, t] = NO_OBJECT if agents_valid[b, i, t] else 0.0
+    return nearest, n_agents, n_context, ttc, rss_long, rss_lat, approach
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -309,67 +312,6 @@ def _bin(x, low, width, nb):
     float is clamped before the integer conversion (truncation equals floor there: negatives land in bin 0)."""
     v = (x - low) / width * np.float32(nb)
     return int(min(max(v, np.float32(0.0)), np.float32(nb - 1)))
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _any_over_time(x, ok, row, a):
-    """Whether sample ``row`` of object ``a`` has a valid step in ``ok`` ``(B, A, T)``, and whether ``x`` is
-    non-zero at any of them."""
-    seen, hit = False, False
-    for t in range(ok.shape[2]):
-        if ok[row, a, t]:
-            seen = True
-            hit = hit or x[row, a, t] != 0
-    return seen, hit
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def histogram_likelihoods(values, valid, n_sim, low, width, bins, pseudocount):
-    """WOSAC histogram likelihoods of ``F`` features at once (``realism.py`` defines the method; its torch
-    functions ``histogram_log_likelihood`` / ``bernoulli_log_likelihood`` are the reference this loop matches).
-
-    values: a tuple of ``F`` float32 arrays ``(R + 1, A, T)``, one per feature: rows ``< n_sim`` (= R) the
-    simulated values, row ``n_sim`` the logged ones; valid: the matching tuple of bool arrays (all C-contiguous).
-    Per feature: low ``(F,)`` float32 range start, width ``(F,)`` float32 range length, bins ``(F,)`` int64 (0: a
-    boolean feature, scored by its any-over-time value per rollout). Returns ``(F, A)`` float64 likelihoods, NaN
-    where the object has no valid logged value. Bins are computed in float32 exactly as the torch reference does.
-    """
-    n_f = len(values)
-    n_r, n_a, n_t = n_sim, values[0].shape[1], values[0].shape[2]
-    out = np.full((n_f, n_a), np.nan)
-    for fa in numba.prange(n_f * n_a):
-        f, a = fa // n_a, fa % n_a
-        x, ok = values[f], valid[f]
-        nb = bins[f]
-        if nb == 0:
-            true, counted = 0.0, 0.0
-            for r in range(n_r):
-                seen, hit = _any_over_time(x, ok, r, a)
-                if seen:
-                    counted += 1.0
-                    true += 1.0 if hit else 0.0
-            scored, log_hit = _any_over_time(x, ok, n_r, a)
-            if scored:
-                p = (true + pseudocount) / (counted + 2 * pseudocount)
-                out[f, a] = p if log_hit else 1.0 - p
-            continue
-        counts = np.zeros(nb)
-        for r in range(n_r):
-            for t in range(n_t):
-                if ok[r, a, t]:
-                    counts[_bin(x[r, a, t], low[f], width[f], nb)] += 1.0
-        total = 0.0
-        for k in range(nb):
-            counts[k] += pseudocount
-            total += counts[k]
-        acc, n = 0.0, 0
-        for t in range(n_t):
-            if ok[n_r, a, t]:
-                acc += math.log(counts[_bin(x[n_r, a, t], low[f], width[f], nb)] / total)
-                n += 1
-        if n:
-            out[f, a] = math.exp(acc / n)
-    return out
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -448,13 +390,18 @@ def bin_counts(values, valid, low, width, nb):
 @numba.njit(cache=True, nogil=True)
 def displacement(sim, sim_valid, log, log_valid, start):
     """Position errors of ``R`` rollouts against the log from step ``start`` on: sim ``(R, A, T, 5)``, sim_valid
-    ``(R, A, T)``, log ``(A, T, 5)``, log_valid ``(A, T)``. Returns ``(R, A)`` mean error (m, over the steps
-    where both are valid), error at the last such step (m) and the number of such steps; errors 0 where none."""
+    ``(R, A, T)``, log ``(A, T, 5)``, log_valid ``(A, T)``. Returns ``(R, A)`` ADE (m: the errors summed over the
+    steps where both are valid, over the number of valid logged steps of the whole track — the official WOSAC
+    definition, whose history steps add no error), the error at the last such step (m) and the number of such
+    steps; 0 where there are none."""
     n_r, n_a, n_t = sim_valid.shape
     ade, fde = np.zeros((n_r, n_a)), np.zeros((n_r, n_a))
     count = np.zeros((n_r, n_a), np.int64)
-    for r in range(n_r):
-        for a in range(n_a):
+    for a in range(n_a):
+        logged = 0
+        for t in range(n_t):
+            logged += log_valid[a, t]
+        for r in range(n_r):
             acc, last, n = 0.0, 0.0, 0
             for t in range(start, n_t):
                 if sim_valid[r, a, t] and log_valid[a, t]:
@@ -463,7 +410,7 @@ def displacement(sim, sim_valid, log, log_valid, start):
                     acc += last
                     n += 1
             if n:
-                ade[r, a], fde[r, a], count[r, a] = acc / n, last, n
+                ade[r, a], fde[r, a], count[r, a] = acc / logged, last, n
     return ade, fde, count
 
 
@@ -522,3 +469,132 @@ def final_spread(sim, sim_valid, start):
                 total += math.sqrt((xs[p] - xs[q]) ** 2 + (ys[p] - ys[q]) ** 2)
         spread[a], has[a] = total / (m * (m - 1) / 2), True
     return spread, has
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _wrap_half(d):
+    """The official heading-difference wrap: ``wrap(2 d) / 2`` (2 d wrapped to [-pi, pi))."""
+    return _wrap(2.0 * d) / 2.0
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def wosac_kinematics(traj, valid, dt, history, is_log):
+    """The WOSAC kinematic features of ``N`` tracks, as the official code computes them.
+
+    traj ``(N, T, 5)`` (x, y, heading used; invalid steps as stored), valid ``(N, T)``; history: the number of
+    leading logged steps; is_log ``(N,)`` bool: which tracks are logs (scored) rather than rollouts (pooled).
+    Values on the raw arrays by central differences: speed ``|p[t+1] - p[t-1]| / (2 dt)``, acceleration its central
+    difference, angular speed ``wrap(h[t+1] - h[t-1]) / (2 dt)``, angular acceleration the wrapped central
+    difference of that, NaN where a difference runs past either end of the scene.
+
+    Returns values ``(4, N, T - history)`` float64 (speed, acceleration, angular speed, angular acceleration) for
+    the future steps and ``(4, N, T - history)`` bool ``use``: for a log, the official scoring validity (from the
+    future steps' validity alone: speeds need steps t - 1 and t + 1 valid, accelerations speeds at t - 1 and
+    t + 1, so speed is never scored at the first future step, accelerations not at the first two); for a rollout,
+    whether the value enters its histogram: the step is valid and no difference reaches into an invalid simulated
+    step (under the WOSAC protocol every simulated step is valid and every value enters).
+    """
+    n, n_t = valid.shape
+    n_f = n_t - history
+    out = np.full((4, n, n_f), np.nan)
+    use = np.zeros((4, n, n_f), np.bool_)
+    inv = 1.0 / (2.0 * dt)
+    for i in numba.prange(n):
+        sp, dh = np.full(n_t, np.nan), np.full(n_t, np.nan)  # speed, heading change per step
+        for t in range(1, n_t - 1):
+            dx, dy = traj[i, t + 1, 0] - traj[i, t - 1, 0], traj[i, t + 1, 1] - traj[i, t - 1, 1]
+            sp[t] = math.sqrt(dx * dx + dy * dy) * inv
+            dh[t] = _wrap_half(0.5 * (traj[i, t + 1, 2] - traj[i, t - 1, 2]))
+        for t in range(history, n_t):
+            s = t - history
+            out[0, i, s], out[2, i, s] = sp[t], dh[t] / dt
+            if 1 <= t < n_t - 1:
+                out[1, i, s] = (sp[t + 1] - sp[t - 1]) * inv
+                out[3, i, s] = _wrap_half(0.5 * (dh[t + 1] - dh[t - 1])) / (dt * dt)
+        for s in range(n_f):
+            t = history + s
+            if is_log[i]:
+                use[0, i, s] = use[2, i, s] = _log_speed_ok(valid, i, t, history)
+                use[1, i, s] = use[3, i, s] = _log_speed_ok(valid, i, t - 1, history) and \
+                    _log_speed_ok(valid, i, t + 1, history)
+            else:
+                use[0, i, s] = use[2, i, s] = valid[i, t] and _sim_ok(valid, i, t - 1, history) and \
+                    _sim_ok(valid, i, t + 1, history)
+                use[1, i, s] = use[3, i, s] = use[0, i, s] and _sim_ok(valid, i, t - 2, history) and \
+                    _sim_ok(valid, i, t + 2, history)
+    return out, use
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _log_speed_ok(valid, i, t, history):
+    """The official speed validity at step t of the future (its steps alone: t - 1 and t + 1 valid)."""
+    return history <= t - 1 and t + 1 < valid.shape[1] and valid[i, t - 1] and valid[i, t + 1]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sim_ok(valid, i, t, history):
+    """Whether step t may enter a rollout's difference: the logged history, beyond the scene (NaN), or valid."""
+    return t < history or t >= valid.shape[1] or valid[i, t]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bin_or_top(x, low, width, nb):
+    """``_bin``, except that NaN lands in the top bin (as in the official histograms)."""
+    if x != x:
+        return nb - 1
+    return _bin(x, low, width, nb)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def wosac_log_likelihoods(values, use, n_sim, low, width, bins, pseudocount, bool_pseudocount):
+    """The WOSAC log-likelihoods of ``F`` features, pooled as the official metric pools them.
+
+    values: a tuple of ``F`` float32 arrays ``(R + 1, A, T)`` (rows ``< n_sim`` = R rollouts, row ``n_sim`` the
+    log; NaN allowed: it lands in the top bin); use: the matching bool arrays — for rollout rows whether a value
+    enters the histogram, for the log row whether it is scored (and, for a boolean feature, the steps whose
+    simulated values count too: the official metric masks them by the log's validity). low / width ``(F,)``
+    float32 ranges, bins ``(F,)`` int64 (0: a boolean feature).
+
+    Time series: per object, a histogram of its pooled rollout values (``bins`` equal bins, values clipped into the
+    end bins, ``pseudocount`` added to each); every scored log value contributes the log-probability of its bin.
+    Booleans: per object, how many rollouts are ever true over the log-masked steps, a two-bin histogram with
+    ``bool_pseudocount``, and the log-probability of the log's own any-over-time value; every object contributes.
+    Returns ``(F, A)`` float64 summed log-likelihoods and ``(F, A)`` float64 counts (scored values; 1 for each
+    object of a boolean feature), so that the feature's likelihood is ``exp(sum / count)`` over the objects.
+    """
+    n_f = len(values)
+    n_r, n_a, n_t = n_sim, values[0].shape[1], values[0].shape[2]
+    total, count = np.zeros((n_f, n_a)), np.zeros((n_f, n_a))
+    for fa in numba.prange(n_f * n_a):
+        f, a = fa // n_a, fa % n_a
+        x, ok = values[f], use[f]
+        nb = bins[f]
+        if nb == 0:
+            true = 0.0
+            for r in range(n_r):
+                hit = False
+                for t in range(n_t):
+                    hit = hit or (ok[n_r, a, t] and ok[r, a, t] and x[r, a, t] != 0)
+                true += 1.0 if hit else 0.0
+            log_hit = False
+            for t in range(n_t):
+                log_hit = log_hit or (ok[n_r, a, t] and x[n_r, a, t] != 0)
+            p = (true + bool_pseudocount) / (n_r + 2 * bool_pseudocount)
+            total[f, a], count[f, a] = math.log(p if log_hit else 1.0 - p), 1.0
+            continue
+        counts = np.zeros(nb)
+        for r in range(n_r):
+            for t in range(n_t):
+                if ok[r, a, t]:
+                    counts[_bin_or_top(x[r, a, t], low[f], width[f], nb)] += 1.0
+        norm = 0.0
+        for k in range(nb):
+            counts[k] += pseudocount
+            norm += counts[k]
+        acc, m = 0.0, 0
+        for t in range(n_t):
+            if ok[n_r, a, t]:
+                acc += math.log(counts[_bin_or_top(x[n_r, a, t], low[f], width[f], nb)] / norm)
+                m += 1
+        total[f, a], count[f, a] = acc, m
+    return total, count

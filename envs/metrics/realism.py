@@ -1,13 +1,18 @@
-"""WOSAC-style realism: per-object histogram likelihoods of the log under the rollouts, the meta-metric, minADE.
+"""WOSAC realism: the likelihoods of the log under the rollouts, the meta-metric and minADE, as the official Waymo
+implementation computes them (Montali et al., "The Waymo Open Sim Agents Challenge", arXiv 2305.12032; the 2024
+and 2025 challenge configurations). ``docs/metrics.md`` explains the method; ``benchmarks/wosac_crosscheck.py``
+scores the same rollouts with the official code and prints the differences.
 
-Protocol (METHODS.md §5). For each evaluated object and feature, the object's ``R × T_future`` simulated values
-(valid ones only) are pooled into a histogram on the feature's fixed range (values outside it are clipped into
-the end bins), 0.1 is added to every bin, and each logged value (future steps where the log's feature is valid)
-is scored by its bin's log-probability; the object's likelihood is ``exp(mean log-likelihood)``. Boolean
-features use a 2-bin histogram of the any-over-time value per rollout, scored on the log's any-over-time value.
-The scene's likelihood of a feature is the mean over objects that have at least one valid logged value (NaN if
-none has). The meta-metric is ``Σ weight × likelihood`` (weights of a preset; features that are NaN for the
-scene, e.g. map features on a map without road edges, are dropped and the remaining weights renormalised).
+Objects are the evaluated agents valid at the current step (the last history step). For each time-series
+feature and object, the object's simulated values of all rollouts and future steps are pooled into a histogram on
+the feature's fixed range (values outside are clipped into the end bins, NaN — a difference past the end of the
+scene — lands in the top bin), 0.1 is added to every bin, and each scored logged value contributes the
+log-probability of its bin; the feature's likelihood is ``exp(Σ log-likelihoods / number of scored values)``
+pooled over all objects and steps (so one badly matched object pulls it down). Boolean features (collision,
+off-road, traffic-light violation) are any-over-time per rollout over the steps where the log is valid, scored
+by a two-bin histogram with 0.001 per bin, ``exp(mean over objects)``. The meta-metric is ``Σ weight ×
+likelihood`` with a preset's weights; features that are NaN for a scene (a map without road edges) are dropped
+and the remaining weights renormalised.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import torch
 
 from envs.errors import UnknownNameError
 from envs.metrics.episode import Rollouts, cpu_numpy, register_episode_metric
-from envs.metrics.features import require_rollouts, scene_features
-from envs.metrics.kernels import displacement, histogram_likelihoods
+from envs.metrics.features import Feature, require_rollouts, scene_features
+from envs.metrics.kernels import displacement, wosac_log_likelihoods
+from envs.types import AgentType
 
-PSEUDOCOUNT = 0.1  # added to every histogram bin (WOSAC)
+PSEUDOCOUNT = 0.1  # added to every bin of a time-series histogram (WOSAC)
+BERNOULLI_PSEUDOCOUNT = 0.001  # added to both bins of a boolean feature (WOSAC)
 
 
 @dataclass(frozen=True)
@@ -62,77 +69,70 @@ META_WEIGHTS: dict[str, dict[str, float]] = {
 }
 
 
-def histogram_log_likelihood(sim: torch.Tensor, sim_valid: torch.Tensor, log: torch.Tensor, log_valid: torch.Tensor,
-                             spec: HistogramSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-object likelihood of logged values under the histogram of simulated ones.
-
-    Args:
-        sim: ``(R, A, T)`` simulated values; sim_valid ``(R, A, T)`` bool.
-        log: ``(A, T)`` logged values; log_valid ``(A, T)`` bool.
-        spec: the feature's range and bin count (``bins = 0``: boolean, see ``bernoulli_log_likelihood``).
-    Returns:
-        ``(A,)`` likelihood ``exp(mean over valid logged steps of log p(bin))`` and ``(A,)`` bool, whether the
-        object had any valid logged value (the likelihood is NaN where it had none).
-    """
-    if spec.boolean:
-        return bernoulli_log_likelihood(sim, sim_valid, log, log_valid)
-    r, a, t = sim.shape
-    nb = spec.bins
-
-    def bin_of(x: torch.Tensor) -> torch.Tensor:
-        scaled = (x.float() - spec.low) / (spec.high - spec.low) * nb
-        return scaled.floor().clamp(0, nb - 1).long()  # out-of-range values land in the end bins
-
-    agent = torch.arange(a, device=sim.device)
-    flat = torch.where(sim_valid, agent[None, :, None] * nb + bin_of(sim), a * nb)  # invalid: an extra bin
-    counts = torch.bincount(flat.reshape(-1), minlength=a * nb + 1)[:a * nb].float()
-    counts = counts.reshape(a, nb) + PSEUDOCOUNT
-    log_prob = (counts / counts.sum(dim=-1, keepdim=True)).log()  # (A, nb)
-    scores = log_prob.gather(1, bin_of(log))  # (A, T)
-    n = log_valid.sum(dim=-1)
-    mean = torch.where(log_valid, scores, torch.zeros_like(scores)).sum(dim=-1) / n.clamp(min=1)
-    scored = n > 0
-    return torch.where(scored, mean.exp(), torch.full_like(mean, float("nan"))), scored
+def wosac_objects(rollouts: Rollouts) -> torch.Tensor:
+    """``(A,)`` bool: the evaluated agents that are WOSAC objects (valid at the current step)."""
+    return rollouts.log_valid[:, rollouts.history_steps - 1]
 
 
-def bernoulli_log_likelihood(sim: torch.Tensor, sim_valid: torch.Tensor, log: torch.Tensor, log_valid: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean features: per rollout the any-over-(valid)-time value, a 2-bin histogram over rollouts with
-    ``PSEUDOCOUNT`` per bin, scored on the log's any-over-time value. Shapes as ``histogram_log_likelihood``;
-    rollouts without any valid step do not count."""
-    sim_any = (sim.bool() & sim_valid).any(dim=-1)  # (R, A)
-    counted = sim_valid.any(dim=-1).float()
-    true = (sim_any.float() * counted).sum(dim=0) + PSEUDOCOUNT
-    total = counted.sum(dim=0) + 2 * PSEUDOCOUNT
-    log_any = (log.bool() & log_valid).any(dim=-1)
-    p = torch.where(log_any, true / total, 1 - true / total)
-    scored = log_valid.any(dim=-1)
-    return torch.where(scored, p, torch.full_like(p, float("nan"))), scored
+def realism_features(rollouts: Rollouts) -> dict[str, Feature]:
+    """Every ``REALISM_FEATURES`` entry as a ``(R + 1, A_w, T_future)`` ``Feature`` of the WOSAC objects: rows
+    ``< R`` the rollouts (``valid``: the value enters the histogram), row ``R`` the log (``valid``: the value is
+    scored, by the official validity rules; for boolean features, also the steps at which rollouts count)."""
+    f = scene_features(rollouts).joint
+    r = rollouts.num_rollouts
+    objs = wosac_objects(rollouts)
+    log_valid = f["distance_to_nearest_object"].valid[r]  # (A, T_future): the log's own validity
+    vehicle = (rollouts.agent_type == AgentType.VEHICLE).to(log_valid.device)
+
+    def scored(x: Feature, log_ok: torch.Tensor) -> Feature:
+        ok = x.valid.clone()
+        ok[r] = log_ok
+        return Feature(x.value, ok)
+
+    edge = f["distance_to_road_edge"]
+    out = {
+        "linear_speed": f["wosac_linear_speed"], "linear_accel": f["wosac_linear_accel"],
+        "angular_speed": f["wosac_angular_speed"], "angular_accel": f["wosac_angular_accel"],
+        "distance_to_nearest_object": f["distance_to_nearest_object"],
+        "collision": f["collision"],
+        "time_to_collision": scored(f["time_to_collision"], log_valid & vehicle[:, None]),
+        "distance_to_road_edge": edge,
+        "offroad": Feature(edge.valid & (edge.value > 0), edge.valid),  # every type (WOSAC)
+        "traffic_light_violation": scored(f["traffic_light_violation"], log_valid & vehicle[:, None]),
+    }
+    return {k: Feature(v.value[:, objs], v.valid[:, objs]) for k, v in out.items()}
 
 
-def per_object_likelihoods(rollouts: Rollouts) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{feature: ((A,) likelihood, (A,) scored)}`` for every ``REALISM_FEATURES`` entry: every feature in one
-    compiled loop (``kernels.histogram_likelihoods``), the same values as ``histogram_log_likelihood``."""
+def realism_log_likelihoods(rollouts: Rollouts) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{feature: ((A_w,) summed log-likelihood, (A_w,) count)}`` per WOSAC object (``wosac_log_likelihoods``):
+    the feature's likelihood is ``exp(sum over objects / count over objects)``."""
     require_rollouts(rollouts, 2, "realism (a histogram of simulated values)")
-    f = scene_features(rollouts)
+    f = realism_features(rollouts)
     names = list(REALISM_FEATURES)
     specs = [REALISM_FEATURES[n] for n in names]
-    joint = [f.joint[n] for n in names]  # rollouts and log as one (R + 1, A, T) array per feature: no copies
-    lik = histogram_likelihoods(
-        tuple(cpu_numpy(x.value.to(torch.float32)) for x in joint), tuple(cpu_numpy(x.valid) for x in joint),
+    total, count = wosac_log_likelihoods(
+        tuple(cpu_numpy(f[n].value.to(torch.float32)) for n in names), tuple(cpu_numpy(f[n].valid) for n in names),
         rollouts.num_rollouts,
         np.array([sp.low for sp in specs], np.float32), np.array([sp.high - sp.low for sp in specs], np.float32),
-        np.array([sp.bins for sp in specs], np.int64), PSEUDOCOUNT)
-    lik = torch.from_numpy(lik).float()
-    return {name: (lik[i], ~lik[i].isnan()) for i, name in enumerate(names)}
+        np.array([sp.bins for sp in specs], np.int64), PSEUDOCOUNT, BERNOULLI_PSEUDOCOUNT)
+    return {name: (total[i], count[i]) for i, name in enumerate(names)}
 
 
 def realism_likelihoods(rollouts: Rollouts) -> dict[str, float]:
-    """Scene likelihood of each feature: mean over objects with a valid logged value (NaN if there is none)."""
+    """Scene likelihood of each feature, pooled over objects (NaN where nothing is scored, e.g. no road edges)."""
     out = {}
-    for name, (lik, scored) in per_object_likelihoods(rollouts).items():
-        out[name] = float(lik[scored].mean()) if scored.any() else float("nan")
+    for name, (total, count) in realism_log_likelihoods(rollouts).items():
+        if name in ("distance_to_road_edge", "offroad") and not _has_road_edges(rollouts):
+            out[name] = float("nan")
+        else:
+            n = float(count.sum())
+            out[name] = float(np.exp(total.sum() / n)) if n > 0 else float("nan")
     return out
+
+
+def _has_road_edges(rollouts: Rollouts) -> bool:
+    ix = rollouts.map_index
+    return ix is not None and ix.has_road_edges and not ix.road_edges.empty
 
 
 def realism_meta(likelihoods: dict[str, float], preset: str = "wosac2024") -> float:
@@ -152,11 +152,13 @@ def realism_meta(likelihoods: dict[str, float], preset: str = "wosac2024") -> fl
 
 @register_episode_metric(
     "realism", "likelihood in [0, 1]",
-    "WOSAC-style realism (METHODS.md §5): realism_<feature> = mean over objects of exp(mean log-likelihood of the "
-    "logged future values under the histogram of the R rollouts' values: fixed range/bins, 0.1 pseudocount, "
-    "out-of-range values clipped to the end bins; booleans: 2-bin any-over-time); objects without a valid logged "
-    "value are skipped. realism_meta_wosac2024 / _wosac2025: weighted sums. Needs R >= 2.",
-    family="realism")
+    "WOSAC realism as the official implementation computes it (docs/metrics.md): realism_<feature> = exp(sum of "
+    "the log-likelihoods of the scored logged future values under each object's histogram of its rollouts' values "
+    "/ their number), pooled over the objects (agents valid at the current step); fixed ranges and bins, 0.1 "
+    "pseudocount, values clipped into the end bins, NaN into the top bin; booleans: any-over-time per rollout, "
+    "2 bins with 0.001 each, exp(mean over objects). realism_meta_wosac2024 / _wosac2025: weighted sums. Needs "
+    "R >= 2.",
+    family="realism", min_rollouts=2)
 def realism(rollouts: Rollouts) -> dict[str, float]:
     lik = realism_likelihoods(rollouts)
     out = {f"realism_{k}": v for k, v in lik.items()}
@@ -166,18 +168,22 @@ def realism(rollouts: Rollouts) -> dict[str, float]:
 
 
 def displacement_errors(rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per rollout and agent: ADE (m, mean over future steps where sim and log are valid), FDE (m, at the last
-    such step) and whether the agent had any such step; each ``(R, A)`` (errors are 0 where not valid)."""
-    ade, fde, n = displacement(cpu_numpy(rollouts.sim), cpu_numpy(rollouts.sim_valid), cpu_numpy(rollouts.log),
-                               cpu_numpy(rollouts.log_valid), rollouts.history_steps)
+    """Per rollout and WOSAC object (``wosac_objects``): ADE (m; the official definition: position errors summed
+    over the steps where sim and log are valid, divided by the number of valid logged steps of the whole scene,
+    history included, where the error is 0), FDE (m, the error at the last such future step) and whether the
+    object has a valid future step; each ``(R, A_w)`` (errors are 0 where not valid)."""
+    objs = wosac_objects(rollouts)
+    ade, fde, n = displacement(cpu_numpy(rollouts.sim[:, objs]), cpu_numpy(rollouts.sim_valid[:, objs]),
+                               cpu_numpy(rollouts.log[objs]), cpu_numpy(rollouts.log_valid[objs]),
+                               rollouts.history_steps)
     dev, dtype = rollouts.sim.device, rollouts.sim.dtype
     return (torch.from_numpy(ade).to(dev, dtype), torch.from_numpy(fde).to(dev, dtype),
             torch.from_numpy(n > 0).to(dev))
 
 
 def min_ade(rollouts: Rollouts) -> float:
-    """Official minADE (m): min over rollouts of the mean over objects of their ADE (objects with no valid
-    future step in a rollout are left out of that rollout's mean; NaN if no rollout has any)."""
+    """Official minADE (m): min over rollouts of the mean over objects of their ADE (``displacement_errors``;
+    objects with no valid future step in a rollout are left out of that rollout's mean; NaN if none has any)."""
     ade, _, ok = displacement_errors(rollouts)
     return _min_ade(ade, ok)
 
@@ -191,9 +197,10 @@ def _min_ade(ade: torch.Tensor, ok: torch.Tensor) -> float:
 
 @register_episode_metric(
     "min_ade", "m",
-    "min_ade: min over rollouts of the mean over objects of the ADE (mean L2 position error over future steps "
-    "where both sim and log are valid). ade / fde: mean over rollouts and objects of the ADE and of the error at "
-    "the last such step. Objects without such steps are skipped.", family="realism")
+    "min_ade: min over rollouts of the mean over objects (agents valid at the current step) of the official ADE "
+    "(L2 position errors summed over the future steps where sim and log are valid / the number of valid logged "
+    "steps, history included). ade / fde: mean over rollouts and objects of that ADE and of the error at the last "
+    "such step. Objects without such steps are skipped.", family="realism")
 def min_ade_metric(rollouts: Rollouts) -> dict[str, float]:
     ade, fde, ok = displacement_errors(rollouts)
     n = ok.sum().clamp(min=1)
