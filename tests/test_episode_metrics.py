@@ -734,3 +734,61 @@ def test_distance_travelled_exact():
            log_valid=torch.ones(2, t, dtype=torch.bool), history_steps=11, dt=0.1)
     # 10 future steps after the current one: (10 * 1.0 + 10 * 0.5) / 2 agents
     assert compute_episode_metrics(r, ["distance_travelled"])["distance_travelled"] == pytest.approx(7.5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Traffic lights
+# ------------------------------------------------------------------------------------------------------------
+
+def signalised_scene(stop_x: float = 100.0, num_steps: int = 61):
+    """An eastbound approach lane up to a stop line at ``stop_x``, a signal-controlled lane after it (red for the
+    whole scene), and one car waiting 3 m before the line in the log."""
+    from envs.types import PolylineType, TrafficLightState
+    from tests.scenes import make_map
+
+    m = make_map([(np.array([[0, -1.75], [stop_x, -1.75]]), PolylineType.LANE_CENTER),
+                  (np.array([[stop_x, -1.75], [200, -1.75]]), PolylineType.LANE_CENTER),
+                  (np.array([[200, 1.75], [0, 1.75]]), PolylineType.LANE_CENTER),
+                  (np.array([[0, -3.5], [200, -3.5], [200, 3.5], [0, 3.5], [0, -3.5]]), PolylineType.ROAD_EDGE)],
+                 successors=[(0, 1)])
+    scene = make_scene([dict(x0=stop_x - 3 - 2.25, y0=-1.75, speed=0.0)], num_steps=num_steps, map_data=m)
+    return replace(scene, tl_lane=np.array([1], np.int32),
+                   tl_state=np.full((1, num_steps), TrafficLightState.RED, np.int8))
+
+
+def test_traffic_light_violation_of_a_car_running_the_red():
+    from envs.metrics.traffic_lights import TrafficLights
+
+    scene = signalised_scene()
+    tl = TrafficLights.from_scene(scene)
+    assert tl.stop_point.tolist() == [[100.0, -1.75]] and tl.red.all()
+    t = np.arange(61) * 0.1
+    xy = np.zeros((2, 1, 61, 2))
+    xy[..., 1] = -1.75
+    xy[0, 0, :, 0] = 94.75 + 0 * t  # waits
+    xy[1, 0, :, 0] = 94.75 + 5.0 * t  # drives through at 5 m/s: passes x = 100 between steps 10 and 11
+    v = tl.violations(xy, np.ones((2, 1, 61), bool))
+    assert not v[0].any() and np.flatnonzero(v[1, 0]).tolist() == [11]
+    # on green nobody violates; an invalid step does not
+    green = replace(tl, red=np.zeros_like(tl.red))
+    assert not green.violations(xy, np.ones((2, 1, 61), bool)).any()
+    gap = np.ones((2, 1, 61), bool)
+    gap[1, 0, 11] = False
+    assert not tl.violations(xy, gap)[1].any()
+    with pytest.raises(ValueError, match="30 steps, the signals 61"):
+        tl.violations(xy[:, :, :30], gap[:, :, :30])
+
+
+def test_traffic_light_likelihood_of_rollouts_running_the_red():
+    scene = signalised_scene(num_steps=61)
+    waiting = rollouts_from_log(scene, 4, 11, build_map_index(scene.map))
+    m = compute_episode_metrics(waiting, ["realism"])
+    assert m["realism_traffic_light_violation"] == pytest.approx(4.001 / 4.002)
+    sim = waiting.sim.clone()
+    t = torch.arange(61 - 11, dtype=torch.float32) * 0.1
+    sim[:, 0, 11:, 0] = sim[:, 0, 10:11, 0] + 5.0 * (t + 0.1)  # every rollout drives through the red light
+    running = replace(waiting, sim=sim)
+    m = compute_episode_metrics(running, ["realism"])
+    assert m["realism_traffic_light_violation"] == pytest.approx(0.001 / 4.002)
+    assert m["realism_meta_wosac2025"] < compute_episode_metrics(replace(waiting), ["realism"])[
+        "realism_meta_wosac2025"]

@@ -83,3 +83,57 @@ def test_two_processes_match_one(tiny_env_kwargs, tmp_path):
                     "-m", "training.cli", *common, "--json", str(two)], check=True, env=env, capture_output=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["per_scene"] == b["per_scene"] and a["metrics"] == b["metrics"] and a["scenes"] == 3
+
+
+def test_complete_rollouts_continue_leavers_at_constant_velocity():
+    from training.rollouts import complete_rollouts
+
+    traj = torch.zeros(2, 3, 10, 5)
+    traj[:, :, :, 0] = torch.arange(10.0)  # x = t, 10 m/s at dt 0.1
+    traj[:, :, :, 3] = 10.0
+    traj[:, :, :, 2] = 0.3
+    valid = torch.ones(2, 3, 10, dtype=torch.bool)
+    valid[0, 0, 6:] = False  # leaves after step 5 (e.g. its log ends)
+    valid[1, 1, 4:7] = False  # a gap
+    valid[:, 2, :4] = False  # not present at the start step 3 (it enters later): left as it is
+    valid[:, 2, 5:] = False
+    before = (traj.clone(), valid.clone())
+    out, ok = complete_rollouts(traj, valid, start=3, dt=0.1)
+    torch.testing.assert_close(traj, before[0])  # the inputs are kept
+    torch.testing.assert_close(valid, before[1])
+    assert ok[:, :2, 3:].all()
+    assert ok[:, 2].tolist() == valid[:, 2].tolist()
+    torch.testing.assert_close(out[0, 0, 6:, 0], 5.0 + torch.arange(1.0, 5.0))  # 1 m per step from x = 5
+    assert (out[0, 0, 6:, 2] == 0.3).all() and (out[0, 0, 6:, 3] == 10.0).all()
+    torch.testing.assert_close(out[1, 1, 4:7, 0], torch.tensor([4.0, 5.0, 6.0]))
+
+
+def test_sim_agents_rollouts_follow_the_wosac_protocol(tiny_val):
+    # every agent valid at the current step is valid at every future step of every rollout, whatever the policy
+    for name in ("log_replay", "idm", "constant_velocity"):
+        r = simulate_scene(make_agent(name), tiny_val, 0, num_rollouts=2)
+        assert r.sim_valid[:, :, r.history_steps:].all(), name
+
+
+def test_too_few_rollouts_fail_before_rolling_out(tiny_val, monkeypatch):
+    import training.rollouts
+
+    def boom(*a, **k):
+        raise AssertionError("rolled out before checking the metrics")
+
+    monkeypatch.setattr(training.rollouts, "simulate_scene", boom)
+    with pytest.raises(RolloutError, match=r"too few for the metric\(s\) \['realism', 'blm_fdd'\].*--rollouts 32"):
+        evaluate("idm", tiny_val, num_rollouts=1)
+    with pytest.raises(RolloutError, match=r"\['realism'\]"):
+        evaluate("idm", tiny_val, num_rollouts=1, metrics=["realism", "min_ade"])
+
+
+def test_npz_carries_the_metric_road_edges(tiny_val, tmp_path):
+    r = simulate_scene(make_agent("idm"), tiny_val, 0, num_rollouts=2)
+    data = load_rollout_file(save_rollouts(r, tmp_path))
+    xy, off = data["road_edge_xy"], data["road_edge_offsets"]
+    assert off[-1] == len(xy) > 0
+    lines = [xy[off[p]:off[p + 1]] for p in range(len(off) - 1)]
+    expected = r.map_index.road_edges.polylines()
+    assert len(lines) == len(expected) and all(np.allclose(a, b) for a, b in zip(lines, expected, strict=True))
+    assert data["tl_red"].shape == (0, 91)  # no signals in this dataset

@@ -21,10 +21,11 @@ def evaluate(agent_name: str, ds, *, num_rollouts: int = 32, setting: str = "sim
     import math
 
     from agents.registry import make_agent
-    from envs.metrics.episode import compute_episode_metrics
+    from envs.metrics.episode import check_metrics, compute_episode_metrics
     from training.distributed import gather_to_rank0, init_from_env, shard
     from training.rollouts import save_rollouts, simulate_scene
 
+    metrics = check_metrics(metrics, num_rollouts)  # before any rollout, not after all of them
     rank, world = init_from_env()
     count = len(ds) if num_scenes is None else min(num_scenes, len(ds))
     agent = make_agent(agent_name, checkpoint=checkpoint, **(agent_config or {}))
