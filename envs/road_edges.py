@@ -38,6 +38,10 @@ class RoadEdges:
     prev / next: ``(S,)`` int64 the segment before / after it on its polyline (-1 at an open end; rings wrap).
     origin: ``(2,)`` float64 lower-left corner of the grid; cell: m per cell; shape: ``(H, W)`` cells.
     cell_start: ``(H * W + 1,)`` int64 CSR offsets into cell_segments ``(N,)`` int32 (ascending per cell).
+    cell_value: ``(H * W,)`` float32 signed distance at each cell's centre, NaN where a candidate segment ends a
+        polyline (the distance may jump there: beyond an open end the sign flips across the end segment's line).
+        Elsewhere the distance is continuous with slope at most 1, so it is within ``cell / sqrt 2`` of this value
+        anywhere in the cell: a bound that lets ``box_edge_distance`` skip corners that cannot be the worst.
     """
 
     segments: np.ndarray
@@ -48,6 +52,7 @@ class RoadEdges:
     shape: tuple[int, int]
     cell_start: np.ndarray
     cell_segments: np.ndarray
+    cell_value: np.ndarray
 
     @property
     def empty(self) -> bool:
@@ -72,13 +77,20 @@ class RoadEdges:
         """The fields as plain arrays (for saving)."""
         return {"edge_segments": self.segments, "edge_prev": self.prev, "edge_next": self.next,
                 "edge_origin": self.origin, "edge_cell": np.array(self.cell), "edge_shape": np.array(self.shape),
-                "edge_cell_start": self.cell_start, "edge_cell_segments": self.cell_segments}
+                "edge_cell_start": self.cell_start, "edge_cell_segments": self.cell_segments,
+                "edge_cell_value": self.cell_value}
 
     @classmethod
     def from_arrays(cls, d: dict[str, np.ndarray]) -> RoadEdges:
         return cls(segments=d["edge_segments"], prev=d["edge_prev"], next=d["edge_next"], origin=d["edge_origin"],
                    cell=float(d["edge_cell"]), shape=tuple(int(v) for v in d["edge_shape"]),
-                   cell_start=d["edge_cell_start"], cell_segments=d["edge_cell_segments"])
+                   cell_start=d["edge_cell_start"], cell_segments=d["edge_cell_segments"],
+                   cell_value=d["edge_cell_value"])
+
+    def kernel_args(self) -> tuple:
+        """The arguments the compiled queries take after the points (``box_edge_distance``)."""
+        return (self.packed, self.prev, self.next, float(self.origin[0]), float(self.origin[1]), self.cell,
+                self.shape[0], self.shape[1], self.cell_start, self.cell_segments, self.cell_value)
 
     def signed_distance(self, points: np.ndarray) -> np.ndarray:
         """Signed distance (m, > 0 off the road) of points ``(..., 2)`` -> ``(...)`` float64."""
@@ -115,15 +127,17 @@ def build_road_edges(polylines: list[np.ndarray], cell: float = EDGE_CELL, margi
     if not segs:
         z = np.zeros((0,), np.int64)
         return RoadEdges(np.zeros((0, 4)), z, z, np.zeros(2), cell, (0, 0), np.zeros(1, np.int64),
-                         np.zeros(0, np.int32))
+                         np.zeros(0, np.int32), np.zeros(0, np.float32))
     segments = np.concatenate(segs)
     lo = np.minimum(segments[:, :2], segments[:, 2:]).min(axis=0) - margin
     hi = np.maximum(segments[:, :2], segments[:, 2:]).max(axis=0) + margin
     w, h = (int(v) for v in np.ceil((hi - lo) / cell))
-    cell_start, cell_segments = _candidate_grid(_pack(segments), lo[0], lo[1], cell, h, w)
-    return RoadEdges(segments=segments, prev=np.concatenate(prev).astype(np.int64),
-                     next=np.concatenate(nxt).astype(np.int64), origin=lo.astype(np.float64), cell=float(cell),
-                     shape=(h, w), cell_start=cell_start, cell_segments=cell_segments)
+    packed = _pack(segments)
+    prev, nxt = np.concatenate(prev).astype(np.int64), np.concatenate(nxt).astype(np.int64)
+    cell_start, cell_segments = _candidate_grid(packed, lo[0], lo[1], cell, h, w)
+    cell_value = _cell_values(packed, prev, nxt, lo[0], lo[1], cell, h, w, cell_start, cell_segments)
+    return RoadEdges(segments=segments, prev=prev, next=nxt, origin=lo.astype(np.float64), cell=float(cell),
+                     shape=(h, w), cell_start=cell_start, cell_segments=cell_segments, cell_value=cell_value)
 
 
 def _pack(segments: np.ndarray) -> np.ndarray:
@@ -259,24 +273,62 @@ def _candidate_grid(packed: np.ndarray, ox: float, oy: float, cell: float, h: in
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def box_edge_distance(traj, valid, extent, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments):
+def _cell_values(seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments):
+    """``RoadEdges.cell_value``: the signed distance at each cell centre, NaN where a candidate ends a polyline."""
+    out = np.empty(h * w, np.float32)
+    for c in numba.prange(h * w):
+        open_end = False
+        for q in range(cell_start[c], cell_start[c + 1]):
+            k = cell_segments[q]
+            open_end = open_end or prev[k] < 0 or nxt[k] < 0
+        if open_end:
+            out[c] = np.nan
+        else:
+            px, py = ox + (c % w + 0.5) * cell, oy + (c // w + 0.5) * cell
+            out[c] = edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments)
+    return out
+
+
+_BOUND_SLACK = 1e-3  # m added to the cell bound (float32 cell values)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def box_edge_distance(traj, valid, extent, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments,
+                      cell_value):
     """Largest signed road-edge distance (m) of the 4 corners of every valid box: traj ``(B, A, T, 5)`` x, y,
     heading, vx, vy; valid ``(B, A, T)``; extent ``(A, 2)`` length, width. Returns ``(B, A, T)`` float64 (0 where
-    invalid). The other arguments are the fields of a ``RoadEdges`` (``seg`` = its ``packed`` array)."""
+    invalid). The other arguments are ``RoadEdges.kernel_args()``.
+
+    Exact: a corner is skipped only when its cell's bound proves it is below another corner's (typically the two
+    corners away from the nearest edge), never otherwise."""
     n_b, n_a, n_t = valid.shape
     out = np.zeros((n_b, n_a, n_t))
+    reach = cell * math.sqrt(0.5) + _BOUND_SLACK
     for ba in numba.prange(n_b * n_a):
         b, a = ba // n_a, ba % n_a
         hl, hw = 0.5 * extent[a, 0], 0.5 * extent[a, 1]
+        px, py, lo, hi = np.empty(4), np.empty(4), np.empty(4), np.empty(4)
         for t in range(n_t):
             if not valid[b, a, t]:
                 continue
             x, y = traj[b, a, t, 0], traj[b, a, t, 1]
             c, s = math.cos(traj[b, a, t, 2]), math.sin(traj[b, a, t, 2])
+            floor = -1e300
+            for k in range(4):
+                sx = 1.0 if k == 0 or k == 3 else -1.0
+                sy = 1.0 if k < 2 else -1.0
+                px[k], py[k] = x + sx * hl * c - sy * hw * s, y + sx * hl * s + sy * hw * c
+                i, j = math.floor((px[k] - ox) / cell), math.floor((py[k] - oy) / cell)
+                v = cell_value[j * w + i] if 0 <= i < w and 0 <= j < h else np.nan
+                if v == v:
+                    lo[k], hi[k] = v - reach, v + reach
+                else:
+                    lo[k], hi[k] = -1e300, 1e300
+                floor = max(floor, lo[k])
             worst = -1e300
-            for sx, sy in ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)):
-                px, py = x + sx * hl * c - sy * hw * s, y + sx * hl * s + sy * hw * c
-                worst = max(worst, edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start,
-                                                 cell_segments))
+            for k in range(4):
+                if hi[k] >= floor:  # else it is below the corner that set the floor
+                    worst = max(worst, edge_distance(px[k], py[k], seg, prev, nxt, ox, oy, cell, h, w, cell_start,
+                                                     cell_segments))
             out[b, a, t] = worst
     return out

@@ -232,10 +232,8 @@ def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Te
         none = torch.zeros_like(valid)
         return {"distance_to_road_edge": Feature(torch.zeros_like(traj[..., 0]), none),
                 "offroad": Feature(none.clone(), none)}
-    e = map_index.road_edges
-    d = box_edge_distance(cpu_numpy(traj.double()), cpu_numpy(valid), cpu_numpy(extent.double()), e.packed, e.prev,
-                          e.next, float(e.origin[0]), float(e.origin[1]), e.cell, e.shape[0], e.shape[1],
-                          e.cell_start, e.cell_segments)
+    d = box_edge_distance(cpu_numpy(traj.double()), cpu_numpy(valid), cpu_numpy(extent.double()),
+                          *map_index.road_edges.kernel_args())
     d = torch.from_numpy(d).to(traj.device, traj.dtype)
     vehicle = (agent_type == AgentType.VEHICLE).to(traj.device)
     return {"distance_to_road_edge": Feature(d, valid),

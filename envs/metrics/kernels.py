@@ -34,6 +34,7 @@ _FAR = 1e9  # m: where invalid objects are parked
 _FAR_D2 = 1e16  # m^2: squared distances beyond this involve a parked object
 NO_OBJECT = 1e10  # m: the nearest-object distance where no other object is valid (WOSAC)
 CORNER_ROUNDING = 0.7  # WOSAC boxes: corners rounded with radius 0.7 x half the shorter side
+_CORNER_GAP = math.sqrt(2.0) - 1.0 + 1e-6  # how far a sharp corner sticks out of its rounding, per m of radius
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -92,26 +93,35 @@ def _exact(fs, i, j, dj, radius, cos_h, sin_h, ext, shrink, n_eval, wosac, best,
     xi, yi, xj, yj = fs[i, 0], fs[i, 1], fs[j, 0], fs[j, 1]
     hli, hwi, hlj, hwj = 0.5 * ext[i, 0], 0.5 * ext[i, 1], 0.5 * ext[j, 0], 0.5 * ext[j, 1]
     touch = radius[i] + radius[j]
-    if dj < touch * touch:
+    sharp = dj < touch * touch  # the sharp boxes may overlap
+    if wosac[j]:
+        # rounded boxes: the distance between the cores (each box shrunk by its corner radius) minus both radii
+        si, sj = shrink[i], shrink[j]
+        value, cores_overlap = _box_distance(xi, yi, cos_h[i], sin_h[i], hli - si, hwi - si, xj, yj, cos_h[j],
+                                             sin_h[j], hlj - sj, hwj - sj, best + si + sj)
+        rounded = value - si - sj  # exact, or (pruned) a lower bound above best
+        best = min(best, rounded)
+        # the sharp boxes overlap if the cores do, and cannot if the rounded boxes are further apart than the
+        # rounding takes off the corners ((sqrt 2 - 1) x each radius): only in between is the sharp test needed
+        if cores_overlap:
+            sharp = False
+            overlaps_a += 1
+        elif rounded > _CORNER_GAP * (si + sj):
+            sharp = False
+    if sharp:
         _, overlap = _box_distance(xi, yi, cos_h[i], sin_h[i], hli, hwi, xj, yj, cos_h[j], sin_h[j], hlj, hwj, 0.0)
         if overlap:
             if j < n_eval:
                 overlaps_a += 1
             else:
                 overlaps_c += 1
-    if wosac[j]:
-        # rounded boxes: the distance between the cores (each box shrunk by its corner radius) minus both radii
-        si, sj = shrink[i], shrink[j]
-        value, _ = _box_distance(xi, yi, cos_h[i], sin_h[i], hli - si, hwi - si, xj, yj, cos_h[j], sin_h[j],
-                                 hlj - sj, hwj - sj, best + si + sj)
-        best = min(best, value - si - sj)
     return best, overlaps_a, overlaps_c
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, wosac, k_max, params, b, t, nearest, n_agents,
            n_context, ttc, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb,
-           prev_k):
+           prev_k, cand):
     ttc_cap, max_heading_diff, small_heading_diff, small_overlap, rho, acc, brk, lat_acc, lat_brk, mu = params
     n = fs.shape[0]
     for j in range(n):
@@ -181,13 +191,16 @@ def _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, wosac, k_max
             # is the cap whatever its speed, and so is that of the nearest followed object if it is one of them
             reach_t2 = (ttc_cap * v_i + hl + radius_max) ** 2 + (hw + radius_max) ** 2
             follow_d, follow_v = _NONE, 0.0
+            # a mask pass first (branch-free: it vectorises): near enough, ahead of the front, within the lane
             for j in range(n_eval):
-                if not wosac[j] or d2[j] >= reach_t2 or j == i:
+                dx, dy = xs[j] - xi, ys[j] - yi
+                rx, ry = dx * ca + dy * sa, dy * ca - dx * sa
+                cand[j] = wosac[j] & (d2[j] < reach_t2) & (rx > hl) & (abs(ry) < hw + radius[j])
+            for j in range(n_eval):
+                if not cand[j]:
                     continue
                 dx, dy = fs[j, 0] - xi, fs[j, 1] - yi
                 rx, ry = dx * ca + dy * sa, dy * ca - dx * sa
-                if rx <= hl or abs(ry) >= hw + radius[j]:
-                    continue
                 yaw = abs(fs[j, 2] - fs[i, 2])  # not wrapped (as the official definition)
                 if yaw > max_heading_diff:
                     continue
@@ -283,6 +296,7 @@ def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, 
         cos_h, sin_h, xs, ys, d2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
         nb_idx, nb_d2, is_nb = np.empty(k_max, np.int64), np.empty(k_max), np.empty(n, np.int64)
         prev_nb, prev_k = np.empty((n_eval, k_max), np.int64), np.zeros(n_eval, np.int64)
+        cand = np.empty(n_eval, np.bool_)
         for f in range(c * n_f // n_chunks, (c + 1) * n_f // n_chunks):
             b, t = f // n_t, f % n_t
             for j in range(n_eval):
@@ -297,7 +311,7 @@ def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, 
                     fs[n_eval + j, q] = context[j, t, q]
             _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, is_wosac, k_max, params, b, t, nearest,
                    n_agents, n_context, ttc, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2,
-                   is_nb, prev_nb, prev_k)
+                   is_nb, prev_nb, prev_k, cand)
     for b in numba.prange(n_b):
         for i in range(n_eval):
             for t in range(n_t):
