@@ -274,7 +274,7 @@ def test_interaction_loop_results_do_not_depend_on_chunking():
     params = (TTC_CAP, 1.309, 0.1745, 0.5, 0.5, 2.0, 4.0, 1.5, 2.5, 0.2)
     agents, agents_valid = s[:, :20].transpose(1, 0, 2)[None].copy(), v[:, :20].T[None].copy()  # (1, 20, T, ...)
     context, context_valid = s[:, 20:].transpose(1, 0, 2).copy(), v[:, 20:].T.copy()  # (10, T, ...)
-    speed = np.linalg.norm(agents[..., 3:5], axis=-1).astype(np.float64)
+    speed = np.linalg.norm(agents[..., 3:5], axis=-1).astype(np.float32)
     wosac = rng.random(20) < 0.8
     one = interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, wosac, 8, params, 1)
     many = interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, wosac, 8, params, 7)
@@ -386,7 +386,7 @@ def likelihoods(sim, sim_use, log, log_use, bins, low=0.0, high=1.0):
     use = np.concatenate([np.asarray(sim_use, bool), np.asarray(log_use, bool)[None]])
     total, count = wosac_log_likelihoods((values,), (use,), len(sim), np.array([low], np.float32),
                                          np.array([high - low], np.float32), np.array([bins], np.int64), PSEUDOCOUNT,
-                                         BERNOULLI_PSEUDOCOUNT)
+                                         BERNOULLI_PSEUDOCOUNT, np.ones(values.shape[1], bool))
     return total[0], count[0]
 
 

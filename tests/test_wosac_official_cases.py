@@ -80,7 +80,8 @@ def histogram_estimate(log_samples, sim_samples, low: float, high: float, bins: 
     use = np.ones(values.shape, bool)
     total, count = wosac_log_likelihoods((values,), (use,), n_sim, np.array([low], np.float32),
                                          np.array([high - low], np.float32), np.array([bins], np.int64),
-                                         float(pseudocount), float(bool_pseudocount))
+                                         float(pseudocount), float(bool_pseudocount),
+                                         np.ones(values.shape[1], bool))
     assert (count == 1).all()
     return total[0].reshape(n_b, n_log)
 

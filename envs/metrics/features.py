@@ -194,7 +194,7 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
         wosac_objects = torch.ones(agents.shape[1], dtype=torch.bool)
     params = (TTC_CAP, TTC_MAX_HEADING_DIFF, TTC_SMALL_OVERLAP_HEADING, TTC_SMALL_OVERLAP, RSS_RHO, RSS_ACCEL,
               RSS_BRAKE, RSS_LAT_ACCEL, RSS_LAT_BRAKE, RSS_MU)
-    out = interaction_pairs(cpu_numpy(agents), cpu_numpy(agents_valid), cpu_numpy(speed.double()),
+    out = interaction_pairs(cpu_numpy(agents), cpu_numpy(agents_valid), cpu_numpy(speed.float()),
                             cpu_numpy(ctx.to(agents.dtype)), cpu_numpy(ctx_valid), cpu_numpy(objs_extent.float()),
                             cpu_numpy(wosac_objects), neighbours, params)
     nearest, n_agents, n_context, ttc, rss_long, rss_lat, approach = (
@@ -232,8 +232,7 @@ def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Te
         none = torch.zeros_like(valid)
         return {"distance_to_road_edge": Feature(torch.zeros_like(traj[..., 0]), none),
                 "offroad": Feature(none.clone(), none)}
-    d = box_edge_distance(cpu_numpy(traj.double()), cpu_numpy(valid), cpu_numpy(extent.double()),
-                          *map_index.road_edges.kernel_args())
+    d = box_edge_distance(cpu_numpy(traj), cpu_numpy(valid), cpu_numpy(extent), *map_index.road_edges.kernel_args())
     d = torch.from_numpy(d).to(traj.device, traj.dtype)
     vehicle = (agent_type == AgentType.VEHICLE).to(traj.device)
     return {"distance_to_road_edge": Feature(d, valid),
@@ -281,7 +280,7 @@ def _features(traj: torch.Tensor, valid: torch.Tensor, r: Rollouts) -> tuple[dic
     if r.context is not None:
         ctx, ctx_valid, ctx_extent = r.context[None, :, h:].float(), r.context_valid[None, :, h:], \
             r.context_extent.float()
-    out.update(interaction_features(fut, fut_valid, extent, ctx, ctx_valid, ctx_extent, speed=w[0],
+    out.update(interaction_features(fut, fut_valid, extent, ctx, ctx_valid, ctx_extent, speed=w[0, :, :],
                                     wosac_objects=r.log_valid[:, h - 1]))
     out.update(road_edge_features(fut, fut_valid, extent, r.agent_type, r.map_index))
     if r.traffic_lights is not None:

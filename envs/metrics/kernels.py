@@ -501,7 +501,8 @@ def wosac_kinematics(traj, valid, dt, history, is_log):
     difference, angular speed ``wrap(h[t+1] - h[t-1]) / (2 dt)``, angular acceleration the wrapped central
     difference of that, NaN where a difference runs past either end of the scene.
 
-    Returns values ``(4, N, T - history)`` float64 (speed, acceleration, angular speed, angular acceleration) for
+    Returns values ``(4, N, T - history)`` float32 (computed in float64: speed, acceleration, angular speed, angular
+    acceleration) for
     the future steps and ``(4, N, T - history)`` bool ``use``: for a log, the official scoring validity (from the
     future steps' validity alone: speeds need steps t - 1 and t + 1 valid, accelerations speeds at t - 1 and
     t + 1, so speed is never scored at the first future step, accelerations not at the first two); for a rollout,
@@ -510,7 +511,7 @@ def wosac_kinematics(traj, valid, dt, history, is_log):
     """
     n, n_t = valid.shape
     n_f = n_t - history
-    out = np.full((4, n, n_f), np.nan)
+    out = np.full((4, n, n_f), np.nan, np.float32)
     use = np.zeros((4, n, n_f), np.bool_)
     inv = 1.0 / (2.0 * dt)
     for i in numba.prange(n):
@@ -560,14 +561,15 @@ def _bin_or_top(x, low, width, nb):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def wosac_log_likelihoods(values, use, n_sim, low, width, bins, pseudocount, bool_pseudocount):
+def wosac_log_likelihoods(values, use, n_sim, low, width, bins, pseudocount, bool_pseudocount, objects):
     """The WOSAC log-likelihoods of ``F`` features, pooled as the official metric pools them.
 
     values: a tuple of ``F`` float32 arrays ``(R + 1, A, T)`` (rows ``< n_sim`` = R rollouts, row ``n_sim`` the
     log; NaN allowed: it lands in the top bin); use: the matching bool arrays — for rollout rows whether a value
     enters the histogram, for the log row whether it is scored (and, for a boolean feature, the steps whose
     simulated values count too: the official metric masks them by the log's validity). low / width ``(F,)``
-    float32 ranges, bins ``(F,)`` int64 (0: a boolean feature).
+    float32 ranges, bins ``(F,)`` int64 (0: a boolean feature); objects ``(A,)`` bool, the objects to score (the
+    others get 0 and a count of 0).
 
     Time series: per object, a histogram of its pooled rollout values (``bins`` equal bins, values clipped into the
     end bins, ``pseudocount`` added to each); every scored log value contributes the log-probability of its bin.
@@ -581,6 +583,8 @@ def wosac_log_likelihoods(values, use, n_sim, low, width, bins, pseudocount, boo
     total, count = np.zeros((n_f, n_a)), np.zeros((n_f, n_a))
     for fa in numba.prange(n_f * n_a):
         f, a = fa // n_a, fa % n_a
+        if not objects[a]:
+            continue
         x, ok = values[f], use[f]
         nb = bins[f]
         if nb == 0:

@@ -75,12 +75,12 @@ def wosac_objects(rollouts: Rollouts) -> torch.Tensor:
 
 
 def realism_features(rollouts: Rollouts) -> dict[str, Feature]:
-    """Every ``REALISM_FEATURES`` entry as a ``(R + 1, A_w, T_future)`` ``Feature`` of the WOSAC objects: rows
-    ``< R`` the rollouts (``valid``: the value enters the histogram), row ``R`` the log (``valid``: the value is
-    scored, by the official validity rules; for boolean features, also the steps at which rollouts count)."""
+    """Every ``REALISM_FEATURES`` entry as a ``(R + 1, A, T_future)`` ``Feature``: rows ``< R`` the rollouts
+    (``valid``: the value enters the histogram), row ``R`` the log (``valid``: the value is scored, by the
+    official validity rules; for boolean features, also the steps at which rollouts count). Only the WOSAC objects
+    (``wosac_objects``) are scored."""
     f = scene_features(rollouts).joint
     r = rollouts.num_rollouts
-    objs = wosac_objects(rollouts)
     log_valid = f["distance_to_nearest_object"].valid[r]  # (A, T_future): the log's own validity
     vehicle = (rollouts.agent_type == AgentType.VEHICLE).to(log_valid.device)
 
@@ -100,12 +100,12 @@ def realism_features(rollouts: Rollouts) -> dict[str, Feature]:
         "offroad": Feature(edge.valid & (edge.value > 0), edge.valid),  # every type (WOSAC)
         "traffic_light_violation": scored(f["traffic_light_violation"], log_valid & vehicle[:, None]),
     }
-    return {k: Feature(v.value[:, objs], v.valid[:, objs]) for k, v in out.items()}
+    return out
 
 
 def realism_log_likelihoods(rollouts: Rollouts) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{feature: ((A_w,) summed log-likelihood, (A_w,) count)}`` per WOSAC object (``wosac_log_likelihoods``):
-    the feature's likelihood is ``exp(sum over objects / count over objects)``."""
+    """``{feature: ((A,) summed log-likelihood, (A,) count)}`` per agent (``wosac_log_likelihoods``; 0 for agents
+    that are no WOSAC objects): the feature's likelihood is ``exp(sum over objects / count over objects)``."""
     require_rollouts(rollouts, 2, "realism (a histogram of simulated values)")
     f = realism_features(rollouts)
     names = list(REALISM_FEATURES)
@@ -114,7 +114,8 @@ def realism_log_likelihoods(rollouts: Rollouts) -> dict[str, tuple[np.ndarray, n
         tuple(cpu_numpy(f[n].value.to(torch.float32)) for n in names), tuple(cpu_numpy(f[n].valid) for n in names),
         rollouts.num_rollouts,
         np.array([sp.low for sp in specs], np.float32), np.array([sp.high - sp.low for sp in specs], np.float32),
-        np.array([sp.bins for sp in specs], np.int64), PSEUDOCOUNT, BERNOULLI_PSEUDOCOUNT)
+        np.array([sp.bins for sp in specs], np.int64), PSEUDOCOUNT, BERNOULLI_PSEUDOCOUNT,
+        cpu_numpy(wosac_objects(rollouts)))
     return {name: (total[i], count[i]) for i, name in enumerate(names)}
 
 
@@ -172,10 +173,10 @@ def displacement_errors(rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor,
     over the steps where sim and log are valid, divided by the number of valid logged steps of the whole scene,
     history included, where the error is 0), FDE (m, the error at the last such future step) and whether the
     object has a valid future step; each ``(R, A_w)`` (errors are 0 where not valid)."""
-    objs = wosac_objects(rollouts)
-    ade, fde, n = displacement(cpu_numpy(rollouts.sim[:, objs]), cpu_numpy(rollouts.sim_valid[:, objs]),
-                               cpu_numpy(rollouts.log[objs]), cpu_numpy(rollouts.log_valid[objs]),
-                               rollouts.history_steps)
+    objs = cpu_numpy(wosac_objects(rollouts))
+    ade, fde, n = displacement(cpu_numpy(rollouts.sim), cpu_numpy(rollouts.sim_valid), cpu_numpy(rollouts.log),
+                               cpu_numpy(rollouts.log_valid), rollouts.history_steps)
+    ade, fde, n = ade[:, objs], fde[:, objs], n[:, objs]
     dev, dtype = rollouts.sim.device, rollouts.sim.dtype
     return (torch.from_numpy(ade).to(dev, dtype), torch.from_numpy(fde).to(dev, dtype),
             torch.from_numpy(n > 0).to(dev))
