@@ -128,7 +128,7 @@ def build_map_index(m: MapData, resolution: float = SDF_RESOLUTION, margin: floa
                     has_road_edges=has_edges, road_edges=build_road_edges(metric_road_edges(m)))
 
 
-INDEX_VERSION = 3  # 2: the metric road edges and their grid; 3: with cell bounds
+INDEX_VERSION = 4  # 2: the metric road edges and their grid; 3: with cell bounds; 4: ordered candidates
 
 
 def save_map_index(path, ix: MapIndex) -> None:

@@ -37,7 +37,9 @@ class RoadEdges:
     segments: ``(S, 4)`` float64 x0, y0, x1, y1 (m) of every non-degenerate segment.
     prev / next: ``(S,)`` int64 the segment before / after it on its polyline (-1 at an open end; rings wrap).
     origin: ``(2,)`` float64 lower-left corner of the grid; cell: m per cell; shape: ``(H, W)`` cells.
-    cell_start: ``(H * W + 1,)`` int64 CSR offsets into cell_segments ``(N,)`` int32 (ascending per cell).
+    cell_start: ``(H * W + 1,)`` int64 CSR offsets into cell_segments ``(N,)`` int32, each cell's candidates in
+        order of their distance to its centre, and cell_lower ``(N,)`` float32 a lower bound on each candidate's
+        distance to any point of the cell (a query stops at the first candidate that cannot beat the best).
     cell_value: ``(H * W,)`` float32 signed distance at each cell's centre, NaN where a candidate segment ends a
         polyline (the distance may jump there: beyond an open end the sign flips across the end segment's line).
         Elsewhere the distance is continuous with slope at most 1, so it is within ``cell / sqrt 2`` of this value
@@ -52,6 +54,7 @@ class RoadEdges:
     shape: tuple[int, int]
     cell_start: np.ndarray
     cell_segments: np.ndarray
+    cell_lower: np.ndarray
     cell_value: np.ndarray
 
     @property
@@ -78,19 +81,19 @@ class RoadEdges:
         return {"edge_segments": self.segments, "edge_prev": self.prev, "edge_next": self.next,
                 "edge_origin": self.origin, "edge_cell": np.array(self.cell), "edge_shape": np.array(self.shape),
                 "edge_cell_start": self.cell_start, "edge_cell_segments": self.cell_segments,
-                "edge_cell_value": self.cell_value}
+                "edge_cell_lower": self.cell_lower, "edge_cell_value": self.cell_value}
 
     @classmethod
     def from_arrays(cls, d: dict[str, np.ndarray]) -> RoadEdges:
         return cls(segments=d["edge_segments"], prev=d["edge_prev"], next=d["edge_next"], origin=d["edge_origin"],
                    cell=float(d["edge_cell"]), shape=tuple(int(v) for v in d["edge_shape"]),
                    cell_start=d["edge_cell_start"], cell_segments=d["edge_cell_segments"],
-                   cell_value=d["edge_cell_value"])
+                   cell_lower=d["edge_cell_lower"], cell_value=d["edge_cell_value"])
 
     def kernel_args(self) -> tuple:
         """The arguments the compiled queries take after the points (``box_edge_distance``)."""
         return (self.packed, self.prev, self.next, float(self.origin[0]), float(self.origin[1]), self.cell,
-                self.shape[0], self.shape[1], self.cell_start, self.cell_segments, self.cell_value)
+                self.shape[0], self.shape[1], self.cell_start, self.cell_segments, self.cell_lower, self.cell_value)
 
     def signed_distance(self, points: np.ndarray) -> np.ndarray:
         """Signed distance (m, > 0 off the road) of points ``(..., 2)`` -> ``(...)`` float64."""
@@ -99,8 +102,7 @@ class RoadEdges:
         if self.empty:
             out[:] = np.nan
         else:
-            _query_points(pts, self.packed, self.prev, self.next, self.origin[0], self.origin[1], self.cell,
-                          self.shape[0], self.shape[1], self.cell_start, self.cell_segments, out)
+            _query_points(pts, *self.kernel_args()[:-1], out)
         return out.reshape(np.shape(points)[:-1])
 
 
@@ -127,7 +129,7 @@ def build_road_edges(polylines: list[np.ndarray], cell: float = EDGE_CELL, margi
     if not segs:
         z = np.zeros((0,), np.int64)
         return RoadEdges(np.zeros((0, 4)), z, z, np.zeros(2), cell, (0, 0), np.zeros(1, np.int64),
-                         np.zeros(0, np.int32), np.zeros(0, np.float32))
+                         np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32))
     segments = np.concatenate(segs)
     lo = np.minimum(segments[:, :2], segments[:, 2:]).min(axis=0) - margin
     hi = np.maximum(segments[:, :2], segments[:, 2:]).max(axis=0) + margin
@@ -135,9 +137,11 @@ def build_road_edges(polylines: list[np.ndarray], cell: float = EDGE_CELL, margi
     packed = _pack(segments)
     prev, nxt = np.concatenate(prev).astype(np.int64), np.concatenate(nxt).astype(np.int64)
     cell_start, cell_segments = _candidate_grid(packed, lo[0], lo[1], cell, h, w)
-    cell_value = _cell_values(packed, prev, nxt, lo[0], lo[1], cell, h, w, cell_start, cell_segments)
+    cell_lower = _order_candidates(packed, lo[0], lo[1], cell, w, cell_start, cell_segments)
+    cell_value = _cell_values(packed, prev, nxt, lo[0], lo[1], cell, h, w, cell_start, cell_segments, cell_lower)
     return RoadEdges(segments=segments, prev=prev, next=nxt, origin=lo.astype(np.float64), cell=float(cell),
-                     shape=(h, w), cell_start=cell_start, cell_segments=cell_segments, cell_value=cell_value)
+                     shape=(h, w), cell_start=cell_start, cell_segments=cell_segments, cell_lower=cell_lower,
+                     cell_value=cell_value)
 
 
 def _pack(segments: np.ndarray) -> np.ndarray:
@@ -172,7 +176,7 @@ def _convex(seg, a, b):
     return seg[a, 2] * seg[b, 3] - seg[a, 3] * seg[b, 2] > 0
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _signed(px, py, seg, prev, nxt, best, d2, t):
     """Signed distance given the nearest segment ``best``, its squared distance and the relative projection."""
     n = _side(px, py, seg, best)
@@ -185,18 +189,21 @@ def _signed(px, py, seg, prev, nxt, best, d2, t):
     return n * math.sqrt(d2)
 
 
-@numba.njit(cache=True, nogil=True)
-def edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments):
+@numba.njit(cache=True, nogil=True, inline="always")
+def edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, cell_lower):
     """Signed distance of one point (``RoadEdges`` fields, ``seg`` = ``RoadEdges.packed``): the candidates of its
-    cell, or every segment beyond the grid."""
+    cell nearest first, until one cannot beat the best (ties: the lower segment index), or every segment beyond
+    the grid."""
     i, j = math.floor((px - ox) / cell), math.floor((py - oy) / cell)
     best, best_d2, best_t = -1, 1e300, 0.0
     if 0 <= i < w and 0 <= j < h:
         c = j * w + i
         for q in range(cell_start[c], cell_start[c + 1]):
+            if cell_lower[q] * cell_lower[q] > best_d2:
+                break
             k = cell_segments[q]
             d2, t = _segment_d2(px, py, seg, k)
-            if d2 < best_d2:
+            if d2 < best_d2 or (d2 == best_d2 and k < best):
                 best, best_d2, best_t = k, d2, t
     else:
         for k in range(seg.shape[0]):
@@ -207,9 +214,10 @@ def edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_s
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _query_points(pts, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, out):
+def _query_points(pts, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, cell_lower, out):
     for p in numba.prange(pts.shape[0]):
-        out[p] = edge_distance(pts[p, 0], pts[p, 1], seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments)
+        out[p] = edge_distance(pts[p, 0], pts[p, 1], seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments,
+                               cell_lower)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -273,7 +281,27 @@ def _candidate_grid(packed: np.ndarray, ox: float, oy: float, cell: float, h: in
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _cell_values(seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments):
+def _order_candidates(seg, ox, oy, cell, w, cell_start, cell_segments):
+    """Sort each cell's candidates by their distance to its centre (in place) and return ``cell_lower``: that
+    distance less the half diagonal (any point of the cell is at least this far from the segment)."""
+    lower = np.empty(cell_segments.shape[0], np.float32)
+    half = cell * math.sqrt(0.5) + 1e-4  # + float32 slack
+    for c in numba.prange(cell_start.shape[0] - 1):
+        lo, hi = cell_start[c], cell_start[c + 1]
+        px, py = ox + (c % w + 0.5) * cell, oy + (c // w + 0.5) * cell
+        d = np.empty(hi - lo)
+        for q in range(lo, hi):
+            d[q - lo] = math.sqrt(_segment_d2(px, py, seg, cell_segments[q])[0])
+        order = np.argsort(d, kind="mergesort")  # stable: equal distances keep ascending segment order
+        ks = cell_segments[lo:hi].copy()
+        for q in range(hi - lo):
+            cell_segments[lo + q] = ks[order[q]]
+            lower[lo + q] = max(d[order[q]] - half, 0.0)
+    return lower
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _cell_values(seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, cell_lower):
     """``RoadEdges.cell_value``: the signed distance at each cell centre, NaN where a candidate ends a polyline."""
     out = np.empty(h * w, np.float32)
     for c in numba.prange(h * w):
@@ -285,7 +313,7 @@ def _cell_values(seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments):
             out[c] = np.nan
         else:
             px, py = ox + (c % w + 0.5) * cell, oy + (c // w + 0.5) * cell
-            out[c] = edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments)
+            out[c] = edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, cell_lower)
     return out
 
 
@@ -294,7 +322,7 @@ _BOUND_SLACK = 1e-3  # m added to the cell bound (float32 cell values)
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def box_edge_distance(traj, valid, extent, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments,
-                      cell_value):
+                      cell_lower, cell_value):
     """Largest signed road-edge distance (m) of the 4 corners of every valid box: traj ``(B, A, T, 5)`` x, y,
     heading, vx, vy; valid ``(B, A, T)``; extent ``(A, 2)`` length, width. Returns ``(B, A, T)`` float64 (0 where
     invalid). The other arguments are ``RoadEdges.kernel_args()``.
@@ -329,6 +357,6 @@ def box_edge_distance(traj, valid, extent, seg, prev, nxt, ox, oy, cell, h, w, c
             for k in range(4):
                 if hi[k] >= floor:  # else it is below the corner that set the floor
                     worst = max(worst, edge_distance(px[k], py[k], seg, prev, nxt, ox, oy, cell, h, w, cell_start,
-                                                     cell_segments))
+                                                     cell_segments, cell_lower))
             out[b, a, t] = worst
     return out

@@ -1,4 +1,5 @@
-"""BLM's safety / distribution / diversity metrics (METHODS.md §6), over the future steps of the rollouts.
+"""BLM's safety / distribution / diversity metrics (Wang et al., arXiv 2503.11771; docs/metrics.md), over the future
+steps of the rollouts.
 
 Rates and counts are computed per rollout and averaged over rollouts. Distribution metrics pool every valid
 simulated value (all rollouts, agents, future steps) and every valid logged value into fixed histograms.

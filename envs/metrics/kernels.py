@@ -37,7 +37,7 @@ CORNER_ROUNDING = 0.7  # WOSAC boxes: corners rounded with radius 0.7 x half the
 _CORNER_GAP = math.sqrt(2.0) - 1.0 + 1e-6  # how far a sharp corner sticks out of its rounding, per m of radius
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _corners_to_box(cx, cy, c, s, hl_b, hw_b, hl_a, hw_a):
     """Smallest distance from the 4 corners of box b (centre ``cx, cy``, heading cos/sin ``c, s`` in box a's
     frame, half sizes ``hl_b, hw_b``) to the filled axis-aligned box a (half sizes ``hl_a, hw_a``)."""
@@ -50,7 +50,7 @@ def _corners_to_box(cx, cy, c, s, hl_b, hw_b, hl_a, hw_a):
     return math.sqrt(best)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _box_distance(xa, ya, ca, sa, la, wa, xb, yb, cb, sb, lb, wb, above):
     """Signed distance between two oriented boxes (cos/sin of their headings, half sizes): minus the
     penetration depth when they overlap; when separated, the exact distance — unless the separating-axis gap (a
