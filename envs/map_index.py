@@ -210,16 +210,24 @@ EXIT_DEPTH = 30.0  # m beyond it
 def lane_exits(m: MapData) -> np.ndarray:
     """``(E, 4)`` float32 x, y (m) of the last point of every lane centre without a successor and cos, sin of
     its last segment's direction."""
-    has_next = set(np.asarray(m.successors)[:, 0].tolist()) if len(m.successors) else set()
+    return _open_lane_ends(m, last=True)
+
+
+def _open_lane_ends(m: MapData, last: bool) -> np.ndarray:
+    """``(E, 4)`` the ends of the lane graph: the last point of every lane without a successor (``last``) or the
+    first point of every lane without a predecessor, with the unit direction pointing out of the lane there."""
+    column = 0 if last else 1  # successor pairs are (from, to)
+    linked = set(np.asarray(m.successors)[:, column].tolist()) if len(m.successors) else set()
     out = []
     for p in np.flatnonzero(m.polyline_type == PolylineType.LANE_CENTER):
         line = m.polyline(int(p))
-        if int(p) in has_next or len(line) < 2:
+        if int(p) in linked or len(line) < 2:
             continue
-        d = line[-1] - line[-2]
+        end, inner = (line[-1], line[-2]) if last else (line[0], line[1])
+        d = end - inner
         n = float(np.hypot(*d))
         if n > 1e-6:
-            out.append((line[-1, 0], line[-1, 1], d[0] / n, d[1] / n))
+            out.append((end[0], end[1], d[0] / n, d[1] / n))
     return np.asarray(out, np.float32).reshape(-1, 4)
 
 
@@ -244,17 +252,7 @@ _CAP_ACROSS = 2.5  # m either side of that lane's end point (about a lane and a 
 def lane_entries(m: MapData) -> np.ndarray:
     """``(E, 4)`` float32 x, y (m) of the first point of every lane centre without a predecessor and cos, sin of
     the direction pointing *out* of the lane there (against its first segment)."""
-    has_prev = set(np.asarray(m.successors)[:, 1].tolist()) if len(m.successors) else set()
-    out = []
-    for p in np.flatnonzero(m.polyline_type == PolylineType.LANE_CENTER):
-        line = m.polyline(int(p))
-        if int(p) in has_prev or len(line) < 2:
-            continue
-        d = line[0] - line[1]
-        n = float(np.hypot(*d))
-        if n > 1e-6:
-            out.append((line[0, 0], line[0, 1], d[0] / n, d[1] / n))
-    return np.asarray(out, np.float32).reshape(-1, 4)
+    return _open_lane_ends(m, last=False)
 
 
 def metric_road_edges(m: MapData, stub: float = BORDER_STUB) -> list[np.ndarray]:

@@ -220,6 +220,16 @@ def _query_points(pts, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segm
                                cell_lower)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _cell_and_parent(c, ox, oy, cell, w, parent_start, ratio, parent_w, n_seg):
+    """Centre of cell c and the range of its parent's candidates (every segment without a parent grid)."""
+    i, j = c % w, c // w
+    if ratio:
+        pc = (j // ratio) * parent_w + i // ratio
+        return ox + (i + 0.5) * cell, oy + (j + 0.5) * cell, parent_start[pc], parent_start[pc + 1]
+    return ox + (i + 0.5) * cell, oy + (j + 0.5) * cell, 0, n_seg
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _refine(seg, ox, oy, cell, h, w, parent_start, parent_segments, ratio, parent_w):
     """Candidate lists of a grid of ``cell``-sized cells from those of a grid ``ratio`` times coarser (or, with
@@ -231,13 +241,7 @@ def _refine(seg, ox, oy, cell, h, w, parent_start, parent_segments, ratio, paren
     counts = np.zeros(n_cells + 1, np.int64)
     bound = np.empty(n_cells)
     for c in numba.prange(n_cells):
-        i, j = c % w, c // w
-        px, py = ox + (i + 0.5) * cell, oy + (j + 0.5) * cell
-        if ratio:
-            pc = (j // ratio) * parent_w + i // ratio
-            lo, hi = parent_start[pc], parent_start[pc + 1]
-        else:
-            lo, hi = 0, seg.shape[0]
+        px, py, lo, hi = _cell_and_parent(c, ox, oy, cell, w, parent_start, ratio, parent_w, seg.shape[0])
         best = 1e300
         for q in range(lo, hi):
             k = parent_segments[q] if ratio else q
@@ -251,13 +255,7 @@ def _refine(seg, ox, oy, cell, h, w, parent_start, parent_segments, ratio, paren
     start = np.cumsum(counts)
     out = np.empty(start[-1], np.int32)
     for c in numba.prange(n_cells):
-        i, j = c % w, c // w
-        px, py = ox + (i + 0.5) * cell, oy + (j + 0.5) * cell
-        if ratio:
-            pc = (j // ratio) * parent_w + i // ratio
-            lo, hi = parent_start[pc], parent_start[pc + 1]
-        else:
-            lo, hi = 0, seg.shape[0]
+        px, py, lo, hi = _cell_and_parent(c, ox, oy, cell, w, parent_start, ratio, parent_w, seg.shape[0])
         q_out = start[c]
         for q in range(lo, hi):
             k = parent_segments[q] if ratio else q

@@ -42,8 +42,8 @@ from envs.metrics.realism import (
     realism_meta,
 )
 from envs.road_edges import build_road_edges
-from envs.types import AgentType
-from tests.scenes import make_scene, straight_road
+from envs.types import AgentType, PolylineType
+from tests.scenes import make_map, make_scene, straight_road
 
 DT = 0.1
 
@@ -743,8 +743,7 @@ def test_distance_travelled_exact():
 def signalised_scene(stop_x: float = 100.0, num_steps: int = 61):
     """An eastbound approach lane up to a stop line at ``stop_x``, a signal-controlled lane after it (red for the
     whole scene), and one car waiting 3 m before the line in the log."""
-    from envs.types import PolylineType, TrafficLightState
-    from tests.scenes import make_map
+    from envs.types import TrafficLightState
 
     m = make_map([(np.array([[0, -1.75], [stop_x, -1.75]]), PolylineType.LANE_CENTER),
                   (np.array([[stop_x, -1.75], [200, -1.75]]), PolylineType.LANE_CENTER),
@@ -792,3 +791,19 @@ def test_traffic_light_likelihood_of_rollouts_running_the_red():
     assert m["realism_traffic_light_violation"] == pytest.approx(0.001 / 4.002)
     assert m["realism_meta_wosac2025"] < compute_episode_metrics(replace(waiting), ["realism"])[
         "realism_meta_wosac2025"]
+
+
+def test_metric_road_edges_continue_past_the_map_border():
+    from envs.map_index import BORDER_STUB, metric_road_edges
+
+    road = straight_road()  # x in [0, 200], lanes cross both ends
+    lines = metric_road_edges(road)
+    assert len(lines) == 2 and all(np.hypot(*(ln[0] - ln[-1])) > 1 for ln in lines)  # opened into two sides
+    xs = np.concatenate([ln[:, 0] for ln in lines])
+    assert xs.min() == pytest.approx(-BORDER_STUB) and xs.max() == pytest.approx(200 + BORDER_STUB)
+    edges = build_road_edges(lines)
+    d = edges.signed_distance(np.array([[230.0, -1.75], [-30.0, 1.75], [230.0, 6.0], [100.0, 0.0], [300.0, 0.0]]))
+    np.testing.assert_allclose(d[:4], [-1.75, -1.75, 2.5, -3.5])  # beyond the border: still the road's edges
+    assert d[4] < 0  # beyond the stubs too: on the road, measured to their ends
+    ring_only = make_map([(np.array([[0, -3.5], [50, -3.5], [50, 3.5], [0, 3.5], [0, -3.5]]), PolylineType.ROAD_EDGE)])
+    assert len(metric_road_edges(ring_only)) == 1  # no lane crosses it: a closed ring as given
