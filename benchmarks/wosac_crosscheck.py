@@ -163,6 +163,9 @@ def _scenario(d: dict, scenario_pb2, map_pb2):
 
 def _submission(d: dict, live: np.ndarray, sim_agents_submission_pb2):
     h = int(d["history_steps"])
+    if not d["valid"][:, live, h:].all():
+        raise ValueError(f"{d['scene_id']}: some simulated agent is missing at a future step; the official metric "
+                         "needs complete rollouts (trafficgym eval's sim_agents setting completes them).")
     out = sim_agents_submission_pb2.ScenarioRollouts(scenario_id=str(d["scene_id"]))
     for r in range(d["x"].shape[0]):
         scene = out.joint_scenes.add()
@@ -176,6 +179,7 @@ def _submission(d: dict, live: np.ndarray, sim_agents_submission_pb2):
 def official(args: argparse.Namespace) -> None:
     from google.protobuf import text_format
     from waymo_open_dataset.protos import map_pb2, scenario_pb2, sim_agents_metrics_pb2, sim_agents_submission_pb2
+    from waymo_open_dataset.utils.sim_agents import submission_specs
     from waymo_open_dataset.wdl_limited.sim_agents_metrics import metrics as wosac_metrics
 
     root = Path(wosac_metrics.__file__).parent
@@ -189,6 +193,7 @@ def official(args: argparse.Namespace) -> None:
             d = {k: f[k] for k in f.files}
         sc, live = _scenario(d, scenario_pb2, map_pb2)
         sub = _submission(d, live, sim_agents_submission_pb2)
+        submission_specs.validate_scenario_rollouts(sub, sc)  # the official submission spec (32 x 80 steps, ...)
         start = time.perf_counter()
         row = {}
         for year, config in configs.items():
