@@ -126,6 +126,10 @@ def test_too_few_rollouts_fail_before_rolling_out(tiny_val, monkeypatch):
         evaluate("idm", tiny_val, num_rollouts=1)
     with pytest.raises(RolloutError, match=r"\['realism'\]"):
         evaluate("idm", tiny_val, num_rollouts=1, metrics=["realism", "min_ade"])
+    from envs.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="Did you mean 'min_ade'"):
+        evaluate("idm", tiny_val, num_rollouts=4, metrics=["min_aed"])
 
 
 def test_npz_carries_the_metric_road_edges(tiny_val, tmp_path):
