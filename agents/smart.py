@@ -336,7 +336,7 @@ class SmartAgent(PlanningAgent):
     evaluation). Driven agents that pass a map exit leave the scene (``act``).
 
     ``make_agent("smart", checkpoint="towns-nano")`` (bundled) or ``checkpoint=DIR/model.safetensors``; ``top_k``
-    (default 5: the best realism of 5 / 16 / 48 on 16 towns *train* scenes) and ``temperature`` shape the
+    (default 48: the best realism of 5 / 16 / 48 on 16 towns *train* scenes) and ``temperature`` shape the
     sampling.
     """
 
@@ -345,7 +345,7 @@ class SmartAgent(PlanningAgent):
     replan_every = TOKEN_STEPS
     has_weights = True
 
-    def __init__(self, model: SmartModel | None = None, top_k: int = 5, temperature: float = 1.0):
+    def __init__(self, model: SmartModel | None = None, top_k: int = 48, temperature: float = 1.0):
         super().__init__()
         if model is None:
             from envs.errors import CheckpointError
