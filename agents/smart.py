@@ -1,5 +1,6 @@
 """SMART-style tokenized sim-agent policy: a map encoder and an autoregressive agent decoder over 0.5 s motion
-tokens (METHODS.md §2), reimplemented in our own code.
+tokens (Wu et al., SMART, arXiv 2405.15677; Zhang et al., CAT-K, arXiv 2412.05334), reimplemented in our own
+code.
 
 Inputs per scene. Map: 5 m polyline pieces (``tokenizer.map_pieces``: local points, pose, type). Agents: at each
 0.5 s step ``s``, the pose at the step boundary, the token that led into it (``BOS`` at the first step), the
@@ -36,7 +37,7 @@ TEMPORAL_WINDOW = 6  # steps of history each step attends to (itself included)
 MAP_GRID_CELL = 10.0  # m: cell of the rollout's map->agent neighbour grid (``RadiusGrid``)
 
 SIZES = {
-    # hidden, heads, map layers, agent layers, radii map / map->agent / agent<->agent (m): METHODS.md §2;
+    # hidden, heads, map layers, agent layers, radii map / map->agent / agent<->agent (m): the SMART / CAT-K sizes;
     # k_*: neighbours gathered per query (the pair projections of the map encoder dominate the cost: nano
     # halves them, measured 2.5 -> 1.3 s per 4-scene training step on the 2-core VM)
     "nano": dict(hidden=64, heads=4, map_layers=2, agent_layers=4, map_radius=10.0, m2a_radius=20.0,

@@ -9,7 +9,8 @@ Building (``build_vocabulary``): sample 5-step segments with both ends valid, no
 pose, start from token 0, then repeatedly pick a random remaining segment as a centre, cover every remaining
 segment whose final contour is within ``tol`` of the centre's, make the token the mean of the covered segments,
 and remove them — until the vocabulary is full or nothing is left. The vocabulary is built from our own data
-(never from random dummy data: the SMART seed bug, METHODS.md §2) and saved as tensors (``to_tensors``) inside a
+(never from random dummy data, whose tokens barely cover lateral motion, as CAT-K found of SMART's published
+vocabulary: Zhang et al., arXiv 2412.05334) and saved as tensors (``to_tensors``) inside a
 checkpoint.
 
 Tokenizing (``tokenize``): roll forward from the first pose; at each 0.5 s step place every token's final contour

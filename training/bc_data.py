@@ -5,7 +5,7 @@ Per scene (``TokenSample``): step boundaries every 0.5 s from the first logged s
 is the matched pose, the token that led into it (``-1`` = BOS at the first boundary or after a gap) and the
 target is the token of the next 0.5 s (``-1`` where it is not tokenizable: masked out of the loss). The target
 is the token nearest to the *logged* pose at ``s + 1`` in the frame of the *matched* pose at ``s``
-(METHODS.md §2), which is what ``tokenizer.tokenize`` chooses.
+(SMART's behaviour-cloning target, arXiv 2405.15677), which is what ``tokenizer.tokenize`` chooses.
 
 Batches share maps: the scenes of a batch that lie on the same map are encoded against one set of map pieces
 (the union of their crops), so the map encoder, which dominates the cost of a training step, runs once per map
