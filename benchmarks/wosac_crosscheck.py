@@ -64,7 +64,7 @@ def export(args: argparse.Namespace) -> None:
     ds = open_dataset(args.dataset, args.split, data_dir=args.data_dir)
     agent = make_agent(args.agent, checkpoint=args.checkpoint)
     ours, seconds = {}, []
-    for i in range(min(args.scenes, len(ds))):
+    for i in args.scene or range(min(args.scenes, len(ds))):
         rollouts = simulate_scene(agent, ds, i, args.rollouts, seed=args.seed + i)
         save_rollouts(rollouts, out)
         start = time.perf_counter()
@@ -241,7 +241,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="towns")
     parser.add_argument("--split", default="val")
     parser.add_argument("--data-dir")
-    parser.add_argument("--scenes", type=int, default=4)
+    parser.add_argument("--scenes", type=int, default=4, help="the first N scenes of the split")
+    parser.add_argument("--scene", type=int, action="append", help="a scene index instead (repeatable)")
     parser.add_argument("--rollouts", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/wosac_crosscheck")
