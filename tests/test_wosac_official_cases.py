@@ -212,6 +212,17 @@ def test_compute_displacement_error_correctly_returns_shape_and_values():
     np.testing.assert_array_equal(count, 5)
 
 
+def assert_nan_padding(lin_speed, lin_accel, ang_speed, ang_accel):
+    """Speeds are NaN at the first and last step, accelerations at the first two and last two (the official
+    central differences' padding)."""
+    for d in (lin_speed, ang_speed):
+        assert np.isnan(d[:1]).all(), "speed at the first step"
+        assert np.isnan(d[-1:]).all(), "speed at the last step"
+    for d in (lin_accel, ang_accel):
+        assert np.isnan(d[:2]).all(), "acceleration at the first two steps"
+        assert np.isnan(d[-2:]).all(), "acceleration at the last two steps"
+
+
 def test_compute_kinematic_features_returns_const_speed():
     # official: TrajectoryFeaturesTest.test_compute_kinematic_features_returns_const_speed. Not expressible: the
     # speed magnitude sqrt(1 + 4 + 9) (it includes the z speed 3; our kinematics are planar).
@@ -222,10 +233,7 @@ def test_compute_kinematic_features_returns_const_speed():
     heading = (states[:, 3] + np.pi) % (2 * np.pi) - np.pi  # wrapped: the angular speed must unwrap it
     lin_speed, lin_accel, ang_speed, ang_accel, _ = kinematic_features(states[:, 0], states[:, 1], heading, dt)
     lin_speed, lin_accel, ang_speed, ang_accel = lin_speed[0], lin_accel[0], ang_speed[0], ang_accel[0]
-    for d in (lin_speed, ang_speed):
-        assert np.isnan(d[:1]).all() and np.isnan(d[-1:]).all()
-    for d in (lin_accel, ang_accel):
-        assert np.isnan(d[:2]).all() and np.isnan(d[-2:]).all()
+    assert_nan_padding(lin_speed, lin_accel, ang_speed, ang_accel)
     np.testing.assert_allclose(lin_accel[2:-2], 0.0, atol=1e-6)
     np.testing.assert_allclose(ang_speed[1:-1], 5.0, rtol=1e-6)
     np.testing.assert_allclose(ang_accel[2:-2], 0.0, atol=1e-6)
@@ -240,10 +248,7 @@ def test_compute_kinematic_features_returns_const_linear_accel():
     states = 0.5 * t[:, None] ** 2 * accel[None]
     lin_speed, lin_accel, ang_speed, ang_accel, _ = kinematic_features(states[:, 0], states[:, 1], states[:, 3], dt)
     lin_speed, lin_accel, ang_speed, ang_accel = lin_speed[0], lin_accel[0], ang_speed[0], ang_accel[0]
-    for d in (lin_speed, ang_speed):
-        assert np.isnan(d[:1]).all() and np.isnan(d[-1:]).all()
-    for d in (lin_accel, ang_accel):
-        assert np.isnan(d[:2]).all() and np.isnan(d[-2:]).all()
+    assert_nan_padding(lin_speed, lin_accel, ang_speed, ang_accel)
     np.testing.assert_allclose(ang_accel[2:-2], 0.5, rtol=1e-6)
 
 

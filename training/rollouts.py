@@ -13,7 +13,7 @@ Settings (WOSAC protocol by default: 1.1 s of logged history, then the rest of t
   planning metrics read ``ego_index``.
 
 npz format (version 2), one file per scene, ``<scene_id>.npz``, plain arrays (``np.load(allow_pickle=False)``):
-    format_version ()           1
+    format_version ()           2
     scene_id ()                 str
     agent_ids (A,)              str, the dataset's agent names, in the order of every per-agent array
     agent_type (A,)             int, envs.types.AgentType (0 vehicle, 1 pedestrian, 2 cyclist, 3 other)

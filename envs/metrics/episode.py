@@ -196,11 +196,7 @@ def episode_metric_names(family: str | None = None) -> list[str]:
 def check_metrics(names, num_rollouts: int) -> list[str]:
     """The metric names to compute (default: all registered), checked before anything is rolled out: an unknown
     name raises ``UnknownNameError``, too few rollouts for a metric a ``RolloutError`` naming it and the fix."""
-    _load_families()
-    names = list(EPISODE_METRICS) if names is None else list(names)
-    for name in names:
-        if name not in EPISODE_METRICS:
-            raise UnknownNameError("episode metric", name, EPISODE_METRICS)
+    names = _known(names)
     short = [n for n in names if num_rollouts < EPISODE_METRICS[n].min_rollouts]
     if short:
         need = max(EPISODE_METRICS[n].min_rollouts for n in short)
@@ -212,15 +208,22 @@ def check_metrics(names, num_rollouts: int) -> list[str]:
 
 def compute_episode_metrics(rollouts: Rollouts, names=None) -> dict[str, float]:
     """Every requested metric (default: all registered) of one scene's rollouts, flattened into one dict."""
-    _load_families()
+    names = _known(names)
     rollouts.validate()
-    names = list(EPISODE_METRICS) if names is None else list(names)
     out: dict[str, float] = {}
+    for name in names:
+        out.update(EPISODE_METRICS[name].fn(rollouts))
+    return out
+
+
+def _known(names) -> list[str]:
+    """``names`` as a list (default: every registered metric); ``UnknownNameError`` for the first unknown one."""
+    _load_families()
+    names = list(EPISODE_METRICS) if names is None else list(names)
     for name in names:
         if name not in EPISODE_METRICS:
             raise UnknownNameError("episode metric", name, EPISODE_METRICS)
-        out.update(EPISODE_METRICS[name].fn(rollouts))
-    return out
+    return names
 
 
 def rollouts_from_log(scene, num_rollouts: int, history_steps: int = 11, map_index=None,
@@ -239,7 +242,6 @@ def rollouts_from_log(scene, num_rollouts: int, history_steps: int = 11, map_ind
         sim_valid = log_valid[None].repeat(num_rollouts, 1, 1)
     ego = int(np.searchsorted(live, scene.ego_index)) if scene.ego_index in live else -1
     ctx = len(others) > 0
-
     return Rollouts(scene_id=scene.scene_id, agent_ids=scene.agent_ids[live],
                     agent_type=torch.as_tensor(scene.agent_type[live]).long(),
                     extent=torch.as_tensor(scene.extent[live], dtype=torch.float32),

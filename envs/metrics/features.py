@@ -216,6 +216,11 @@ def interaction_features(agents: torch.Tensor, agents_valid: torch.Tensor, exten
 # Map features
 # ------------------------------------------------------------------------------------------------------------
 
+def has_road_edges(map_index) -> bool:
+    """Whether off-road is defined on the map of a ``Rollouts`` (a ``MapIndex`` with metric road edges)."""
+    return map_index is not None and map_index.has_road_edges and not map_index.road_edges.empty
+
+
 def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Tensor, agent_type: torch.Tensor,
                        map_index) -> dict[str, Feature]:
     """Signed distance of the worst box corner to the road edge, and off-road.
@@ -228,7 +233,7 @@ def road_edge_features(traj: torch.Tensor, valid: torch.Tensor, extent: torch.Te
     *vehicle* whose distance exceeds ``OFFROAD_THRESHOLD``: BLM's off-road; the WOSAC one counts every type). Both
     are invalid everywhere when the map is missing or has no road edges.
     """
-    if map_index is None or not map_index.has_road_edges or map_index.road_edges.empty:
+    if not has_road_edges(map_index):
         none = torch.zeros_like(valid)
         return {"distance_to_road_edge": Feature(torch.zeros_like(traj[..., 0]), none),
                 "offroad": Feature(none.clone(), none)}

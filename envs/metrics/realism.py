@@ -24,7 +24,7 @@ import torch
 
 from envs.errors import UnknownNameError
 from envs.metrics.episode import Rollouts, cpu_numpy, register_episode_metric
-from envs.metrics.features import Feature, require_rollouts, scene_features
+from envs.metrics.features import Feature, has_road_edges, require_rollouts, scene_features
 from envs.metrics.kernels import displacement, wosac_log_likelihoods
 from envs.types import AgentType
 
@@ -123,17 +123,12 @@ def realism_likelihoods(rollouts: Rollouts) -> dict[str, float]:
     """Scene likelihood of each feature, pooled over objects (NaN where nothing is scored, e.g. no road edges)."""
     out = {}
     for name, (total, count) in realism_log_likelihoods(rollouts).items():
-        if name in ("distance_to_road_edge", "offroad") and not _has_road_edges(rollouts):
+        if name in ("distance_to_road_edge", "offroad") and not has_road_edges(rollouts.map_index):
             out[name] = float("nan")
         else:
             n = float(count.sum())
             out[name] = float(np.exp(total.sum() / n)) if n > 0 else float("nan")
     return out
-
-
-def _has_road_edges(rollouts: Rollouts) -> bool:
-    ix = rollouts.map_index
-    return ix is not None and ix.has_road_edges and not ix.road_edges.empty
 
 
 def realism_meta(likelihoods: dict[str, float], preset: str = "wosac2024") -> float:
