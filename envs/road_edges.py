@@ -330,8 +330,10 @@ def box_edge_distance(traj, valid, extent, seg, prev, nxt, ox, oy, cell, h, w, c
     n_b, n_a, n_t = valid.shape
     out = np.zeros((n_b, n_a, n_t))
     reach = cell * math.sqrt(0.5) + _BOUND_SLACK
-    for ba in numba.prange(n_b * n_a):
-        b, a = ba // n_a, ba % n_a
+    # agent-major: the rollouts of one agent visit the same cells one after the other (in cache; sample-major
+    # order made this loop wait on memory)
+    for ab in numba.prange(n_b * n_a):
+        a, b = ab // n_b, ab % n_b
         hl, hw = 0.5 * extent[a, 0], 0.5 * extent[a, 1]
         px, py, lo, hi = np.empty(4), np.empty(4), np.empty(4), np.empty(4)
         for t in range(n_t):

@@ -1,10 +1,12 @@
 """The episode metrics' inner loops, compiled (numba) over plain numpy arrays; ``features.py``, ``realism.py``
 and ``blm.py`` document what they compute and call them.
 
-``interaction_pairs``: box-to-box features. Per frame and evaluated agent: centre distances to every object,
-the ``k`` nearest kept (the neighbours of RSS and closest approach), then the overlap counts (sharp boxes) and
-the exact nearest rounded-box distance over *all* objects, where a bounding-circle lower bound lets most objects
-be skipped without a box test, and the WOSAC time to collision over the objects near enough to matter.
+``interaction_pairs``: box-to-box features. Per frame and evaluated agent: centre distances to every object and
+the ``k`` nearest (the neighbours of RSS and closest approach), then one branch-free pass over all objects that
+counts the overlaps (sharp boxes, exact separating-axis test), bounds each rounded-box distance from below (the
+separating-axis depth of the boxes' cores) and finds the WOSAC time-to-collision candidates; the exact nearest
+rounded-box distance is computed only for the objects whose bound is below the best so far (about 1.3 per
+agent and frame on dense towns scenes).
 
 ``kinematics``: the central-difference speeds, accelerations and jerk (BLM, planning). ``wosac_kinematics`` and
 ``wosac_log_likelihoods``: the WOSAC kinematic features and the pooled histogram / Bernoulli log-likelihoods of
@@ -34,7 +36,6 @@ _FAR = 1e9  # m: where invalid objects are parked
 _FAR_D2 = 1e16  # m^2: squared distances beyond this involve a parked object
 NO_OBJECT = 1e10  # m: the nearest-object distance where no other object is valid (WOSAC)
 CORNER_ROUNDING = 0.7  # WOSAC boxes: corners rounded with radius 0.7 x half the shorter side
-_CORNER_GAP = math.sqrt(2.0) - 1.0 + 1e-6  # how far a sharp corner sticks out of its rounding, per m of radius
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
@@ -83,51 +84,36 @@ def _insert(nb_d2, nb_idx, k, k_max, dj, j):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _exact(fs, i, j, dj, radius, cos_h, sin_h, ext, shrink, n_eval, wosac, best, overlaps_a, overlaps_c):
-    """Fold object j (squared centre distance ``dj``) into agent i's overlap counts (sharp boxes, every object)
-    and its nearest rounded-box distance (WOSAC objects only), unless the bounding circles prove it can neither
-    overlap nor be nearer than ``best``."""
-    reach = radius[i] + radius[j] + max(best, 0.0)
-    if dj >= reach * reach:
-        return best, overlaps_a, overlaps_c
-    xi, yi, xj, yj = fs[i, 0], fs[i, 1], fs[j, 0], fs[j, 1]
-    hli, hwi, hlj, hwj = 0.5 * ext[i, 0], 0.5 * ext[i, 1], 0.5 * ext[j, 0], 0.5 * ext[j, 1]
-    touch = radius[i] + radius[j]
-    sharp = dj < touch * touch  # the sharp boxes may overlap
-    if wosac[j]:
-        # rounded boxes: the distance between the cores (each box shrunk by its corner radius) minus both radii
-        si, sj = shrink[i], shrink[j]
-        value, cores_overlap = _box_distance(xi, yi, cos_h[i], sin_h[i], hli - si, hwi - si, xj, yj, cos_h[j],
-                                             sin_h[j], hlj - sj, hwj - sj, best + si + sj)
-        rounded = value - si - sj  # exact, or (pruned) a lower bound above best
-        best = min(best, rounded)
-        # the sharp boxes overlap if the cores do, and cannot if the rounded boxes are further apart than the
-        # rounding takes off the corners ((sqrt 2 - 1) x each radius): only in between is the sharp test needed
-        if cores_overlap:
-            sharp = False
-            overlaps_a += 1
-        elif rounded > _CORNER_GAP * (si + sj):
-            sharp = False
-    if sharp:
-        _, overlap = _box_distance(xi, yi, cos_h[i], sin_h[i], hli, hwi, xj, yj, cos_h[j], sin_h[j], hlj, hwj, 0.0)
-        if overlap:
-            if j < n_eval:
-                overlaps_a += 1
-            else:
-                overlaps_c += 1
-    return best, overlaps_a, overlaps_c
+def _rounded(xa, ya, ca, sa, la, wa, ra, xb, yb, cb, sb, lb, wb, rb, above):
+    """Distance between two boxes with rounded corners (centre, heading cos / sin, half sizes, corner radius):
+    that of their cores (each box shrunk by its radius) minus both radii; a lower bound where it is above
+    ``above``."""
+    value, _ = _box_distance(xa, ya, ca, sa, la - ra, wa - ra, xb, yb, cb, sb, lb - rb, wb - rb, above + ra + rb)
+    return value - ra - rb
+
+
+# rows of a frame's scratch table (one column per object): parked centres, heading cos / sin, then per evaluated
+# agent its view of every object (centre in the agent's frame, relative heading cos / sin, half-extents along
+# the agent's axes), the agent's centre in the object's frame, and the lower bound of their rounded-box distance
+_XS, _YS, _COS, _SIN, _EXCL, _LOWER, _KEY = range(7)
+_ROWS = 7
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, wosac, k_max, params, b, t, nearest, n_agents,
-           n_context, ttc, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2, is_nb, prev_nb,
-           prev_k, cand):
+def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, wosac, k_max, params, b, t, nearest,
+           n_agents, n_context, ttc, rss_long, rss_lat, approach, tab, nb_idx, nb_d2, prev_nb, prev_k):
+    """One frame: ``fs`` ``(5, n)`` float32 x, y, heading, vx, vy of its objects (the evaluated agents first),
+    ``fv`` their validity, ``fspeed`` the agents' speeds; writes the features of step ``t`` of sample ``b``."""
     ttc_cap, max_heading_diff, small_heading_diff, small_overlap, rho, acc, brk, lat_acc, lat_brk, mu = params
-    n = fs.shape[0]
+    n = fs.shape[1]
+    px, py, ph, pvx, pvy = fs[0], fs[1], fs[2], fs[3], fs[4]
+    xs, ys, cos_h, sin_h, excluded = tab[_XS], tab[_YS], tab[_COS], tab[_SIN], tab[_EXCL]
+    lower, key = tab[_LOWER], tab[_KEY]
+    d2 = np.empty(n)
     for j in range(n):
-        cos_h[j], sin_h[j] = math.cos(fs[j, 2]), math.sin(fs[j, 2])
-        xs[j], ys[j] = (fs[j, 0], fs[j, 1]) if fv[j] else (_FAR, _FAR)
-        is_nb[j] = -1
+        cos_h[j], sin_h[j] = math.cos(ph[j]), math.sin(ph[j])
+        xs[j], ys[j] = (px[j], py[j]) if fv[j] else (_FAR, _FAR)
+        excluded[j] = 0.0 if fv[j] and wosac[j] else _NONE
     cos_max = math.cos(max_heading_diff)
     for i in range(n_eval):
         # an invalid agent: every feature 0 / False
@@ -136,9 +122,9 @@ def _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, wosac, k_max
         if not fv[i]:
             prev_k[i] = 0
             continue
-        xi, yi, vxi, vyi = fs[i, 0], fs[i, 1], fs[i, 3], fs[i, 4]
+        xi, yi, vxi, vyi = px[i], py[i], pvx[i], pvy[i]
         ca, sa = cos_h[i], sin_h[i]
-        hl, hw = 0.5 * ext[i, 0], 0.5 * ext[i, 1]
+        hl, hw, si = half_l[i], half_w[i], shrink[i]
         # centre distances (a loop of its own: it vectorises), and the k nearest: seeded with the previous frame's
         # neighbours (usually the same objects one step later, so their current distances bound the k-th nearest
         # and the scan below rarely inserts), then every other object
@@ -146,93 +132,117 @@ def _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, wosac, k_max
             dx, dy = xs[j] - xi, ys[j] - yi
             d2[j] = dx * dx + dy * dy
         d2[i] = _FAR_D2 * 10
-        k = 0
-        for q in range(prev_k[i]):
-            j = prev_nb[i, q]
-            is_nb[j] = 2 * i  # considered
-            if d2[j] < _FAR_D2:
-                k = _insert(nb_d2, nb_idx, k, k_max, d2[j], j)
-        thr = nb_d2[k - 1] if k == k_max else _FAR_D2  # only nearer objects can enter the list
-        # a count first (it vectorises): when every object nearer than thr is listed already, none can enter
-        nearer, listed = 0, 0
-        for j in range(n):
-            nearer += d2[j] < thr
+        # the k nearest by (distance, index): usually still the previous frame's neighbours — the farthest of them
+        # bounds the k-th distance, and a count (it vectorises) proves no other object is as near — else a
+        # selection over every object
+        k = prev_k[i]
+        thr, same = -1.0, k == k_max
         for q in range(k):
-            listed += nb_d2[q] < thr
-        for j in range(n if nearer > listed else 0):
-            if d2[j] < thr and is_nb[j] != 2 * i:
-                k = _insert(nb_d2, nb_idx, k, k_max, d2[j], j)
-                thr = nb_d2[k - 1] if k == k_max else _FAR_D2
-        prev_k[i] = k
-        for q in range(k):
-            prev_nb[i, q] = nb_idx[q]
-            is_nb[nb_idx[q]] = 2 * i + 1  # a neighbour
-        # overlap counts and the nearest rounded-box distance over all objects, neighbours first (a tight bound
-        # early)
-        best, overlaps_a, overlaps_c = _NONE, 0, 0
-        for q in range(k):
-            best, overlaps_a, overlaps_c = _exact(fs, i, nb_idx[q], nb_d2[q], radius, cos_h, sin_h, ext, shrink,
-                                                  n_eval, wosac, best, overlaps_a, overlaps_c)
-        # then every other object, unless the k-th neighbour's distance proves none can overlap or be nearer
-        # (all others are at least that far; fewer than k neighbours means there are no others)
-        reach_any = radius[i] + radius_max + max(best, 0.0)
-        others = k == k_max and nb_d2[k - 1] < reach_any * reach_any
-        for j in range(n if others else 0):
-            if is_nb[j] != 2 * i + 1 and d2[j] < _FAR_D2:
-                best, overlaps_a, overlaps_c = _exact(fs, i, j, d2[j], radius, cos_h, sin_h, ext, shrink, n_eval,
-                                                      wosac, best, overlaps_a, overlaps_c)
-        nearest[b, i, t], n_agents[b, i, t], n_context[b, i, t] = best, overlaps_a, overlaps_c
-        # WOSAC time to collision: the WOSAC object followed nearest ahead (every one is considered; only those
-        # whose centre is near enough to be reached within the cap can give less than the cap)
-        ttc[b, i, t] = ttc_cap
+            dj = d2[prev_nb[i, q]]
+            thr = max(thr, dj)
+            same &= dj < _FAR_D2
+        if same:
+            within = 0
+            for j in range(n):
+                within += d2[j] <= thr
+            same = within == k_max
+        if same:
+            for q in range(k):
+                nb_idx[q] = prev_nb[i, q]
+                nb_d2[q] = d2[nb_idx[q]]
+        else:
+            k = 0
+            for j in range(n):
+                if d2[j] < _FAR_D2:
+                    k = _insert(nb_d2, nb_idx, k, k_max, d2[j], j)
+            prev_k[i] = k
+            for q in range(k):
+                prev_nb[i, q] = nb_idx[q]
+        # every object as the agent sees it, in one branch-free pass (it vectorises; it stores little, or it would
+        # not): the separating-axis depth of the sharp boxes (< 0: they overlap; the test is exact) counts the
+        # overlaps; that of the cores of the rounded boxes (each box shrunk by its corner radius) bounds their
+        # distance from below; and the WOSAC time to collision's candidates (an object followed: headed within
+        # the maximum difference, headings not wrapped, entirely ahead of the front, overlapping the lane
+        # laterally by at least the small overlap or headed within the small difference; near enough to be
+        # reached within the cap — beyond that centre distance its TTC, and that of the nearest followed object
+        # if it is one of them, is the cap) get their longitudinal gap as key, the others _NONE
         v_i = fspeed[i]
-        if v_i >= 0.0:  # a speed (negative: none, e.g. at the last step of the scene)
-            # beyond this centre distance an object that is followed is more than ttc_cap * v_i ahead: its TTC
-            # is the cap whatever its speed, and so is that of the nearest followed object if it is one of them
-            reach_t2 = (ttc_cap * v_i + hl + radius_max) ** 2 + (hw + radius_max) ** 2
-            follow_d, follow_v = _NONE, 0.0
-            # a mask pass first (branch-free: it vectorises): near enough, ahead of the front, within the lane
-            for j in range(n_eval):
-                dx, dy = xs[j] - xi, ys[j] - yi
-                rx, ry = dx * ca + dy * sa, dy * ca - dx * sa
-                cand[j] = wosac[j] & (d2[j] < reach_t2) & (rx > hl) & (abs(ry) < hw + radius[j])
-            for j in range(n_eval):
-                if not cand[j]:
-                    continue
-                dx, dy = fs[j, 0] - xi, fs[j, 1] - yi
-                rx, ry = dx * ca + dy * sa, dy * ca - dx * sa
-                yaw = abs(fs[j, 2] - fs[i, 2])  # not wrapped (as the official definition)
-                if yaw > max_heading_diff:
-                    continue
-                c_rel = abs(cos_h[j] * ca + sin_h[j] * sa)
-                s_rel = abs(sin_h[j] * ca - cos_h[j] * sa)
-                long_d = rx - hl - (0.5 * ext[j, 0] * c_rel + 0.5 * ext[j, 1] * s_rel)
-                lat = abs(ry) - hw - (0.5 * ext[j, 0] * s_rel + 0.5 * ext[j, 1] * c_rel)
-                if long_d > 0 and lat < 0 and (lat < -small_overlap or yaw <= small_heading_diff) and \
-                        long_d < follow_d:
-                    follow_d, follow_v = long_d, fspeed[j]
-            if follow_d < _NONE and follow_v >= 0.0 and v_i - follow_v > 0:
-                ttc[b, i, t] = min(follow_d / (v_i - follow_v), ttc_cap)
-        # the neighbours in the agent's frame: followed object (RSS longitudinal), RSS lateral, approach
-        v_own_long, v_own_lat = vxi * ca + vyi * sa, vyi * ca - vxi * sa
-        gap, v_lead, lateral, t_min = _NONE, 0.0, False, _NONE
+        reach_t2 = (ttc_cap * v_i + hl + radius_max) ** 2 + (hw + radius_max) ** 2
+        hi = ph[i]
+        overlaps_a, overlaps_c = 0, 0
+        la, wa = hl - si, hw - si
+        for j in range(n):
+            dx, dy = px[j] - xi, py[j] - yi
+            cj, sj = cos_h[j], sin_h[j]
+            lx, ly = dx * ca + dy * sa, dy * ca - dx * sa
+            bx, by = -(dx * cj + dy * sj), dx * sj - dy * cj
+            acr, asr = abs(cj * ca + sj * sa), abs(sj * ca - cj * sa)
+            hx, hy = acr * half_l[j] + asr * half_w[j], asr * half_l[j] + acr * half_w[j]
+            ax, ay = acr * hl + asr * hw, asr * hl + acr * hw
+            alx, aly, abx, aby = abs(lx), abs(ly), abs(bx), abs(by)
+            depth = max(max(alx - hl - hx, aly - hw - hy), max(abx - half_l[j] - ax, aby - half_w[j] - ay))
+            hit = fv[j] & (depth < 0)
+            overlaps_a += hit & (j < n_eval)
+            overlaps_c += hit & (j >= n_eval)
+            lb, wb = half_l[j] - shrink[j], half_w[j] - shrink[j]
+            core = max(max(alx - la - (acr * lb + asr * wb), aly - wa - (asr * lb + acr * wb)),
+                       max(abx - lb - (acr * la + asr * wa), aby - wb - (asr * la + acr * wa)))
+            lower[j] = core - si - shrink[j] + excluded[j]  # + _NONE: not a WOSAC object, or invalid
+            yaw = abs(ph[j] - hi)
+            long_d, lat = lx - hl - hx, aly - hw - hy
+            follow = (excluded[j] == 0.0) & (d2[j] < reach_t2) & (yaw <= max_heading_diff) & (long_d > 0) & \
+                (lat < 0) & ((lat < -small_overlap) | (yaw <= small_heading_diff))
+            key[j] = long_d if follow else _NONE
+        overlaps_a -= 1  # the agent itself
+        lower[i], key[i] = _NONE, _NONE
+        # the nearest rounded-box distance over the WOSAC objects: the exact distance of each neighbour (nearest
+        # centre first: usually the nearest box, a tight bound early) whose lower bound is below the best so far,
+        # then of any other object whose bound is (a count first, it vectorises: usually there is none)
+        best = _NONE
         for q in range(k):
             j = nb_idx[q]
-            dx, dy = fs[j, 0] - xi, fs[j, 1] - yi
+            if lower[j] < best:
+                best = min(best, _rounded(xi, yi, ca, sa, hl, hw, si, px[j], py[j], cos_h[j], sin_h[j], half_l[j],
+                                          half_w[j], shrink[j], best))
+                lower[j] = _NONE  # done
+        below = 0
+        for j in range(n_eval):
+            below += lower[j] < best
+        for j in range(n_eval if below else 0):
+            if lower[j] < best:
+                best = min(best, _rounded(xi, yi, ca, sa, hl, hw, si, px[j], py[j], cos_h[j], sin_h[j], half_l[j],
+                                          half_w[j], shrink[j], best))
+        nearest[b, i, t], n_agents[b, i, t], n_context[b, i, t] = best, overlaps_a, overlaps_c
+        # WOSAC time to collision: with the candidate of the smallest gap (ties: the lower index)
+        ttc[b, i, t] = ttc_cap
+        if v_i >= 0.0:  # a speed (negative: none, e.g. at the last step of the scene)
+            follow_d, follow_v = _NONE, 0.0
+            for j in range(n_eval):
+                if key[j] < follow_d:
+                    follow_d, follow_v = key[j], fspeed[j]
+            if follow_d < _NONE and follow_v >= 0.0 and v_i - follow_v > 0:
+                ttc[b, i, t] = min(follow_d / (v_i - follow_v), ttc_cap)
+        # the neighbours in the agent's frame: followed object (RSS longitudinal; ties: the lower index), RSS
+        # lateral, approach
+        v_own_long, v_own_lat = vxi * ca + vyi * sa, vyi * ca - vxi * sa
+        gap, v_lead, lead, lateral, t_min = _NONE, 0.0, -1, False, _NONE
+        for q in range(k):
+            j = nb_idx[q]
+            dx, dy = px[j] - xi, py[j] - yi
             lx, ly = dx * ca + dy * sa, dy * ca - dx * sa
-            vxj, vyj = fs[j, 3], fs[j, 4]
+            vxj, vyj = pvx[j], pvy[j]
             # cheap bounds first (j's projected half-extents are at most its circle radius): most neighbours are
             # neither ahead in the lane nor alongside
             ahead = lx > 0 and abs(ly) < hw + radius[j]
             beside = not lateral and abs(lx) < hl + radius[j]
             if ahead or beside:
                 c_rel, s_rel = cos_h[j] * ca + sin_h[j] * sa, sin_h[j] * ca - cos_h[j] * sa
-                hx = abs(c_rel) * 0.5 * ext[j, 0] + abs(s_rel) * 0.5 * ext[j, 1]
-                hy = abs(s_rel) * 0.5 * ext[j, 0] + abs(c_rel) * 0.5 * ext[j, 1]
+                hx = abs(c_rel) * half_l[j] + abs(s_rel) * half_w[j]
+                hy = abs(s_rel) * half_l[j] + abs(c_rel) * half_w[j]
                 if ahead and c_rel >= cos_max and abs(ly) < hw + hy:  # |heading difference| <= max_heading_diff
                     g = lx - hl - hx
-                    if g < gap:
-                        gap, v_lead = g, vxj * ca + vyj * sa
+                    if g < gap or (g == gap and j < lead):
+                        gap, v_lead, lead = g, vxj * ca + vyj * sa, j
                 if beside and abs(lx) < hl + hx:
                     side = 1.0 if ly >= 0 else -1.0
                     v1, v2 = side * v_own_lat, side * (vyj * ca - vxj * sa)
@@ -277,9 +287,10 @@ def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, 
     n_ctx = context.shape[0]
     n = n_eval + n_ctx
     n_f = n_b * n_t
-    radius, shrink = np.empty(n), np.empty(n)
+    radius, shrink, half_l, half_w = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
     is_wosac = np.zeros(n, np.bool_)
     for j in range(n):
+        half_l[j], half_w[j] = 0.5 * ext[j, 0], 0.5 * ext[j, 1]
         radius[j] = 0.5 * math.sqrt(ext[j, 0] ** 2 + ext[j, 1] ** 2)
         shrink[j] = CORNER_ROUNDING * 0.5 * min(ext[j, 0], ext[j, 1])
         is_wosac[j] = j < n_eval and wosac[j]
@@ -292,11 +303,10 @@ def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, 
     radius_max = radius.max() if n else 0.0
     for c in numba.prange(n_chunks):
         # scratch buffers once per chunk of frames, not per frame
-        fs, fv, fspeed = np.empty((n, 5), agents.dtype), np.empty(n, np.bool_), np.full(n, -1.0)
-        cos_h, sin_h, xs, ys, d2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
-        nb_idx, nb_d2, is_nb = np.empty(k_max, np.int64), np.empty(k_max), np.empty(n, np.int64)
+        fs, fv, fspeed = np.zeros((5, n), agents.dtype), np.empty(n, np.bool_), np.full(n, -1.0)
+        tab = np.zeros((_ROWS, n))
+        nb_idx, nb_d2 = np.empty(k_max, np.int64), np.empty(k_max)
         prev_nb, prev_k = np.empty((n_eval, k_max), np.int64), np.zeros(n_eval, np.int64)
-        cand = np.empty(n_eval, np.bool_)
         for f in range(c * n_f // n_chunks, (c + 1) * n_f // n_chunks):
             b, t = f // n_t, f % n_t
             for j in range(n_eval):
@@ -304,14 +314,13 @@ def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, 
                 v = speed[b, j, t]
                 fspeed[j] = v if v >= 0.0 else -1.0  # NaN too
                 for q in range(5):
-                    fs[j, q] = agents[b, j, t, q]
+                    fs[q, j] = agents[b, j, t, q]
             for j in range(n_ctx):
                 fv[n_eval + j] = context_valid[j, t]
                 for q in range(5):
-                    fs[n_eval + j, q] = context[j, t, q]
-            _frame(fs, fv, fspeed, ext, radius, radius_max, shrink, n_eval, is_wosac, k_max, params, b, t, nearest,
-                   n_agents, n_context, ttc, rss_long, rss_lat, approach, cos_h, sin_h, xs, ys, d2, nb_idx, nb_d2,
-                   is_nb, prev_nb, prev_k, cand)
+                    fs[q, n_eval + j] = context[j, t, q]
+            _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, is_wosac, k_max, params, b, t,
+                   nearest, n_agents, n_context, ttc, rss_long, rss_lat, approach, tab, nb_idx, nb_d2, prev_nb, prev_k)
     for b in numba.prange(n_b):
         for i in range(n_eval):
             for t in range(n_t):
