@@ -19,10 +19,11 @@ closed-loop rollout costs one incremental step per 0.5 s, not a re-encoding of t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from agents.layers import NeighbourAttention, RadiusGrid, RelPoseEncoding, knn, relative_pose
@@ -103,6 +104,40 @@ class MapEncoding:
         if batch != self.feat.shape[0]:
             raise ValueError(f"{self.feat.shape[0]} encoded maps for a batch of {batch} rows and no row index.")
         return torch.arange(batch, device=self.feat.device)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A padded behaviour-cloning batch of ``B`` scenes (``training.bc_data.collate`` builds it): ``A`` agents
+    (padding invalid), ``S`` step boundaries, the pieces of ``U`` maps (``M`` each, padded) shared by the scenes on
+    the same map."""
+
+    pose: torch.Tensor  # (B, A, S, 3) float: matched pose at each input boundary
+    valid: torch.Tensor  # (B, A, S) bool
+    in_token: torch.Tensor  # (B, A, S) long: the token that led into the boundary (-1: BOS)
+    target: torch.Tensor  # (B, A, S) long: the next token (-1: none, masked out of the loss)
+    agent_type: torch.Tensor  # (B, A) long: AgentType
+    extent: torch.Tensor  # (B, A, 2) float: length, width (m)
+    map_pose: torch.Tensor  # (U, M, 3) float
+    map_points: torch.Tensor  # (U, M, PIECE_POINTS, 2) float
+    map_type: torch.Tensor  # (U, M) long: PolylineType
+    map_valid: torch.Tensor  # (U, M) bool
+    map_nbr: torch.Tensor | None = None  # (U, M, k_map) long: each piece's map neighbours (-1: none)
+    map_rows: torch.Tensor | None = None  # (B,) long: the map of each scene (None: scene b uses map b)
+    m2a_nbr: torch.Tensor | None = None  # (B, A, S, k_m2a) long: the pieces each agent-step attends to (-1: none)
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """The batch with every tensor on ``device``."""
+        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                for f in fields(self)})
+
+    @property
+    def num_targets(self) -> int:
+        """Valid next-token targets in the batch."""
+        return int(((self.target >= 0) & self.valid).sum())
+
+
+LABEL_SMOOTHING = 0.1  # of the behaviour-cloning cross-entropy (SMART)
 
 
 class SmartModel(nn.Module):
@@ -238,6 +273,28 @@ class SmartModel(nn.Module):
         for i in range(self.cfg.agent_layers):
             x = self._layer(i, x, x.reshape(b * a * s, -1), idx_t, rel_t, t_ok, map_enc, *spatial)
         return self.logits(x)
+
+    def loss(self, batch: TokenBatch) -> tuple[torch.Tensor, int, dict]:
+        """Behaviour cloning, teacher-forced: the cross-entropy of the next token (label smoothing 0.1) *summed*
+        over every valid target, their count, and the next-token accuracy (the trainer divides by the count
+        summed over all processes)."""
+        enc = self.encode_map(batch.map_points, batch.map_pose, batch.map_type, batch.map_valid, nbr=batch.map_nbr,
+                              rows=batch.map_rows)
+        logits = self(enc, batch.pose, batch.valid, batch.in_token, batch.agent_type, batch.extent,
+                      m2a_nbr=batch.m2a_nbr)
+        total = batch.pose.new_zeros(())
+        count = correct = 0
+        for name, lg in logits.items():
+            sel = (batch.agent_type[..., None] == _type_of(name)) & (batch.target >= 0) & batch.valid
+            if not sel.any():
+                total = total + 0.0 * lg.sum()  # keep every head in the graph
+                continue
+            target = batch.target[sel]
+            chosen = lg[sel]
+            total = total + F.cross_entropy(chosen, target, label_smoothing=LABEL_SMOOTHING, reduction="sum")
+            count += int(sel.sum())
+            correct += int((chosen.argmax(-1) == target).sum())
+        return total, count, {"accuracy": correct / max(count, 1)}
 
     def cache_map(self, map_enc: MapEncoding) -> MapEncoding:
         """The encoding with every decoder layer's map->agent keys/values projected once (for rollouts, where

@@ -28,10 +28,10 @@ def main() -> None:
 
     from agents.smart import SmartAgent, SmartConfig, SmartModel
     from envs.data import open_dataset
-    from training.bc import _map_of, build_samples, smart_bc_loss
+    from training.bc import _map_of, build_samples
     from training.bc_data import collate
     from training.rollouts import simulate_scene
-    from training.trainer import TrainConfig, Trainer
+    from training.trainer import SampleBatches, TrainConfig, Trainer
     from training.vocab import build_motion_vocabulary, load_vocabulary
 
     train, val = open_dataset("towns", "train"), open_dataset("towns", "val")
@@ -51,14 +51,14 @@ def main() -> None:
               "params": sum(x.numel() for x in model.parameters())}
 
     samples = build_samples(train, vocab, cfg, args.scenes, progress=False)
-    trainer = Trainer(model, smart_bc_loss, samples, collate,
+    trainer = Trainer(model, SampleBatches(samples, collate, 4, group_fn=_map_of),
                       TrainConfig(out="/tmp/smart_speed", max_steps=args.steps + 3, batch_size=4, progress=False),
-                      save_fn=lambda m: ("smart", {}), group_fn=_map_of)
+                      save_fn=lambda m: ("smart", {}))
     for _ in range(3):  # warm-up
-        trainer.train_step(collate(trainer.next_batch()))
+        trainer.train_step(trainer.next_batch())
     start, targets = time.perf_counter(), 0.0
     for _ in range(args.steps):
-        targets += trainer.train_step(collate(trainer.next_batch()))["targets"]
+        targets += trainer.train_step(trainer.next_batch())["targets"]
     elapsed = time.perf_counter() - start
     result["train"] = {"targets_per_s": round(targets / elapsed), "s_per_step_4_scenes": round(elapsed / args.steps, 3)}
 

@@ -17,9 +17,9 @@ from agents.tokenizer import MotionVocabulary, build_vocabulary, segments
 from envs.errors import CheckpointError, TrafficGymError, UnknownNameError, VocabularyError
 from envs.types import AgentType
 from tests.scenes import make_scene, straight_road
-from training.bc import smart_bc_loss
+from training.bc import save_smart
 from training.bc_data import collate, scene_sample
-from training.trainer import TrainConfig, Trainer
+from training.trainer import SampleBatches, TrainConfig, Trainer
 
 MICRO = dict(hidden=32, heads=2, map_layers=1, agent_layers=1, dropout=0.0)
 
@@ -57,14 +57,14 @@ def test_incremental_steps_equal_teacher_forcing():
     model = micro_model(vocab, agent_layers=2).eval()
     batch = collate([scene_sample(s, vocab, model.cfg) for s in data])
     with torch.no_grad():
-        enc = model.encode_map(batch["map_points"], batch["map_pose"], batch["map_type"], batch["map_valid"],
-                               nbr=batch["map_nbr"], rows=batch["map_rows"])
-        assert len(batch["map_pose"]) == 1  # both scenes lie on one map: it is encoded once
-        full = model(enc, batch["pose"], batch["valid"], batch["in_token"], batch["agent_type"], batch["extent"])
+        enc = model.encode_map(batch.map_points, batch.map_pose, batch.map_type, batch.map_valid,
+                               nbr=batch.map_nbr, rows=batch.map_rows)
+        assert len(batch.map_pose) == 1  # both scenes lie on one map: it is encoded once
+        full = model(enc, batch.pose, batch.valid, batch.in_token, batch.agent_type, batch.extent)
         cache: dict = {}
-        steps = [model.step(cache, enc, batch["pose"][:, :, s], batch["valid"][:, :, s], batch["in_token"][:, :, s],
-                            batch["agent_type"], batch["extent"])["vehicle"] for s in range(batch["pose"].shape[2])]
-    ok = batch["valid"]
+        steps = [model.step(cache, enc, batch.pose[:, :, s], batch.valid[:, :, s], batch.in_token[:, :, s],
+                            batch.agent_type, batch.extent)["vehicle"] for s in range(batch.pose.shape[2])]
+    ok = batch.valid
     torch.testing.assert_close(torch.stack(steps, 2)[ok], full["vehicle"][ok], atol=1e-4, rtol=1e-4)
     # the training crop encodes every piece an agent attends to exactly as the whole map does (rollouts encode
     # the whole map), and the precomputed map->agent neighbours are the ones the model finds on the whole map
@@ -79,7 +79,7 @@ def test_incremental_steps_equal_teacher_forcing():
         full = model.encode_map(*whole, torch.ones(1, len(pieces["pose"]), dtype=torch.bool), nbr=nbr)
     ids = torch.as_tensor(np.unique(np.concatenate([x.map_piece for x in (scene_sample(s, vocab, model.cfg)
                                                                           for s in data)])))
-    used = batch["m2a_nbr"][batch["m2a_nbr"] >= 0].unique()
+    used = batch.m2a_nbr[batch.m2a_nbr >= 0].unique()
     assert len(used) < len(ids) < len(pieces["pose"])  # a crop, larger than what is attended to
     torch.testing.assert_close(enc.feat[0, used], full.feat[0, ids[used]], atol=1e-5, rtol=1e-5)
 
@@ -87,12 +87,12 @@ def test_incremental_steps_equal_teacher_forcing():
         d = (keys[torch.arange(len(keys))[:, None, None], idx.clamp(min=0)] - q[..., None, :]).norm(dim=-1)
         return torch.where(ok, d, torch.full_like(d, -1.0)).sort(dim=-1).values
 
-    q = batch["pose"][..., :2].flatten(1, 2)
+    q = batch.pose[..., :2].flatten(1, 2)
     mp = full.pose[..., :2].expand(len(q), -1, -1)
     idx, ok = knn(q, mp, model.cfg.k_m2a, model.cfg.m2a_radius, full.valid.expand(len(q), -1))
-    pre = batch["m2a_nbr"].flatten(1, 2)
+    pre = batch.m2a_nbr.flatten(1, 2)
     pre = torch.where(pre >= 0, ids[pre.clamp(min=0)], pre)  # union positions -> map pieces
-    v = batch["valid"].flatten(1, 2)
+    v = batch.valid.flatten(1, 2)
     torch.testing.assert_close(dists(pre, pre >= 0, q, mp)[v], dists(idx, ok, q, mp)[v], atol=1e-4, rtol=0)
 
 
@@ -101,10 +101,9 @@ def test_behaviour_cloning_learns(tmp_path):
     vocab = vocab_of(data)
     model = micro_model(vocab)
     samples = [scene_sample(s, vocab, model.cfg) for s in data]
-    trainer = Trainer(model, smart_bc_loss, samples, collate,
+    trainer = Trainer(model, SampleBatches(samples, collate, 2),
                       TrainConfig(out=str(tmp_path), max_steps=120, batch_size=2, lr=3e-3, progress=False,
-                                  ckpt_every=0),
-                      save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}))
+                                  ckpt_every=0), save_fn=save_smart)
     history = trainer.fit()
     first = np.mean([h["loss"] for h in history[:10]])
     last = np.mean([h["loss"] for h in history[-10:]])
@@ -121,9 +120,9 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
     samples = [scene_sample(s, vocab, micro_model(vocab).cfg) for s in data]
 
     def trainer(steps, resume):
-        return Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
+        return Trainer(micro_model(vocab), SampleBatches(samples, collate, 2),
                        TrainConfig(out=str(tmp_path), max_steps=steps, batch_size=2, progress=False, resume=resume,
-                                   ckpt_every=0), save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}))
+                                   ckpt_every=0), save_fn=save_smart)
 
     with pytest.raises(CheckpointError, match="no checkpoint"):
         trainer(4, resume=True).fit()
@@ -132,7 +131,7 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
     reference = {k: v.clone() for k, v in straight.model.state_dict().items()}
     interrupted = trainer(6, resume=False)  # stopped after 3 of 6 steps (its last checkpoint) ...
     for _ in range(3):
-        interrupted.train_step(interrupted.collate(interrupted.next_batch()))
+        interrupted.train_step(interrupted.next_batch())
     interrupted.save()
     resumed = trainer(6, resume=True)  # ... and continued
     resumed.fit()
@@ -146,11 +145,10 @@ def _ddp_worker(rank: int, world: int, store: str, out: str, samples, vocab_pose
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     vocab = MotionVocabulary({"vehicle": vocab_poses}, 0.05)
-    t = Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
-                TrainConfig(out=out, max_steps=2, batch_size=4, progress=False, ckpt_every=0),
-                save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}))
+    t = Trainer(micro_model(vocab), SampleBatches(samples, collate, 4),
+                TrainConfig(out=out, max_steps=2, batch_size=4, progress=False, ckpt_every=0), save_fn=save_smart)
     for _ in range(2):
-        t.train_step(t.collate(t.next_batch()))
+        t.train_step(t.next_batch())
     if rank == 0:
         torch.save(t.model.state_dict(), os.path.join(out, "ddp.pt"))
     dist.destroy_process_group()
@@ -164,11 +162,11 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     samples = [scene_sample(s, vocab, micro_model(vocab).cfg) for s in data]
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), samples, vocab.poses["vehicle"]),
              nprocs=2, join=True)
-    single = Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
+    single = Trainer(micro_model(vocab), SampleBatches(samples, collate, 4),
                      TrainConfig(out=str(tmp_path), max_steps=2, batch_size=4, progress=False, ckpt_every=0),
                      save_fn=lambda m: ("smart", {}))
     for _ in range(2):
-        single.train_step(single.collate(single.next_batch()))
+        single.train_step(single.next_batch())
     ddp = torch.load(tmp_path / "ddp.pt")
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, atol=2e-5, rtol=1e-4)
@@ -182,7 +180,7 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(VocabularyError, match="has 64 tokens but the config says 10"):
         SmartModel(SmartConfig.of_size("nano", {"vehicle": 10}, **MICRO), vocab)
     with pytest.raises(TrafficGymError, match="No training samples"):
-        Trainer(micro_model(vocab), smart_bc_loss, [], collate, TrainConfig(out=str(tmp_path)), lambda m: ("smart", {}))
+        SampleBatches([], collate, 4)
     walker = make_scene([dict(x0=0, y0=0, speed=1.2, type=AgentType.PEDESTRIAN)])
     with pytest.raises(VocabularyError, match="PEDESTRIAN"):
         scene_sample(walker, vocab, micro_model(vocab).cfg)
@@ -190,7 +188,7 @@ def test_bad_input_is_named(tmp_path):
     from agents.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "last.safetensors", "idm", {}, {"w": torch.zeros(1)})
-    t = Trainer(micro_model(vocab), smart_bc_loss, [scene_sample(data[0], vocab, micro_model(vocab).cfg)], collate,
+    t = Trainer(micro_model(vocab), SampleBatches([scene_sample(data[0], vocab, micro_model(vocab).cfg)], collate, 4),
                 TrainConfig(out=str(tmp_path), resume=True, progress=False), lambda m: ("smart", {}))
     with pytest.raises(CheckpointError, match="'idm' checkpoint"):
         t.fit()
@@ -385,19 +383,15 @@ def test_grouped_batches_hold_one_map_and_visit_every_full_chunk(tmp_path):
     samples = [scene_sample(s, vocab, cfg) for s in data]
     for i, x in enumerate(samples):
         x.map_id = "a" if i < 4 else "b"  # two maps: 4 scenes and 2 scenes
-    t = Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
-                TrainConfig(out=str(tmp_path), max_steps=10, batch_size=2, progress=False, ckpt_every=0),
-                save_fn=lambda m: ("smart", {}), group_fn=lambda x: x.map_id)
+    data_ = SampleBatches(samples, collate, 2, group_fn=lambda x: x.map_id)
     seen = []
     for _ in range(6):  # two epochs of three batches
-        batch = t.next_batch()
+        batch = data_.next_samples()
         assert len({x.map_id for x in batch}) == 1
         seen += [x.scene_id for x in batch]
     assert sorted(seen) == sorted(2 * [x.scene_id for x in samples])
     with pytest.raises(ValueError, match="No group of samples fills a batch of 5"):
-        Trainer(micro_model(vocab), smart_bc_loss, samples, collate,
-                TrainConfig(out=str(tmp_path), batch_size=5, progress=False), save_fn=lambda m: ("smart", {}),
-                group_fn=lambda x: x.map_id)
+        SampleBatches(samples, collate, 5, group_fn=lambda x: x.map_id)
 
 
 def test_smart_agent_drives_on_a_map_without_pieces_and_leaves_through_map_exits(tmp_path):

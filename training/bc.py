@@ -1,5 +1,5 @@
 """``trafficgym train bc``: behaviour cloning of the tokenized policy (teacher-forced next-token cross-entropy
-with label smoothing) on the model-agnostic trainer."""
+with label smoothing, ``SmartModel.loss``) on the model-agnostic trainer."""
 
 from __future__ import annotations
 
@@ -7,38 +7,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from agents.smart import SmartConfig, SmartModel, _type_of
+from agents.smart import SmartConfig, SmartModel
 from agents.tokenizer import MotionVocabulary
 from envs.errors import TrafficGymError
 from training.bc_data import collate, scene_sample
-from training.trainer import TrainConfig, Trainer
-
-LABEL_SMOOTHING = 0.1
-
-
-def smart_bc_loss(model: SmartModel, batch: dict) -> tuple[torch.Tensor, int, dict]:
-    """Summed cross-entropy (label smoothing 0.1) of the next token over every valid target, their count, and
-    the next-token accuracy."""
-    enc = model.encode_map(batch["map_points"], batch["map_pose"], batch["map_type"], batch["map_valid"],
-                           nbr=batch.get("map_nbr"), rows=batch.get("map_rows"))
-    logits = model(enc, batch["pose"], batch["valid"], batch["in_token"], batch["agent_type"], batch["extent"],
-                   m2a_nbr=batch.get("m2a_nbr"))
-    total = batch["pose"].new_zeros(())
-    count = correct = 0
-    for name, lg in logits.items():
-        sel = (batch["agent_type"][..., None] == _type_of(name)) & (batch["target"] >= 0) & batch["valid"]
-        if not sel.any():
-            total = total + 0.0 * lg.sum()  # keep every head in the graph
-            continue
-        target = batch["target"][sel]
-        chosen = lg[sel]
-        total = total + F.cross_entropy(chosen, target, label_smoothing=LABEL_SMOOTHING, reduction="sum")
-        count += int(sel.sum())
-        correct += int((chosen.argmax(-1) == target).sum())
-    return total, count, {"accuracy": correct / max(count, 1)}
-
+from training.trainer import SampleBatches, TrainConfig, Trainer, Validation
 
 _WORKER: dict = {}
 
@@ -97,16 +71,21 @@ def train_bc(ds, vocab: MotionVocabulary, size: str, out: str | Path, max_steps:
     model = SmartModel(cfg, vocab)
     samples = [x for x in build_samples(ds, vocab, cfg, scenes, progress, workers, token_noise, seed)
                if x.num_targets > 0]
-    trainer = Trainer(model, smart_bc_loss, samples, collate,
-                      TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                                  resume=resume, progress=progress, ckpt_every=ckpt_every, val_every=val_every),
-                      save_fn=lambda m: ("smart", {**m.cfg.to_json(), "tol": m.tol}), validate_fn=validate_fn,
-                      group_fn=_map_of if _batches_fill_by_map(samples, batch_size) else None)
+    data = SampleBatches(samples, collate, batch_size, seed=seed,
+                         group_fn=_map_of if _batches_fill_by_map(samples, batch_size) else None)
+    trainer = Trainer(model, data, TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr,
+                                               seed=seed, resume=resume, progress=progress, ckpt_every=ckpt_every),
+                      save_fn=save_smart, callbacks=[Validation(validate_fn, val_every)] if validate_fn else [])
     start = time.perf_counter()
     history = trainer.fit()
     if history:
         history[-1]["wall_s"] = time.perf_counter() - start
     return model, history
+
+
+def save_smart(model: SmartModel) -> tuple[str, dict]:
+    """The checkpoint metadata of a tokenized-policy model: its agent name and config."""
+    return "smart", {**model.cfg.to_json(), "tol": model.tol}
 
 
 def _map_of(sample) -> str:

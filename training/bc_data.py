@@ -9,7 +9,7 @@ is the token nearest to the *logged* pose at ``s + 1`` in the frame of the *matc
 
 Batches share maps: the scenes of a batch that lie on the same map are encoded against one set of map pieces
 (the union of their crops), so the map encoder, which dominates the cost of a training step, runs once per map
-and batch rather than once per scene (``collate``; ``batch["map_rows"]`` says which map each scene uses).
+and batch rather than once per scene (``collate``; ``TokenBatch.map_rows`` says which map each scene uses).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from agents.layers import radius_neighbours
+from agents.smart import TokenBatch
 from agents.tokenizer import (
     PIECE_POINTS,
     TYPE_NAMES,
@@ -101,11 +102,11 @@ def scene_sample(scene, vocab: MotionVocabulary, cfg, token_noise: int = 1, seed
                        map_nbr=sample_map["nbr"], m2a_nbr=m2a, scene_id=scene.scene_id)
 
 
-def collate(samples: list[TokenSample]) -> dict[str, torch.Tensor]:
-    """Pad scenes to a batch: agents to the largest count (padding is invalid). Scenes on the same map share one
-    set of map pieces, the union of their crops: ``map_*`` tensors are ``(U, M, ...)`` over the batch's U maps,
-    ``map_rows`` ``(B,)`` the map of each scene, ``map_nbr`` ``(U, M, K)`` each piece's neighbours for the map
-    encoder and ``m2a_nbr`` ``(B, A, S, K)`` the pieces each agent-step attends to, both as positions in the
+def collate(samples: list[TokenSample]) -> TokenBatch:
+    """Pad scenes to a ``TokenBatch``: agents to the largest count (padding is invalid). Scenes on the same map
+    share one set of map pieces, the union of their crops: ``map_*`` tensors are ``(U, M, ...)`` over the batch's
+    U maps, ``map_rows`` ``(B,)`` the map of each scene, ``map_nbr`` ``(U, M, K)`` each piece's neighbours for the
+    map encoder and ``m2a_nbr`` ``(B, A, S, K)`` the pieces each agent-step attends to, both as positions in the
     union (-1: none or not held)."""
     b = len(samples)
     a = max(len(x.agent_type) for x in samples)
@@ -146,7 +147,7 @@ def collate(samples: list[TokenSample]) -> dict[str, torch.Tensor]:
         out["agent_type"][i, :na] = torch.from_numpy(x.agent_type)
         out["extent"][i, :na] = torch.from_numpy(x.extent)
         out["m2a_nbr"][i, :na, :ns] = torch.from_numpy(_positions(unions[rows[i]][0], x.m2a_nbr))
-    return out
+    return TokenBatch(**out)
 
 
 def _positions(ids: np.ndarray, pieces: np.ndarray) -> np.ndarray:
