@@ -30,8 +30,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -ra
 
+# ruff, then the import layers (pyproject.toml [tool.importlinter]: the simulator never imports agents, ...)
 lint: venv
 	$(VENV)/bin/ruff check envs agents training render tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # Regenerate the committed towns dataset from SUMO (byte-identical for a seed).
 data: venv

@@ -50,7 +50,7 @@ setup(
         "marl": ["pettingzoo>=1.24"],
         # Gymnasium's RecordVideo wrapper writes through moviepy.
         "video": ["moviepy>=1.0"],
-        "dev": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "moviepy>=1.0"],
+        "dev": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "moviepy>=1.0", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["trafficgym=training.cli:main"]},
 )

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from envs.dynamics import Dynamics
-from envs.traffic import check_policy_action
+from envs.policy import check_policy_action
 from envs.types import Action, SimState
 
 

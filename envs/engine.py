@@ -16,8 +16,9 @@ from envs.dynamics import make_dynamics
 from envs.errors import InvalidActionError, NoEgoError, ResetNeededError
 from envs.metrics import compute_step_metrics
 from envs.observation import observation_space, observe
+from envs.policy import check_policy_action
 from envs.rewards import compute_reward
-from envs.traffic import assign, check_policy_action, driven_by_names, resolve_traffic
+from envs.traffic import assign, driven_by_names, resolve_traffic
 from envs.types import Action, SimState
 
 MODES = ("ego", "sim_agents")

@@ -8,9 +8,9 @@
   the start of the episode. Example: ``[("smart", 30.0), ("idm", "vehicles")]`` — learned agents near the
   ego, IDM for other vehicles, log replay for everyone else.
 
-A policy object needs ``act(state, mask) -> Action`` and a ``dynamics`` attribute (``agents.base.Agent``
-provides both plus ``reset``). Names resolve through ``agents.registry`` — the one sanctioned envs -> agents
-import.
+A policy object satisfies ``envs.policy.Policy`` (``act(state, mask) -> Action`` and a ``dynamics`` attribute;
+``agents.base.Agent`` provides both plus ``reset``). Names resolve through ``envs.policy.make_policy``: the env
+never imports agent code to know what a policy is.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.errors import InvalidActionError, UnknownNameError
-from envs.types import Action, AgentType, SimState
+from envs.errors import UnknownNameError
+from envs.policy import Policy, make_policy
+from envs.types import AgentType, SimState
 
 SELECTORS = ("all", "vehicles", "non_vehicles")
 LOG = "log"
@@ -37,11 +38,8 @@ class TrafficRule:
 
 def _policy(spec) -> tuple[Any, str]:
     if isinstance(spec, str):
-        from agents.registry import make_agent
-
-        agent = make_agent(spec)
-        return agent, spec
-    if not hasattr(spec, "act") or not hasattr(spec, "dynamics"):
+        return make_policy(spec), spec
+    if not isinstance(spec, Policy):
         raise TypeError(f"A traffic policy must be 'log', a registered agent name, or an object with "
                         f"act(state, mask) and a dynamics attribute; got {type(spec).__name__}.")
     return spec, getattr(spec, "name", type(spec).__name__)
@@ -101,24 +99,3 @@ def driven_by_names(assignment: np.ndarray, controlled: np.ndarray, agent_mask: 
     names[controlled] = controller
     names[~agent_mask] = ""
     return names
-
-
-def check_policy_action(policy, state: SimState, mask: torch.Tensor, action) -> Action:
-    """The action a policy returned, restricted to ``mask``; ``InvalidActionError`` naming the policy if it has the
-    wrong type or shape, or NaN/inf for agents it drives."""
-    name = getattr(policy, "name", type(policy).__name__)
-    dynamics = policy.dynamics
-    expected = (state.batch_size, state.num_agents, dynamics.action_dim)
-    if not isinstance(action, Action):
-        raise InvalidActionError(f"Policy {name!r} returned {type(action).__name__}, expected envs.types.Action.")
-    if tuple(action.data.shape) != expected:
-        raise InvalidActionError(f"Policy {name!r} returned actions of shape {tuple(action.data.shape)}, expected "
-                                 f"{expected} ({dynamics.name} dynamics).")
-    if tuple(action.valid.shape) != expected[:2]:
-        raise InvalidActionError(f"Policy {name!r} returned a valid mask of shape {tuple(action.valid.shape)}, "
-                                 f"expected {expected[:2]}.")
-    driven = action.valid & mask
-    if not torch.isfinite(action.data[driven]).all():
-        raise InvalidActionError(f"Policy {name!r} returned NaN or inf actions for agents it drives.")
-    remove = None if action.remove is None else action.remove & driven
-    return Action(action.data, driven, remove)
