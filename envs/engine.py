@@ -176,10 +176,13 @@ class TrafficEngine:
             raise InvalidActionError(f"Action dtype {arr.dtype} is not numeric; pass a float array.")
         arr = arr.astype(np.float32)
         rows = self._checked_rows(active)
-        checked = arr[rows]
-        if not np.isfinite(checked).all():
-            raise InvalidActionError(f"Action holds NaN or inf: {checked[~np.isfinite(checked).all(-1)][:4]}. "
-                                     f"Every controlled agent needs a finite action.")
+        bad = ~np.isfinite(arr).all(-1)  # every row, also those ignored below: NaN and inf always raise
+        if bad.any():
+            at = np.argwhere(bad)[:4, 1 if self.single else 0:]  # (env,) agent slot of the first few
+            at = at[:, 0] if at.shape[1] == 1 else at
+            raise InvalidActionError(f"Action holds NaN or inf: {arr[bad][:4]}"
+                                     f"{f' at index {at.tolist()}' if at.size else ''}. Every row must be finite, "
+                                     f"also rows the env ignores (agents it does not control, padding): pass 0.")
         out_of_bounds = ((arr < self.action_low) | (arr > self.action_high)).any(-1) & rows
         if out_of_bounds.any():
             if self.cfg.action_bounds == "raise":

@@ -5,6 +5,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from gymnasium.error import ClosedEnvironmentError
+
+MAX_LISTED = 30  # an unknown-name error lists every known name up to this many, else the NEAREST closest
+NEAREST = 5
+
 
 class TrafficGymError(Exception):
     """Base class of every error trafficgym raises on purpose."""
@@ -14,12 +19,20 @@ class UnknownNameError(TrafficGymError, KeyError):
     """A name (dataset, env kwarg, agent, metric, ...) that is not registered."""
 
     def __init__(self, kind: str, name: str, known: Iterable[str], fix: str = ""):
-        self.kind, self.name, self.known = kind, name, sorted(known)
+        given_order = list(known)
+        self.kind, self.name, self.known = kind, name, sorted(given_order)
         msg = f"Unknown {kind} {name!r}."
         hint = did_you_mean(name, self.known)
         if hint:
             msg += f" Did you mean {hint!r}?"
-        msg += f" Known: {', '.join(self.known) if self.known else '(none)'}."
+        if len(self.known) <= MAX_LISTED:
+            msg += f" Known: {', '.join(self.known) if self.known else '(none)'}."
+        else:  # e.g. the 128 scene ids of a split: the closest few and the count, not a wall of names
+            nearest = nearest_names(name, given_order)
+            if nearest:
+                msg += f" Nearest of the {len(self.known)} known: {', '.join(nearest)}."
+            else:
+                msg += f" {len(self.known)} known, e.g. {', '.join(given_order[:NEAREST])}."
         if fix:
             msg += f" {fix}"
         super().__init__(msg)
@@ -42,8 +55,13 @@ class SplitNotFoundError(TrafficGymError, ValueError):
 
 def did_you_mean(name: str, known: Iterable[str]) -> str | None:
     """The closest known name to ``name``, or None when nothing is close."""
-    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    matches = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
     return matches[0] if matches else None
+
+
+def nearest_names(name: str, known: Iterable[str], n: int = 0) -> list[str]:
+    """Up to ``n`` (default ``NEAREST``) known names closest to ``name``, best first; [] when none is close."""
+    return difflib.get_close_matches(str(name), list(known), n=n or NEAREST, cutoff=0.5)
 
 
 class InvalidActionError(TrafficGymError, ValueError):
@@ -60,6 +78,19 @@ class NoEgoError(TrafficGymError, ValueError):
 
 class ResetNeededError(TrafficGymError, RuntimeError):
     """``step`` called before ``reset`` or after the episode ended."""
+
+
+class EnvClosedError(TrafficGymError, ClosedEnvironmentError, RuntimeError):
+    """``step`` or ``reset`` called on an env after its ``close()`` (also Gymnasium's ``ClosedEnvironmentError``)."""
+
+
+class InvalidOptionError(TrafficGymError, ValueError):
+    """A reset option of the wrong type or value: a ``scene_index`` that is not an integer (floats and bools are
+    refused, numpy integers accepted), a ``scene_id`` that is not a string, the wrong number of them."""
+
+
+class SceneIndexError(InvalidOptionError, IndexError):
+    """A ``scene_index`` outside the env's scenes."""
 
 
 def check_kwargs(kind: str, given: dict, known) -> None:

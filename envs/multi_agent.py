@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.errors import InvalidActionError
+from envs.errors import EnvClosedError, InvalidActionError
 
 try:
     from pettingzoo import ParallelEnv
@@ -55,6 +55,8 @@ class TrafficParallelEnv(ParallelEnv):
     def reset(self, seed: int | None = None, options: dict | None = None):
         from envs.traffic_env import RESET_OPTIONS
 
+        if self._env.closed:
+            raise EnvClosedError("reset() on a closed env: close() was called. Make a new one (parallel_env).")
         # PettingZoo's API test passes arbitrary options; forward only the ones this env understands.
         known = {k: v for k, v in (options or {}).items() if k in RESET_OPTIONS}
         obs, info = self._env.reset(seed=seed, options=known or None)
@@ -62,6 +64,8 @@ class TrafficParallelEnv(ParallelEnv):
         return self._split(obs), {a: dict(info) for a in self.agents}
 
     def step(self, actions: dict[str, np.ndarray]):
+        if self._env.closed:  # before the action checks: no action can help a closed env
+            raise EnvClosedError("step() on a closed env: close() was called. Make a new one (parallel_env).")
         missing = [a for a in self.agents if a not in actions]
         if missing:
             raise InvalidActionError(f"No action for live agents {missing[:5]}{'...' if len(missing) > 5 else ''}; "

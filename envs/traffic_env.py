@@ -6,6 +6,7 @@ spaces) and the RNG; all simulation happens in the pure functions of ``envs.sim`
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import gymnasium as gym
@@ -13,7 +14,7 @@ import numpy as np
 
 from envs.config import EnvConfig
 from envs.engine import TrafficEngine
-from envs.errors import ResetNeededError, UnknownNameError
+from envs.errors import EnvClosedError, InvalidOptionError, ResetNeededError, SceneIndexError, UnknownNameError
 
 RESET_OPTIONS = ("scene_id", "scene_index")
 
@@ -37,6 +38,7 @@ class _TrafficEnv(gym.Env):
         self.render_mode = render_mode
         self.render_config = render_config
         self._window = None
+        self.closed = False  # set by close(); a closed env refuses reset() and step() (as Gymnasium's vector envs)
         self.engine = TrafficEngine(self.config, num_slots=1, mode=self._mode, single=True)
         self.observation_space = self.engine.observation_space()
         self.action_space = self.engine.action_space()
@@ -56,18 +58,16 @@ class _TrafficEnv(gym.Env):
             if key not in RESET_OPTIONS:
                 raise UnknownNameError("reset option", key, RESET_OPTIONS)
         if "scene_id" in options:
-            index = self.engine.dataset.index_of(options["scene_id"])
-            if index not in self.engine.scene_indices:
-                raise UnknownNameError("scene id for this env", options["scene_id"], self.scene_ids)
-            return self.engine.scene_indices.index(index)
+            return scene_position(self.engine, options["scene_id"])
         if "scene_index" in options:
-            i = int(options["scene_index"])
-            if not 0 <= i < len(self.engine.scene_indices):
-                raise IndexError(f"scene_index {i} outside [0, {len(self.engine.scene_indices)}).")
-            return i
+            return check_scene_index(options["scene_index"], len(self.engine.scene_indices))
         return int(self.np_random.integers(len(self.engine.scene_indices)))
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """``options``: ``{"scene_id": id}`` or ``{"scene_index": i}`` (an int or numpy integer, not a float or
+        bool) picks the scene; default a random one of ``scene_ids``."""
+        if self.closed:
+            raise EnvClosedError("reset() on a closed env: close() was called. Make a new env (gym.make) instead.")
         super().reset(seed=seed)
         position = self._pick_scene(options)
         self.engine.reset_slots(np.array([0]), np.array([position]))
@@ -75,6 +75,8 @@ class _TrafficEnv(gym.Env):
         return obs, {"scene_id": self.engine.state.scene_ids[0], "t": int(self.engine.state.t[0])}
 
     def step(self, action):
+        if self.closed:
+            raise EnvClosedError("step() on a closed env: close() was called. Make a new env (gym.make) instead.")
         if self.engine.state is None:
             raise ResetNeededError("Call reset() before step().")
         if self.engine.done[0]:
@@ -105,12 +107,51 @@ class _TrafficEnv(gym.Env):
         if getattr(self, "_window", None) is not None:
             self._window.close()
             self._window = None
+        self.closed = True
         super().close()
 
     @property
     def state(self):
         """The batched ``SimState`` (B = 1) of the running episode."""
         return self.engine.state
+
+
+def scene_position(engine: TrafficEngine, scene_id) -> int:
+    """The position of ``scene_id`` among the engine's selected scenes (``InvalidOptionError`` if it is not a
+    string, ``UnknownNameError`` with the nearest ids if it is not one of them)."""
+    if not isinstance(scene_id, str):
+        raise InvalidOptionError(f"scene_id must be a string (a scene id), got {scene_id!r} "
+                                 f"({type(scene_id).__name__}); use scene_index for a position in the env's scenes.")
+    index = engine.dataset.index_of(scene_id)
+    if index not in engine.scene_indices:
+        raise UnknownNameError("scene id for this env", scene_id,
+                               [engine.dataset.scene_ids[i] for i in engine.scene_indices],
+                               fix="The env draws only from these (the scenes= option).")
+    return engine.scene_indices.index(index)
+
+
+def check_scene_index(value, count: int) -> int:
+    """``value`` as a position among ``count`` scenes: an int or numpy integer in [0, count). Floats (even
+    1.0) and bools are refused rather than truncated or read as 0 / 1."""
+    i = _integer(value)
+    if i is None:
+        raise InvalidOptionError(f"scene_index must be an integer (int or numpy integer), got {value!r} "
+                                 f"({type(value).__name__}). Pass int(...) if you mean to truncate, or scene_id "
+                                 f"to pick a scene by name.")
+    if not 0 <= i < count:
+        raise SceneIndexError(f"scene_index {i} outside [0, {count}): the env has {count} scenes "
+                              f"(its scene_ids).")
+    return i
+
+
+def _integer(value) -> int | None:
+    """``value`` as an int if it is an integer type (``operator.index``: int, numpy integers), else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _add_batch_axis(action):
@@ -136,7 +177,8 @@ class EgoEnv(_TrafficEnv):
 class SimAgentsEnv(_TrafficEnv):
     """``trafficgym/SimAgents-v0``: control every agent valid at the start step (the WOSAC sim-agents setting).
 
-    Action: ``Box (max_agents, action_dim)``; rows of agents that are not controlled are ignored.
+    Action: ``Box (max_agents, action_dim)``; rows of agents that are not controlled are ignored (not bounds
+    checked), but every row must be finite: NaN or inf anywhere raises ``InvalidActionError``.
     Observation: the ego-centric ``Dict`` of every agent slot stacked ``(max_agents, ...)``, plus
     ``controlled`` (max_agents,). Reward: mean per-agent reward over controlled agents (per-agent values in
     ``info["agent_rewards"]``). Never terminates early; truncated at the end of the log.

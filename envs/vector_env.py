@@ -18,7 +18,8 @@ from gymnasium.vector.utils import batch_space
 
 from envs.config import EnvConfig
 from envs.engine import TrafficEngine
-from envs.errors import ResetNeededError, UnknownNameError
+from envs.errors import EnvClosedError, InvalidOptionError, ResetNeededError, UnknownNameError
+from envs.traffic_env import check_scene_index, scene_position
 
 VECTOR_RESET_OPTIONS = ("scene_index", "scene_id")
 
@@ -62,17 +63,28 @@ class _TrafficVectorEnv(VectorEnv):
                 raise UnknownNameError("reset option", key, VECTOR_RESET_OPTIONS)
         n_scenes = len(self.engine.scene_indices)
         if "scene_id" in options:
-            ids = list(options["scene_id"])
-            positions = [self.engine.scene_indices.index(self.engine.dataset.index_of(i)) for i in ids]
+            ids = options["scene_id"]
+            # One id (a string, which list() would split into characters) means that scene in every env.
+            ids = [ids] * count if isinstance(ids, str) else list(ids)
+            _check_count("scene_id", ids, count)
+            positions = [scene_position(self.engine, i) for i in ids]
         elif "scene_index" in options:
-            positions = list(np.asarray(options["scene_index"]).reshape(-1))
+            # One index means that scene in every env; check_scene_index refuses floats and bools (dtype=object
+            # keeps each entry's own type: 1.5 stays a float instead of turning [0, 1.5] into a float array).
+            raw = np.asarray(options["scene_index"], dtype=object)
+            values = [raw.item()] * count if raw.ndim == 0 else list(raw.reshape(-1))
+            _check_count("scene_index", values, count)
+            positions = [check_scene_index(v, n_scenes) for v in values]
         else:
             return self.np_random.integers(n_scenes, size=count)
-        if len(positions) != count or not all(0 <= p < n_scenes for p in positions):
-            raise ValueError(f"Reset options must name {count} scenes within [0, {n_scenes}); got {positions}.")
         return np.asarray(positions, np.int64)
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        """``options`` picks the scenes: ``{"scene_id": ids}`` or ``{"scene_index": indices}``, a sequence with
+        one entry per env, or a single id (a string) / a single index for the same scene in every env. Indices
+        are ints or numpy integers (floats and bools are refused). Default: random scenes."""
+        if self.closed:
+            raise EnvClosedError("reset() on a closed vector env: close() was called. Make a new one (gym.make_vec).")
         if isinstance(seed, list | tuple):
             seed = seed[0]  # one RNG drives scene choice for the whole batch
         if seed is not None:
@@ -88,6 +100,8 @@ class _TrafficVectorEnv(VectorEnv):
         return self.engine.observe(), infos
 
     def step(self, actions):
+        if self.closed:
+            raise EnvClosedError("step() on a closed vector env: close() was called. Make a new one (gym.make_vec).")
         if self.engine.state is None:
             raise ResetNeededError("Call reset() before step().")
         n = self.num_envs
@@ -128,6 +142,12 @@ class _TrafficVectorEnv(VectorEnv):
     @property
     def state(self):
         return self.engine.state
+
+
+def _check_count(option: str, values: list, count: int) -> None:
+    if len(values) != count:
+        raise InvalidOptionError(f"Reset option {option} names {len(values)} scenes for {count} envs: {values!r}. "
+                                 f"Give one per env, or a single one for every env.")
 
 
 class EgoVectorEnv(_TrafficVectorEnv):

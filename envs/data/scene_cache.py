@@ -163,7 +163,8 @@ class SceneDataset(Sequence):
     def index_of(self, scene_id: str) -> int:
         if scene_id not in self._by_id:
             raise UnknownNameError(f"scene id in {self.dataset}/{self.split}", scene_id, self._by_id,
-                                   fix="Use one of the listed scene ids (or an integer index).")
+                                   fix="All ids: env.unwrapped.scene_ids or the dataset's scene_ids. To pick by "
+                                       "position, use an integer (dataset[i], or the reset option scene_index).")
         return self._by_id[scene_id]
 
     def __getitem__(self, key):

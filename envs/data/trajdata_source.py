@@ -33,7 +33,7 @@ import shapely
 from shapely.geometry import Polygon
 from shapely.geometry.polygon import orient
 
-from envs.errors import CorruptDataError, DatasetNotFoundError, SplitNotFoundError, UnknownNameError
+from envs.errors import CorruptDataError, DatasetNotFoundError, SplitNotFoundError, UnknownNameError, did_you_mean
 from envs.geometry import densify_polyline, wrap_angle
 from envs.types import AgentType, MapData, PolylineType, Scene, TrafficLightState
 
@@ -231,7 +231,9 @@ class TrajdataSource:
     def check_split(self, split: str) -> None:
         splits = self.splits()
         if split not in splits:
-            raise SplitNotFoundError(f"Split {split!r} not found in {self.dataset} at {self.data_dir}. "
+            hint = did_you_mean(split, splits)
+            raise SplitNotFoundError(f"Split {split!r} not found in {self.dataset} at {self.data_dir}."
+                                     f"{f' Did you mean {hint!r}?' if hint else ''} "
                                      f"Available splits: {', '.join(splits) or '(none)'}.")
         if self._is_interaction:
             for p in self._csvs:
