@@ -22,6 +22,7 @@ from envs.errors import EnvClosedError, InvalidOptionError, ResetNeededError, Un
 from envs.traffic_env import check_scene_index, scene_position
 
 VECTOR_RESET_OPTIONS = ("scene_index", "scene_id")
+RAGGED_INFOS = ("collision_pairs",)  # per-env info arrays whose shape differs between envs
 
 
 class _TrafficVectorEnv(VectorEnv):
@@ -129,6 +130,20 @@ class _TrafficVectorEnv(VectorEnv):
         else:
             self._needs_reset = ended
         return self.engine.observe(), reward, terminated, truncated, infos
+
+    def _add_info(self, vector_infos: dict, env_info: dict, env_num: int) -> dict:
+        # Gymnasium stacks array infos into one (num_envs, ...) array, which fails when their shapes differ
+        # between envs: collision_pairs is (pairs, 2) per env. Those go into an object array, one per env.
+        ragged = {k: env_info[k] for k in RAGGED_INFOS if k in env_info}
+        vector_infos = super()._add_info(vector_infos, {k: v for k, v in env_info.items() if k not in ragged},
+                                         env_num)
+        for key, value in ragged.items():
+            if key not in vector_infos:
+                vector_infos[key] = np.full(self.num_envs, None, dtype=object)
+                vector_infos[f"_{key}"] = np.zeros(self.num_envs, dtype=bool)
+            vector_infos[key][env_num] = value
+            vector_infos[f"_{key}"][env_num] = True
+        return vector_infos
 
     def render(self):
         """``rgb_array``: a tuple of ``uint8 (H, W, 3)`` frames, one per env (as Gymnasium's SyncVectorEnv)."""
