@@ -28,7 +28,7 @@ demo: venv
 	$(VENV)/bin/trafficgym demo
 
 test: venv
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 # ruff, then the import layers (pyproject.toml [tool.importlinter]: the simulator never imports agents, ...)
 lint: venv

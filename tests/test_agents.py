@@ -119,7 +119,8 @@ def test_idm_free_road_reaches_desired_speed_and_follows_the_lane():
     for _ in range(240):
         state = sim.step(state, idm(state, state.controlled), idm.dynamics)
     assert state.current[0, 0, 3:5].norm().item() == pytest.approx(12.0, abs=0.3)
-    assert abs(state.current[0, 0, 1].item() + 1.75) < 1e-3 and abs(state.current[0, 0, 2].item()) < 1e-6
+    assert abs(state.current[0, 0, 1].item() + 1.75) < 1e-3
+    assert abs(state.current[0, 0, 2].item()) < 1e-6
 
 
 @pytest.mark.parametrize(("name", "expect_collision"), [("idm", False), ("constant_velocity", True)])
@@ -160,7 +161,9 @@ def test_idm_continues_along_successor_lanes_past_the_log():
     for _ in range(80):
         state = sim.step(state, idm(state, state.controlled), idm.dynamics)
     x, y, heading = state.current[0, 0, :3].tolist()
-    assert x == pytest.approx(60.0, abs=0.3) and y > 20 and heading == pytest.approx(math.pi / 2, abs=0.05)
+    assert x == pytest.approx(60.0, abs=0.3)
+    assert y > 20
+    assert heading == pytest.approx(math.pi / 2, abs=0.05)
 
 
 # ---- planning agents and output checks ---------------------------------------------------------------------
@@ -239,9 +242,11 @@ def _brake_test(traffic, tmp_path):
 
 def test_idm_follower_reacts_to_a_braking_ego_while_log_replay_crashes(tmp_path):
     collided, speeds = _brake_test("idm", tmp_path)
-    assert not collided and speeds[-1] < 0.5
+    assert not collided
+    assert speeds[-1] < 0.5
     collided, speeds = _brake_test("log", tmp_path)
-    assert collided and min(speeds) > 11.9
+    assert collided
+    assert min(speeds) > 11.9
 
 
 def test_env_traffic_rules_and_driven_by(tiny_env_kwargs):
@@ -298,6 +303,7 @@ def test_ego_env_brake_test_idm_follower_reacts(tmp_path, traffic, expect_collis
         speeds.append(float(env.unwrapped.state.current[0, 1, 3:5].norm()))
     assert collided is expect_collision
     if traffic == "idm":
-        assert speeds[-1] < 0.5 and info["driven_by"].tolist() == ["env", "idm"]
+        assert speeds[-1] < 0.5
+        assert info["driven_by"].tolist() == ["env", "idm"]
     else:
         assert min(speeds) > 11.9

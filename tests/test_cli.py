@@ -20,14 +20,18 @@ def tiny_args(tmp_path_factory):
 def test_data_info_json_one_split(tiny_args, capsys):
     assert main(["data", "info", *tiny_args, "--split", "val", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["scenes"] == 2 and info["scene_length_s"] == 9.1 and info["mean_agents_per_scene"] == 3.0
+    assert info["scenes"] == 2
+    assert info["scene_length_s"] == 9.1
+    assert info["mean_agents_per_scene"] == 3.0
     assert info["agents_per_type"]["pedestrian"] == 2
 
 
 def test_data_info_table_all_splits(tiny_args, capsys):
     assert main(["data", "info", *tiny_args]) == 0
     out = capsys.readouterr().out
-    assert "train" in out and "val" in out and "interaction_multi:USA_Tiny_Road" in out
+    assert "train" in out
+    assert "val" in out
+    assert "interaction_multi:USA_Tiny_Road" in out
 
 
 def test_data_maps_writes_a_png(tiny_args, tmp_path, capsys):
@@ -52,11 +56,15 @@ def test_eval_compares_agents_and_writes_json(tiny_args, tmp_path, capsys):
     assert main(["eval", "--agent", "log_replay", "--agent", "constant_velocity", *tiny_args, "--split", "val",
                  "--rollouts", "2", "--metric", "min_ade", "--metric", "blm_safety", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["agent"] for r in rows] == ["log_replay", "constant_velocity"] and rows[0]["scenes"] == 2
-    assert rows[0]["metrics"]["min_ade"] == 0.0 and rows[0]["metrics"]["blm_collision_rate"] == 0.0
-    assert rows[1]["metrics"]["min_ade"] > 0.0 and len(rows[1]["per_scene"]) == 2
+    assert [r["agent"] for r in rows] == ["log_replay", "constant_velocity"]
+    assert rows[0]["scenes"] == 2
+    assert rows[0]["metrics"]["min_ade"] == 0.0
+    assert rows[0]["metrics"]["blm_collision_rate"] == 0.0
+    assert rows[1]["metrics"]["min_ade"] > 0.0
+    assert len(rows[1]["per_scene"]) == 2
     printed = capsys.readouterr().out
-    assert "log_replay" in printed and "blm_offroad_rate" in printed
+    assert "log_replay" in printed
+    assert "blm_offroad_rate" in printed
     assert main(["eval", "--agent", "log_replya", *tiny_args]) == 2
     assert "Did you mean 'log_replay'" in capsys.readouterr().err
     assert main(["eval", "--agent", "idm", *tiny_args, "--metric", "realsim"]) == 2
@@ -70,7 +78,8 @@ def test_render_writes_a_closed_loop_video(tiny_args, tmp_path, capsys):
     assert main(["render", "--agent", "idm", *tiny_args, "--split", "val", "--scene", "DR_USA_Tiny_Road_val_0",
                  "--out", str(out), "--size", "128", "--side-by-side"]) == 0
     frames = iio.imread(out, index=None)
-    assert frames.shape[0] == 81 and frames.shape[2] == 2 * 128 + 4  # 80 steps + the start, log | sim
+    assert frames.shape[0] == 81  # 80 steps + the start
+    assert frames.shape[2] == 2 * 128 + 4  # log | sim, side by side
     assert main(["render", "--agent", "idm", *tiny_args, "--scene", "DR_USA_Tiny_Road_val_0",
                  "--out", str(tmp_path / "x.avi")]) == 2
     assert "extension" in capsys.readouterr().err

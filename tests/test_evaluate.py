@@ -79,7 +79,8 @@ def test_two_processes_match_one(tiny_env_kwargs, tmp_path):
     subprocess.run([sys.executable, "-m", "training.cli", *common, "--json", str(one)], check=True, env=env,
                    capture_output=True)
     two = tmp_path / "two.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: a free local port each run (a fixed --master_port collides with a parallel run of this test)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "training.cli", *common, "--json", str(two)], check=True, env=env, capture_output=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["per_scene"] == b["per_scene"] and a["metrics"] == b["metrics"] and a["scenes"] == 3
