@@ -1,8 +1,9 @@
 """The engine shared by the single env, the native vector env and the PettingZoo view: B episode slots in one
 batched ``SimState``, with action checking, traffic, metrics, rewards and termination. Numpy at its edges.
 
-Two modes: ``"ego"`` (one controlled agent per slot: the ego) and ``"sim_agents"`` (every agent valid at the
-start step is controlled, the WOSAC setting).
+What the caller controls and gets back is the engine's ``Task`` (``envs/tasks.py``): ``"ego"`` (one controlled
+agent per slot: the ego) or ``"sim_agents"`` (every agent valid at the start step is controlled, the WOSAC
+setting).
 """
 
 from __future__ import annotations
@@ -14,46 +15,46 @@ from envs import sim
 from envs.config import EnvConfig
 from envs.dynamics import make_dynamics
 from envs.errors import InvalidActionError, NoEgoError, ResetNeededError
-from envs.metrics import compute_step_metrics
-from envs.observation import observation_space, observe
+from envs.metrics import compute_step_metrics, compute_step_metrics_and_pairs
 from envs.policy import check_policy_action
 from envs.rewards import compute_reward
+from envs.tasks import TASKS, Task, make_task
 from envs.traffic import assign, driven_by_names, resolve_traffic
 from envs.types import Action, SimState
 
-MODES = ("ego", "sim_agents")
+MODES = tuple(TASKS)
 INFO_METRICS = ("collision", "offroad", "road_edge_distance", "progress", "log_divergence", "speed",
                 "acceleration", "jerk", "infeasible")
 
 
 class TrafficEngine:
-    """B episode slots over one dataset split. ``reset_slots`` starts episodes, ``step`` advances all slots."""
+    """B episode slots over one dataset split. ``reset_slots`` starts episodes, ``step`` advances all slots.
 
-    def __init__(self, cfg: EnvConfig, num_slots: int, mode: str, single: bool = False):
+    task: ``"ego"``, ``"sim_agents"`` or a ``Task`` object (``envs/tasks.py``)."""
+
+    def __init__(self, cfg: EnvConfig, num_slots: int, task: str | Task, single: bool = False):
         from envs.data import open_dataset
 
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        self.cfg, self.mode, self.num_slots, self.single = cfg, mode, num_slots, single
+        if isinstance(task, str) and task not in MODES:
+            raise ValueError(f"task must be one of {MODES} (or a Task), got {task!r}.")
+        self.task = make_task(task)
+        self.cfg, self.num_slots, self.single = cfg, num_slots, single
         self.dataset = open_dataset(cfg.dataset, cfg.split, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
                                     case_length=cfg.case_length)
         ids = list(cfg.scenes) if cfg.scenes is not None else self.dataset.scene_ids
-        self.scene_indices = [self.dataset.index_of(i) for i in ids]
-        if mode == "ego" and cfg.scenes is None:  # scenes without an ego cannot host the ego env
-            self.scene_indices = [i for i in self.scene_indices if self.dataset._entries[i]["ego_index"] >= 0]
-            if not self.scene_indices:
-                raise NoEgoError(f"No scene of {cfg.dataset}/{cfg.split} has an ego candidate (a vehicle observed "
-                                 f"throughout); use trafficgym/SimAgents-v0, which needs none.")
+        indices = [self.dataset.index_of(i) for i in ids]
+        self.scene_indices = self.task.select_scenes(indices, [self.dataset.entry(i).ego_index for i in indices],
+                                                     cfg)
         if not self.scene_indices:
             raise ValueError(f"No scenes selected from {cfg.dataset}/{cfg.split}.")
-        entries = [self.dataset._entries[i] for i in self.scene_indices]
-        largest = max(e["num_agents"] for e in entries)
+        entries = [self.dataset.entry(i) for i in self.scene_indices]
+        largest = max(e.num_agents for e in entries)
         if cfg.max_agents is not None and cfg.max_agents < largest:
             raise ValueError(f"max_agents={cfg.max_agents} but the selected scenes hold up to {largest} agents; "
                              f"raise max_agents or select smaller scenes.")
         self.num_agents = cfg.max_agents or largest
-        self.num_steps = max(e["num_steps"] for e in entries)
-        map_ids = sorted({e["map_id"] for e in entries})
+        self.num_steps = max(e.num_steps for e in entries)
+        map_ids = sorted({e.map_id for e in entries})
         self.maps = sim.stack_maps([self.dataset.map(m) for m in map_ids], cfg.device,
                                    indices=[self.dataset.map_index(m) for m in map_ids])
         self.dynamics = make_dynamics(cfg.dynamics)
@@ -70,25 +71,32 @@ class TrafficEngine:
         self.slot_scene = np.full(num_slots, -1, np.int64)
         self._prev_progress: torch.Tensor | None = None
 
+    @property
+    def mode(self) -> str:
+        """The task's name: ``"ego"`` or ``"sim_agents"``."""
+        return self.task.name
+
+    @property
+    def assignment(self) -> torch.Tensor | None:
+        """``(B, A)`` long: the index of the traffic rule (``self.traffic``) driving each agent, -1 for log replay,
+        the caller's agents and padding (None before the first reset)."""
+        return self._assignment
+
+    def driven_by(self, slot: int) -> np.ndarray:
+        """``(A,)`` names of what drives each agent slot of ``slot``'s scene: ``"env"`` (the caller), a policy
+        name, ``"log"``, or ``""`` for padding."""
+        if self.state is None:
+            raise ResetNeededError("Call reset() before asking who drives the agents.")
+        st = self.state
+        return driven_by_names(self._assignment[slot].cpu().numpy(), st.controlled[slot].cpu().numpy(),
+                               st.agent_mask[slot].cpu().numpy(), self.traffic)
+
     # ---- spaces ------------------------------------------------------------------------------------------
     def observation_space(self):
-        chunk_points = self.maps.chunks.shape[2]
-        if self.mode == "ego":
-            return observation_space(self.cfg.obs, chunk_points)
-        space = observation_space(self.cfg.obs, chunk_points, prefix=(self.num_agents,))
-        from gymnasium import spaces
-
-        space.spaces["controlled"] = spaces.Box(0.0, 1.0, shape=(self.num_agents,), dtype=np.float32)
-        return space
+        return self.task.observation_space(self.cfg, self.maps.chunks.shape[2], self.num_agents)
 
     def action_space(self):
-        from gymnasium import spaces
-
-        if self.mode == "ego":
-            return spaces.Box(self.action_low, self.action_high, dtype=np.float32)
-        shape = (self.num_agents, self.dynamics.action_dim)
-        return spaces.Box(np.broadcast_to(self.action_low, shape).copy(),
-                          np.broadcast_to(self.action_high, shape).copy(), dtype=np.float32)
+        return self.task.action_space(self.action_low, self.action_high, self.num_agents)
 
     # ---- episodes ----------------------------------------------------------------------------------------
     @torch.inference_mode()  # the env's state never feeds autograd; this cuts torch's per-op overhead by ~30 %
@@ -96,15 +104,15 @@ class TrafficEngine:
         """Start fresh episodes in ``slots`` on the scenes at ``scene_positions`` (indices into the selection);
         ``seed`` seeds the traffic policies."""
         scenes = [self.dataset[self.scene_indices[int(p)]] for p in scene_positions]
-        controlled = "ego" if self.mode == "ego" else [self._controlled_mask(s) for s in scenes]
+        controlled = self.task.controlled(scenes, self.cfg)
         try:
             fresh = sim.reset(scenes, self.cfg.start_step, controlled, self.cfg.device, self.num_agents,
                               self.num_steps, maps=self.maps)
         except NoEgoError:
-            if self.mode == "ego":
+            if self.task.needs_ego:
                 raise
             fresh = None
-        if fresh is None:  # sim-agents mode does not need an ego: pick any live agent as the nominal one
+        if fresh is None:  # a task without an ego: pick any live agent as the nominal one
             fixed = [_with_nominal_ego(s, self.cfg.start_step) for s in scenes]
             fresh = sim.reset(fixed, self.cfg.start_step, controlled, self.cfg.device, self.num_agents,
                               self.num_steps, maps=self.maps)
@@ -131,38 +139,17 @@ class TrafficEngine:
         self.done[slots] = False
         self.slot_scene[slots] = scene_positions
 
-    def _controlled_mask(self, scene) -> np.ndarray:
-        """Who the sim-agents env controls in ``scene`` (before the valid-at-start filter in ``sim.reset``)."""
-        from envs.types import AgentType
-
-        wanted = self.cfg.controlled
-        if wanted == "all":
-            return np.ones(scene.num_agents, bool)
-        if wanted == "vehicles":
-            return scene.agent_type == AgentType.VEHICLE
-        return np.isin(scene.agent_ids, np.asarray(wanted, dtype=str))
-
     # ---- observations ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def observe(self) -> dict[str, np.ndarray]:
         """Observations of every slot, numpy, leading axis B."""
-        st = self.state
-        if self.mode == "ego":
-            obs = observe(st, st.ego[:, None], self.cfg.obs)
-            out = {k: v[:, 0] for k, v in obs.items()}
-        else:
-            observers = torch.arange(self.num_agents, device=st.device).expand(self.num_slots, -1)
-            out = observe(st, observers, self.cfg.obs)
-            live = (st.controlled & st.current_valid)[..., None]
-            out = {k: v * live.reshape(*live.shape[:2], *([1] * (v.dim() - 2))) for k, v in out.items()}
-            out["controlled"] = st.controlled.float()
+        out = self.task.observe(self.state, self.cfg)
         return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in out.items()}
 
     # ---- stepping ----------------------------------------------------------------------------------------
     def check_action(self, action, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Validate a batch of actions against the action space; returns (actions, infeasible flags)."""
-        expected = (self.num_slots, self.dynamics.action_dim) if self.mode == "ego" else \
-            (self.num_slots, self.num_agents, self.dynamics.action_dim)
+        expected = (self.num_slots, *self.task.action_shape(self.num_agents, self.dynamics.action_dim))
         try:
             arr = np.asarray(action)
         except Exception as e:  # ragged lists and the like
@@ -171,7 +158,7 @@ class TrafficEngine:
             got, want = (arr.shape[1:], expected[1:]) if self.single else (arr.shape, expected)
             raise InvalidActionError(f"Action has shape {got}, expected {want} ({self.dynamics.name} dynamics: "
                                      f"{', '.join(self.dynamics.action_names)}"
-                                     f"{' per agent slot' if self.mode == 'sim_agents' else ''}).")
+                                     f"{self.task.describe_action()}).")
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise InvalidActionError(f"Action dtype {arr.dtype} is not numeric; pass a float array.")
         arr = arr.astype(np.float32)
@@ -197,10 +184,7 @@ class TrafficEngine:
         return arr, out_of_bounds
 
     def _checked_rows(self, active: np.ndarray) -> np.ndarray:
-        if self.mode == "ego":
-            return active.copy()
-        ctrl = (self.state.controlled & self.state.current_valid).cpu().numpy()
-        return ctrl & active[:, None]
+        return self.task.checked_rows(self.state, active)
 
     @torch.inference_mode()
     def step(self, action, active: np.ndarray | None = None):
@@ -211,11 +195,8 @@ class TrafficEngine:
         arr, infeasible = self.check_action(action, active)
         st = self.state
         dev = st.device
-        data = torch.zeros(self.num_slots, self.num_agents, self.dynamics.action_dim, device=dev)
-        if self.mode == "ego":
-            data[torch.arange(self.num_slots, device=dev), st.ego] = torch.as_tensor(arr, device=dev)
-        else:
-            data[:] = torch.as_tensor(arr, device=dev)
+        data = self.task.scatter(torch.as_tensor(arr), st,
+                                 torch.zeros(self.num_slots, self.num_agents, self.dynamics.action_dim, device=dev))
         active_t = torch.as_tensor(active, device=dev)
         own = Action(data, st.controlled & active_t[:, None])
         more = []
@@ -230,41 +211,25 @@ class TrafficEngine:
         # Inactive slots (finished, awaiting reset) must not advance.
         new = _hold(new, frozen_t, active_t)
         self.state = new
-        infeasible_t = torch.zeros(self.num_slots, self.num_agents, dtype=torch.bool, device=dev)
-        if self.mode == "ego":
-            infeasible_t[torch.arange(self.num_slots, device=dev), st.ego] = torch.as_tensor(infeasible, device=dev)
-        else:
-            infeasible_t[:] = torch.as_tensor(infeasible, device=dev)
-        metrics = compute_step_metrics(new, extra={"infeasible": infeasible_t})
+        infeasible_t = self.task.scatter(torch.as_tensor(infeasible), st,
+                                         torch.zeros(self.num_slots, self.num_agents, dtype=torch.bool, device=dev))
+        metrics, pairs = compute_step_metrics_and_pairs(new, extra={"infeasible": infeasible_t})
         delta = metrics["progress"] - self._prev_progress
         self._prev_progress = metrics["progress"]
         per_agent = compute_reward(self.cfg.reward, metrics, delta)  # (B, A)
-        return self._outcome(new, metrics, per_agent, active)
+        return self._outcome(new, metrics, pairs, per_agent, active)
 
-    def _outcome(self, st: SimState, metrics, per_agent, active):
-        b = torch.arange(self.num_slots, device=st.device)
+    def _outcome(self, st: SimState, metrics, pairs, per_agent, active):
         truncated = (st.t >= st.end).cpu().numpy()
-        if self.mode == "ego":
-            ego = st.ego
-            reward = per_agent[b, ego].cpu().numpy()
-            term = torch.zeros(self.num_slots, dtype=torch.bool, device=st.device)
-            if self.cfg.terminate_on_collision:
-                term |= metrics["collision"][b, ego]
-            if self.cfg.terminate_on_offroad:
-                term |= metrics["offroad"][b, ego]
-            terminated = term.cpu().numpy()
-        else:
-            ctrl = st.controlled.float()
-            reward = ((per_agent * ctrl).sum(-1) / ctrl.sum(-1).clamp(min=1)).cpu().numpy()
-            terminated = np.zeros(self.num_slots, bool)
+        reward = self.task.reward(per_agent, st).cpu().numpy()
+        terminated = self.task.terminated(metrics, st, self.cfg).cpu().numpy()
         terminated &= active
         truncated &= active & ~terminated
         self.done |= terminated | truncated
-        infos = self._infos(st, metrics, per_agent)
+        infos = self._infos(st, metrics, pairs.cpu().numpy(), per_agent)
         return reward.astype(np.float64), terminated, truncated, infos
 
-    def _infos(self, st: SimState, metrics, per_agent) -> list[dict]:
-        pairs = metrics["_collision_pairs"].cpu().numpy()
+    def _infos(self, st: SimState, metrics, pairs: np.ndarray, per_agent) -> list[dict]:
         ids = st.scene_ids
         host = {k: metrics[k].cpu().numpy() for k in INFO_METRICS}
         t = st.t.cpu().numpy()
@@ -275,15 +240,7 @@ class TrafficEngine:
         for b in range(self.num_slots):
             info = {"scene_id": ids[b], "t": int(t[b]),
                     "driven_by": driven_by_names(assignment[b], controlled[b], agent_mask[b], self.traffic)}
-            if self.mode == "ego":
-                e = int(st.ego[b])
-                info["metrics"] = {k: float(v[b, e]) for k, v in host.items()}
-                mine = pairs[(pairs[:, 0] == b) & ((pairs[:, 1] == e) | (pairs[:, 2] == e))]
-                info["collided_with"] = sorted({int(j if i == e else i) for _, i, j in mine})
-            else:
-                info["metrics"] = {k: v[b].copy() for k, v in host.items()}
-                info["agent_rewards"] = per_agent[b].cpu().numpy()
-                info["collision_pairs"] = pairs[pairs[:, 0] == b][:, 1:].copy()
+            info.update(self.task.info(b, st, host, pairs, per_agent))
             infos.append(info)
         return infos
 

@@ -39,7 +39,7 @@ class _TrafficEnv(gym.Env):
         self.render_config = render_config
         self._window = None
         self.closed = False  # set by close(); a closed env refuses reset() and step() (as Gymnasium's vector envs)
-        self.engine = TrafficEngine(self.config, num_slots=1, mode=self._mode, single=True)
+        self.engine = TrafficEngine(self.config, num_slots=1, task=self._mode, single=True)
         self.observation_space = self.engine.observation_space()
         self.action_space = self.engine.action_space()
         from render.display import display_available

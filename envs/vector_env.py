@@ -48,7 +48,7 @@ class _TrafficVectorEnv(VectorEnv):
         self.num_envs = num_envs
         self.render_mode = render_mode
         self.render_config = render_config
-        self.engine = TrafficEngine(self.config, num_slots=num_envs, mode=self._mode)
+        self.engine = TrafficEngine(self.config, num_slots=num_envs, task=self._mode)
         self.single_observation_space = self.engine.observation_space()
         self.single_action_space = self.engine.action_space()
         self.observation_space = batch_space(self.single_observation_space, num_envs)

@@ -377,7 +377,7 @@ def driven_by_of(engine, batch_index: int) -> np.ndarray:
     st = engine.state
     b = batch_index
     out = np.where(_np(st.controlled[b]), 0, -1)
-    assignment = getattr(engine, "_assignment", None)  # (B, A) traffic rule index, -1 for none
+    assignment = engine.assignment  # (B, A) traffic rule index, -1 for none
     if assignment is not None:
         rule = _np(assignment[b])
         out = np.where(rule >= 0, rule + 1, out)

@@ -14,7 +14,7 @@ from envs import sim
 from envs.dynamics import DeltaLocal, InvertibleBicycle, StatePose, make_dynamics
 from envs.errors import EmptySceneError, NoEgoError, UnknownNameError
 from envs.geometry import box_corners, boxes_overlap, to_local, to_world, wrap_angle
-from envs.metrics import compute_step_metrics
+from envs.metrics import compute_step_metrics, compute_step_metrics_and_pairs
 from envs.types import Action, AgentType
 from tests.scenes import make_scene, straight_road
 
@@ -22,6 +22,13 @@ from tests.scenes import make_scene, straight_road
 def _metrics_at_start(tracks, **kw):
     state = sim.reset([make_scene(tracks, **kw)], start_step=10, controlled="none")
     return compute_step_metrics(state)
+
+
+def _pairs_at_start(tracks, **kw):
+    state = sim.reset([make_scene(tracks, **kw)], start_step=10, controlled="none")
+    metrics, pairs = compute_step_metrics_and_pairs(state)
+    assert torch.equal(metrics["collision"], compute_step_metrics(state, ["collision"])["collision"])
+    return pairs
 
 
 # ---- box overlap ---------------------------------------------------------------------------------------------
@@ -90,7 +97,8 @@ def test_local_world_round_trip(ox, oy, h, pts):
 def test_collision_metric_names_the_pair():
     m = _metrics_at_start([dict(x0=10, y0=-1.75), dict(x0=14.4, y0=-1.75), dict(x0=30, y0=-1.75)])
     assert m["collision"].tolist() == [[True, True, False]]
-    assert m["_collision_pairs"].tolist() == [[0, 0, 1]]
+    assert _pairs_at_start([dict(x0=10, y0=-1.75), dict(x0=14.4, y0=-1.75), dict(x0=30, y0=-1.75)]).tolist() == \
+        [[0, 0, 1]]
     m = _metrics_at_start([dict(x0=10, y0=-1.75), dict(x0=14.5, y0=-1.75)])  # exactly touching (4.5 m boxes)
     assert m["collision"].tolist() == [[False, False]]
 

@@ -76,8 +76,8 @@ def _data_maps(args: argparse.Namespace) -> int:
 
     ds = _open(args, args.split)
     first_scene: dict[str, int] = {}
-    for i, entry in enumerate(ds._entries):
-        first_scene.setdefault(entry["map_id"], i)
+    for i in range(len(ds)):
+        first_scene.setdefault(ds.entry(i).map_id, i)
     for map_id, i in first_scene.items():
         scene = ds[i]
         m = scene.map
@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     voc.set_defaults(func=_train_vocab)
     bc = train_sub.add_parser("bc", help="behaviour cloning of the tokenized policy (also under torchrun)")
     bc.add_argument("--agent", default="smart", help="the model to train (smart)")
-    bc.add_argument("--size", default="nano", help="nano (~1.0 M params), mini (~3.6 M) or tiny (~5.3 M), with a 2,048-token vehicle vocabulary")
+    bc.add_argument("--size", default="nano",
+                    help="nano (~1.0 M params), mini (~3.6 M) or tiny (~5.3 M), with a 2,048-token vehicle vocabulary")
     _add_dataset_args(bc, split_default="train", split_help="split to train on")
     bc.add_argument("--out", required=True, help="run folder: checkpoint, TensorBoard logs, vocabulary")
     bc.add_argument("--vocab", default=None, help="motion vocabulary file (default: OUT/vocab.safetensors, "

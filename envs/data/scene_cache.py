@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -124,6 +125,17 @@ def save_map(path: Path, m: MapData) -> None:
         "left_neighbors": m.left_neighbors, "right_neighbors": m.right_neighbors,
         "max_spacing": np.array(m.max_spacing),
     })
+@dataclass(frozen=True)
+class SceneEntry:
+    """One scene as the dataset's index describes it (``SceneDataset.entry``)."""
+
+    id: str
+    map_id: str
+    num_agents: int
+    num_steps: int
+    ego_index: int  # -1: no ego candidate (no vehicle observed throughout)
+
+
 
 
 def load_map(path: Path) -> MapData:
@@ -143,6 +155,12 @@ def load_map(path: Path) -> MapData:
 class SceneDataset(Sequence):
     """The scenes of one dataset split, served from the cache. ``ds[i]`` or ``ds["scene id"]`` -> ``Scene``
     with its ``map`` attached; maps are loaded once and shared."""
+
+    def entry(self, key: int | str) -> SceneEntry:
+        """What the index knows of a scene (by position or id), without loading it."""
+        e = self._entries[self.index_of(key) if isinstance(key, str) else key]
+        return SceneEntry(id=e["id"], map_id=e["map_id"], num_agents=int(e["num_agents"]),
+                          num_steps=int(e["num_steps"]), ego_index=int(e["ego_index"]))
 
     def __init__(self, cache: _Cache, split: str):
         self._cache, self.split = cache, split

@@ -11,8 +11,15 @@ from envs.metrics.episode import (
     register_episode_metric,
     rollouts_from_log,
 )
-from envs.metrics.step import STEP_METRICS, StepMetric, compute_step_metrics, register_step_metric
+from envs.metrics.step import (
+    STEP_METRICS,
+    StepMetric,
+    collision_pairs,
+    compute_step_metrics,
+    compute_step_metrics_and_pairs,
+    register_step_metric,
+)
 
 __all__ = ["EPISODE_METRICS", "STEP_METRICS", "RolloutError", "Rollouts", "StepMetric", "compute_episode_metrics",
-           "compute_step_metrics", "episode_metric_names", "register_episode_metric", "register_step_metric",
-           "rollouts_from_log"]
+           "collision_pairs", "compute_step_metrics", "compute_step_metrics_and_pairs", "episode_metric_names",
+           "register_episode_metric", "register_step_metric", "rollouts_from_log"]

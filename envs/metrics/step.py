@@ -190,9 +190,21 @@ def compute_step_metrics(state: SimState, names=None, extra: dict | None = None)
     ``extra`` holds step inputs the state cannot know (``"infeasible"``: the applied action's flag); they are
     passed through as metrics of the same name.
     """
+    return _compute(state, names, extra, {})
+
+
+def compute_step_metrics_and_pairs(state: SimState, names=None, extra: dict | None = None
+                                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``compute_step_metrics`` and the colliding pairs ``(K, 3)`` ``(b, i, j)`` (``collision_pairs``): the
+    collision test runs once for both."""
+    cache: dict = {}
+    metrics = _compute(state, names, extra, cache)
+    return metrics, collision_pairs(state, cache)
+
+
+def _compute(state: SimState, names, extra: dict | None, cache: dict) -> dict[str, torch.Tensor]:
     extra = extra or {}
     names = [*STEP_METRICS, *extra] if names is None else list(names)
-    cache: dict = {}
     out = {}
     for name in names:
         if name in extra:
@@ -201,5 +213,4 @@ def compute_step_metrics(state: SimState, names=None, extra: dict | None = None)
             out[name] = STEP_METRICS[name].fn(state, cache)
         else:
             raise UnknownNameError("step metric", name, [*STEP_METRICS, *extra])
-    out["_collision_pairs"] = collision_pairs(state, cache)  # memoised: free if "collision" was computed
     return out
