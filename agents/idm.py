@@ -35,6 +35,7 @@ from agents.base import Agent
 from agents.idm_kernel import full_search, idm_step
 from agents.registry import register_agent
 from envs.dynamics import StatePose
+from envs.geometry import resample_polyline
 from envs.types import ROUTE_SPACING, Action, MapData, PolylineType, SimState
 
 
@@ -223,6 +224,4 @@ def _resample(path: np.ndarray, spacing: float = ROUTE_SPACING) -> np.ndarray:
     """Points every ``spacing`` m along ``path`` (at least one point)."""
     if len(path) < 2:
         return path.astype(np.float32).reshape(-1, 2)[:1] if len(path) else np.zeros((1, 2), np.float32)
-    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1))])
-    s = np.arange(0.0, arc[-1] + 1e-9, spacing)
-    return np.stack([np.interp(s, arc, path[:, 0]), np.interp(s, arc, path[:, 1])], -1).astype(np.float32)
+    return resample_polyline(path, spacing).astype(np.float32)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from envs.geometry import pose_in_frame
+
 
 def fourier(x: torch.Tensor, freqs: int, scale: float) -> torch.Tensor:
     """``(..., 2 * freqs)`` sin/cos features of ``x / scale`` at frequencies 1, 2, 4, ... (plus nothing else)."""
@@ -23,10 +25,9 @@ def fourier(x: torch.Tensor, freqs: int, scale: float) -> torch.Tensor:
 
 
 def relative_pose(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Pose of ``key`` ``(..., 3)`` in the frame of ``query`` ``(..., 3)``: ``(..., 3)`` x, y, relative heading."""
-    c, s = torch.cos(query[..., 2]), torch.sin(query[..., 2])
-    dx, dy = key[..., 0] - query[..., 0], key[..., 1] - query[..., 1]
-    return torch.stack([dx * c + dy * s, -dx * s + dy * c, key[..., 2] - query[..., 2]], dim=-1)
+    """Pose of ``key`` ``(..., 3)`` in the frame of ``query`` ``(..., 3)``: ``(..., 3)`` x, y, relative heading
+    (not wrapped: the encodings take its cos and sin)."""
+    return pose_in_frame(key, query, wrap=False)
 
 
 class RelPoseEncoding(nn.Module):

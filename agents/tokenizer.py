@@ -27,7 +27,15 @@ import numpy as np
 import torch
 
 from envs.errors import VocabularyError
-from envs.geometry import box_corners, wrap_angle
+from envs.geometry import (
+    arc_length,
+    box_corners,
+    pose_from_frame,
+    pose_in_frame,
+    resample_polyline,
+    split_polyline,
+    to_local,
+)
 from envs.types import AgentType, PolylineType
 
 TOKEN_STEPS = 5  # steps per token (0.5 s at 10 Hz)
@@ -36,18 +44,13 @@ TYPE_NAMES = {AgentType.VEHICLE: "vehicle", AgentType.PEDESTRIAN: "pedestrian", 
 
 
 def _relative(poses: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-    """Poses ``(..., K, 3)`` in the frame of ``origin`` ``(..., 3)``."""
-    c, s = torch.cos(origin[..., 2:3]), torch.sin(origin[..., 2:3])
-    dx, dy = poses[..., 0] - origin[..., None, 0], poses[..., 1] - origin[..., None, 1]
-    return torch.stack([dx * c + dy * s, -dx * s + dy * c, wrap_angle(poses[..., 2] - origin[..., 2:3])], dim=-1)
+    """Poses ``(..., K, 3)`` in the frame of ``origin`` ``(..., 3)`` (heading wrapped)."""
+    return pose_in_frame(poses, origin[..., None, :])
 
 
 def place(local: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     """Local poses ``(..., K, 3)`` placed at world poses ``origin`` ``(..., 3)`` (inverse of ``_relative``)."""
-    c, s = torch.cos(origin[..., 2:3]), torch.sin(origin[..., 2:3])
-    x = origin[..., None, 0] + local[..., 0] * c - local[..., 1] * s
-    y = origin[..., None, 1] + local[..., 0] * s + local[..., 1] * c
-    return torch.stack([x, y, wrap_angle(local[..., 2] + origin[..., 2:3])], dim=-1)
+    return pose_from_frame(local, origin[..., None, :])
 
 
 def contour(poses: torch.Tensor, box: tuple[float, float]) -> torch.Tensor:
@@ -253,24 +256,15 @@ def map_pieces(m, types=MAP_PIECE_TYPES) -> dict[str, np.ndarray]:
             continue
         gaps = np.flatnonzero(np.linalg.norm(np.diff(line, axis=0), axis=1) > PIECE_GAP) + 1
         for part in np.split(line, gaps):
-            if len(part) < 2:
+            if len(part) < 2 or arc_length(part)[-1] < 1e-6:
                 continue
-            arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(part, axis=0), axis=1))])
-            if arc[-1] < 1e-6:
-                continue
-            s = np.arange(0.0, arc[-1] + 1e-9, PIECE_SPACING)
-            pts = np.stack([np.interp(s, arc, part[:, 0]), np.interp(s, arc, part[:, 1])], -1)
-            step = PIECE_POINTS - 1
-            for start in range(0, max(len(pts) - 1, 1), step):
-                piece = pts[start:start + PIECE_POINTS]
+            for piece in split_polyline(resample_polyline(part, PIECE_SPACING), PIECE_POINTS):
                 if len(piece) < 2:
                     continue
                 piece = np.concatenate([piece, np.repeat(piece[-1:], PIECE_POINTS - len(piece), axis=0)])
                 d = piece[-1] - piece[0]
                 heading = float(np.arctan2(d[1], d[0]))
-                c, sn = np.cos(heading), np.sin(heading)
-                rel = piece - piece[0]
-                points.append(np.stack([rel[:, 0] * c + rel[:, 1] * sn, -rel[:, 0] * sn + rel[:, 1] * c], -1))
+                points.append(to_local(piece, piece[0], heading))
                 poses.append((piece[0, 0], piece[0, 1], heading))
                 kinds.append(int(m.polyline_type[p]))
     if not poses:

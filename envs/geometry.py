@@ -1,7 +1,12 @@
-"""The one home of geometry: angle wrapping, polyline resampling, frames, boxes and box overlap.
+"""The one home of geometry: angle wrapping, polylines (arc length, resampling, densifying, cutting into pieces),
+frames (points, vectors and poses into and out of a local frame), boxes and box overlap.
 
-Units are metres and radians; headings are counter-clockwise from +x. Functions taking arrays accept numpy
-arrays or torch tensors alike (the result has the input's kind) unless their name says otherwise.
+Units are metres and radians; headings are counter-clockwise from +x. A local frame has x forward and y to the
+left of its heading. Functions taking arrays accept numpy arrays or torch tensors alike (the result has the
+input's kind) unless their name or docstring says otherwise.
+
+Every frame transform goes through ``_into_frame`` / ``_out_of_frame``, whose exact arithmetic (operation order
+included) is what every caller has always computed, so moving a caller here changes no result in its last digit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,43 @@ def wrap_angle(angle):
     if not isinstance(angle, torch.Tensor):
         angle = np.asarray(angle)
     return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+# ---- polylines -------------------------------------------------------------------------------------------------
+
+def arc_length(points: np.ndarray) -> np.ndarray:
+    """Cumulative arc length (m) along polylines, numpy: ``(..., N, D)`` -> ``(..., N)``, starting at 0.
+
+    Float64 unless ``points`` is float32 (then the sums run in float32 and the result is float64 holding them).
+    """
+    seg = np.linalg.norm(np.diff(points, axis=-2), axis=-1)
+    return np.concatenate([np.zeros((*seg.shape[:-1], 1)), np.cumsum(seg, axis=-1)], axis=-1)
+
+
+def resample_polyline(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Points every ``spacing`` m of arc length along one polyline ``(N, 2)``, numpy (``np.interp``).
+
+    Starts at the first point; the last point is kept only if it falls on the ``spacing`` grid (within 1e-9 m).
+    Returns ``(K, 2)`` float64; one point for a single point or a zero-length polyline, none for no points.
+    """
+    if spacing <= 0:
+        raise ValueError(f"spacing must be > 0 m, got {spacing}.")
+    points = np.asarray(points)
+    if len(points) == 0:
+        return np.zeros((0, 2))
+    arc = arc_length(points)
+    s = np.arange(0.0, arc[-1] + 1e-9, spacing)
+    return np.stack([np.interp(s, arc, points[:, 0]), np.interp(s, arc, points[:, 1])], -1)
+
+
+def split_polyline(points, points_per_piece: int) -> list:
+    """Cut a polyline ``(N, D)`` into consecutive pieces of ``points_per_piece`` points that share their end
+    points (piece ``i`` starts at point ``i * (points_per_piece - 1)``); the last piece may be shorter. A polyline
+    of fewer than two points is one piece. The pieces are views (slices) of ``points``."""
+    if points_per_piece < 2:
+        raise ValueError(f"points_per_piece must be >= 2 (pieces share an end point), got {points_per_piece}.")
+    step = points_per_piece - 1
+    return [points[start:start + points_per_piece] for start in range(0, max(len(points) - 1, 1), step)]
 
 
 def densify_polyline(points: np.ndarray, max_spacing: float) -> np.ndarray:
@@ -62,9 +104,19 @@ def box_corners(x, y, heading, length, width):
     # Box-frame corner offsets (forward, left) in counter-clockwise order starting front-left.
     fwd = _stack([half_l, -half_l, -half_l, half_l], axis=-1)
     left = _stack([half_w, half_w, -half_w, -half_w], axis=-1)
-    cx = x[..., None] + fwd * c[..., None] - left * s[..., None]
-    cy = y[..., None] + fwd * s[..., None] + left * c[..., None]
-    return _stack([cx, cy], axis=-1)
+    return _stack(_out_of_frame(x[..., None], y[..., None], fwd, left, c[..., None], s[..., None]), axis=-1)
+
+
+# ---- frames ----------------------------------------------------------------------------------------------------
+
+def _into_frame(dx, dy, c, s):
+    """World offsets ``(dx, dy)`` from a frame's origin, rotated into the frame (heading cos ``c``, sin ``s``)."""
+    return dx * c + dy * s, -dx * s + dy * c
+
+
+def _out_of_frame(ox, oy, lx, ly, c, s):
+    """Frame-local ``(lx, ly)`` in the world, for a frame at ``(ox, oy)`` with heading cos ``c``, sin ``s``."""
+    return ox + lx * c - ly * s, oy + lx * s + ly * c
 
 
 def to_local(points, origin_xy, origin_heading):
@@ -74,16 +126,38 @@ def to_local(points, origin_xy, origin_heading):
     """
     c, s = _cos_sin(origin_heading)
     d = points - origin_xy[..., None, :]
-    return _stack([d[..., 0] * c[..., None] + d[..., 1] * s[..., None],
-                   -d[..., 0] * s[..., None] + d[..., 1] * c[..., None]], axis=-1)
+    return _stack(_into_frame(d[..., 0], d[..., 1], c[..., None], s[..., None]), axis=-1)
 
 
 def to_world(points, origin_xy, origin_heading):
     """Inverse of ``to_local``: local points ``(..., N, 2)`` back to the world frame."""
     c, s = _cos_sin(origin_heading)
-    wx = points[..., 0] * c[..., None] - points[..., 1] * s[..., None] + origin_xy[..., None, 0]
-    wy = points[..., 0] * s[..., None] + points[..., 1] * c[..., None] + origin_xy[..., None, 1]
-    return _stack([wx, wy], axis=-1)
+    return _stack(_out_of_frame(origin_xy[..., None, 0], origin_xy[..., None, 1], points[..., 0], points[..., 1],
+                                c[..., None], s[..., None]), axis=-1)
+
+
+def rotate_to_local(vectors, heading):
+    """World vectors ``(..., N, 2)`` (velocities, displacements) in the axes of frames with heading ``(...)``:
+    ``(..., N, 2)`` forward, left. Unlike ``to_local`` nothing is translated."""
+    c, s = _cos_sin(heading)
+    return _stack(_into_frame(vectors[..., 0], vectors[..., 1], c[..., None], s[..., None]), axis=-1)
+
+
+def pose_in_frame(pose, frame, wrap: bool = True):
+    """Poses ``(..., 3)`` x, y, heading in the frames of poses ``frame`` ``(..., 3)`` (the two broadcast):
+    ``(..., 3)`` x forward, y left, heading relative to the frame's (wrapped to [-pi, pi) if ``wrap``)."""
+    c, s = _cos_sin(frame[..., 2])
+    x, y = _into_frame(pose[..., 0] - frame[..., 0], pose[..., 1] - frame[..., 1], c, s)
+    heading = pose[..., 2] - frame[..., 2]
+    return _stack([x, y, wrap_angle(heading) if wrap else heading], axis=-1)
+
+
+def pose_from_frame(local, frame):
+    """Inverse of ``pose_in_frame``: poses ``(..., 3)`` given in the frames ``frame`` ``(..., 3)`` (broadcast) in
+    the world, heading wrapped to [-pi, pi)."""
+    c, s = _cos_sin(frame[..., 2])
+    x, y = _out_of_frame(frame[..., 0], frame[..., 1], local[..., 0], local[..., 1], c, s)
+    return _stack([x, y, wrap_angle(local[..., 2] + frame[..., 2])], axis=-1)
 
 
 def boxes_overlap(corners_a: torch.Tensor, corners_b: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from envs.geometry import split_polyline
 from envs.road_edges import RoadEdges, build_road_edges
 from envs.types import MapData, PolylineType
 
@@ -92,11 +93,8 @@ def chunk_polylines(m: MapData, kinds: tuple[PolylineType, ...] = (PolylineType.
     """Cut every polyline of the given kinds into pieces of ``points_per_chunk`` points (consecutive pieces
     share an end point). Returns chunks ``(C, N, 2)``, mask ``(C, N)``, type ``(C,)``, polyline index ``(C,)``."""
     chunks, masks, types, sources = [], [], [], []
-    step = points_per_chunk - 1
     for p in np.flatnonzero(np.isin(m.polyline_type, [int(k) for k in kinds])):
-        pts = m.polyline(p)
-        for start in range(0, max(len(pts) - 1, 1), step):
-            piece = pts[start:start + points_per_chunk]
+        for piece in split_polyline(m.polyline(p), points_per_chunk):
             chunk = np.zeros((points_per_chunk, 2), np.float32)
             chunk[:len(piece)] = piece
             mask = np.zeros(points_per_chunk, bool)

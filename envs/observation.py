@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from envs.geometry import to_local, wrap_angle
+from envs.geometry import rotate_to_local, to_local, wrap_angle
 from envs.types import ROUTE_SPACING, AgentType, PolylineType, SimState
 
 MAP_TYPES = (PolylineType.LANE_CENTER, PolylineType.LANE_BOUNDARY, PolylineType.ROAD_EDGE, PolylineType.CROSSWALK)
@@ -106,8 +106,7 @@ def observe(state: SimState, observers: torch.Tensor, cfg: ObsConfig) -> dict[st
     other = cur[b[:, None, None], near]  # (B, O, k, 5)
     rel_xy = to_local(other[..., :2], my_xy, my_h)  # (B, O, k, 2)
     dh = other[..., 2] - my_h[..., None]
-    c, s = torch.cos(my_h)[..., None], torch.sin(my_h)[..., None]
-    rel_v = torch.stack([other[..., 3] * c + other[..., 4] * s, -other[..., 3] * s + other[..., 4] * c], dim=-1)
+    rel_v = rotate_to_local(other[..., 3:5], my_h)
     ext = state.extent[b[:, None, None], near]
     onehot = torch.nn.functional.one_hot(state.agent_type[b[:, None, None], near], len(AgentType)).float()
     agents = torch.cat([rel_xy, torch.cos(dh)[..., None], torch.sin(dh)[..., None], rel_v, ext, onehot], dim=-1)

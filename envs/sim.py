@@ -17,6 +17,7 @@ import torch
 
 from envs.dynamics import Dynamics
 from envs.errors import EmptySceneError, NoEgoError
+from envs.geometry import arc_length
 from envs.map_index import MapIndex, map_index
 from envs.types import ROUTE_SPACING, Action, MapBatch, MapData, Scene, SimState
 
@@ -77,12 +78,14 @@ def resample_routes(log: np.ndarray, log_valid: np.ndarray, spacing: float = ROU
     last = np.maximum.accumulate(np.where(valid, steps, -1), axis=1)
     last = np.where(last < 0, valid.argmax(axis=1)[:, None], last)
     filled = np.take_along_axis(xy, last[..., None], axis=1)
-    arc = np.concatenate([np.zeros((b * a, 1)), np.cumsum(np.linalg.norm(np.diff(filled, axis=1), axis=-1), axis=1)],
-                         axis=1)  # (N, T) non-decreasing
+    arc = arc_length(filled)  # (N, T) non-decreasing
     observed = valid.any(axis=1)
     lengths = np.where(observed, np.floor(arc[:, -1] / spacing + 1e-9).astype(np.int64) + 1, 0)
     p_max = max(int(lengths.max(initial=0)), min_points)
     targets = np.minimum(np.arange(p_max) * spacing, arc[:, -1:])  # (N, P): padding repeats the end
+    # One batched search and lerp for every agent rather than ``geometry.resample_polyline`` (np.interp) per
+    # agent: the two round differently in the last digit, and these routes are what progress, the route
+    # observation and IDM's paths have always been measured on.
     hi = torch.searchsorted(torch.from_numpy(arc), torch.from_numpy(targets)).numpy().clip(1, t - 1)
     lo = hi - 1
     a0, a1 = np.take_along_axis(arc, lo, 1), np.take_along_axis(arc, hi, 1)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from envs.geometry import pose_in_frame, to_world
 from envs.metrics.episode import RolloutError, Rollouts, cpu_numpy
 from envs.metrics.kernels import interaction_pairs, kinematics, wosac_kinematics
 from envs.road_edges import box_edge_distance
@@ -91,14 +92,10 @@ def kinematic_features(traj: torch.Tensor, valid: torch.Tensor, dt: float, start
 
 def _box_frames(box_a: torch.Tensor, box_b: torch.Tensor):
     """Centre of each box in the other's frame, relative heading and half sizes (shared by the two below)."""
-    dx, dy = box_b[..., 0] - box_a[..., 0], box_b[..., 1] - box_a[..., 1]
-    ca, sa = torch.cos(box_a[..., 2]), torch.sin(box_a[..., 2])
-    cb, sb = torch.cos(box_b[..., 2]), torch.sin(box_b[..., 2])
-    # Centre of b in a's frame, and of a in b's frame.
-    ab = (dx * ca + dy * sa, -dx * sa + dy * ca)
-    ba = (-(dx * cb + dy * sb), dx * sb - dy * cb)
+    b_in_a = pose_in_frame(box_b[..., :3], box_a[..., :3], wrap=False)
+    a_in_b = pose_in_frame(box_a[..., :3], box_b[..., :3], wrap=False)
     halves = (box_a[..., 3] / 2, box_a[..., 4] / 2, box_b[..., 3] / 2, box_b[..., 4] / 2)
-    return ab, ba, box_b[..., 2] - box_a[..., 2], halves
+    return (b_in_a[..., 0], b_in_a[..., 1]), (a_in_b[..., 0], a_in_b[..., 1]), b_in_a[..., 2], halves
 
 
 def separating_gap(box_a: torch.Tensor, box_b: torch.Tensor, frames=None) -> torch.Tensor:
@@ -134,12 +131,11 @@ def box_signed_distance(box_a: torch.Tensor, box_b: torch.Tensor) -> torch.Tenso
 def _corners_to_box(cx, cy, rel, hl_b, hw_b, hl_a, hw_a) -> torch.Tensor:
     """Smallest distance from the 4 corners of box b (centre ``cx, cy`` and heading ``rel`` in box a's frame,
     half sizes ``hl_b, hw_b``) to the filled axis-aligned box a (half sizes ``hl_a, hw_a``)."""
-    c, s = torch.cos(rel)[..., None], torch.sin(rel)[..., None]
     sx = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=cx.dtype, device=cx.device)
     sy = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=cx.dtype, device=cx.device)
-    fx, fy = sx * hl_b[..., None], sy * hw_b[..., None]
-    px = cx[..., None] + fx * c - fy * s  # (..., 4) corner x in a's frame
-    py = cy[..., None] + fx * s + fy * c
+    corners = torch.stack([sx * hl_b[..., None], sy * hw_b[..., None]], dim=-1)  # (..., 4, 2) in b's frame
+    p = to_world(corners, torch.stack([cx, cy], dim=-1), rel)  # (..., 4, 2) in a's frame
+    px, py = p[..., 0], p[..., 1]
     ex = (px.abs() - hl_a[..., None]).clamp(min=0)
     ey = (py.abs() - hw_a[..., None]).clamp(min=0)
     return torch.sqrt(ex * ex + ey * ey).amin(dim=-1)
