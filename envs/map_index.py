@@ -130,21 +130,16 @@ INDEX_VERSION = 4  # 2: the metric road edges and their grid; 3: with cell bound
 
 
 def save_map_index(path, ix: MapIndex) -> None:
-    """Write ``ix`` as a compressed npz (SDF as float16: 1 cm resolution near roads, ample for 0.25 m cells)."""
-    import os
-    import tempfile
-    from pathlib import Path
+    """Write ``ix`` as a compressed npz (SDF as float16: 1 cm resolution near roads, ample for 0.25 m cells),
+    atomically."""
+    from envs.fileio import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, version=np.array(INDEX_VERSION), map_id=np.array(ix.map_id),
                             sdf=ix.sdf.astype(np.float16), origin=ix.origin, resolution=np.array(ix.resolution),
                             chunks=ix.chunks, chunk_mask=ix.chunk_mask, chunk_type=ix.chunk_type,
                             chunk_polyline=ix.chunk_polyline, has_road_edges=np.array(ix.has_road_edges),
                             **ix.road_edges.arrays())
-    os.replace(tmp, path)
 
 
 def load_map_index(path, resolution: float = SDF_RESOLUTION) -> MapIndex:

@@ -140,8 +140,7 @@ def simulate_scene(agent, ds, scene_index: int, num_rollouts: int, setting: str 
 
 def save_rollouts(rollouts, directory: str | Path) -> Path:
     """Write one scene's rollouts in the npz format of the module docstring (atomic)."""
-    import os
-    import tempfile
+    from envs.fileio import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -160,10 +159,8 @@ def save_rollouts(rollouts, directory: str | Path) -> Path:
         "history_steps": np.array(rollouts.history_steps), "ego_index": np.array(rollouts.ego_index),
         **_map_arrays(rollouts),
     }
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 

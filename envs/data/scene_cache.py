@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.errors import CorruptDataError, DatasetNotFoundError, UnknownNameError
+from envs.fileio import atomic_write
 from envs.types import AgentType, MapData, PolylineType, Scene
 
 CACHE_VERSION = 1
@@ -57,24 +57,8 @@ def known_datasets() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------------------
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -386,7 +370,8 @@ class _Cache:
             self._write_map(m)
         self.index["splits"][split] = {"scenes": [self._write_scene(s) for s in scenes]}
         shutil.rmtree(self.root / "trajdata", ignore_errors=True)  # intermediate only; ours is the cache
-        _atomic_write_text(self._index_path(), json.dumps(self.index, indent=1))
+        with atomic_write(self._index_path()) as tmp:
+            tmp.write_text(json.dumps(self.index, indent=1))
 
     def _write_map(self, m: MapData) -> None:
         rel = f"maps/{_safe(m.map_id)}.npz"
