@@ -28,6 +28,8 @@ CPU as numpy arrays; states on another device are copied over each step (IDM is 
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -130,7 +132,10 @@ class IDM(Agent):
 class _LaneIndex:
     """Lane centre polylines of one map with a point lookup, for extending paths along the lane graph."""
 
-    _cache: dict[int, _LaneIndex] = {}
+    # map_id -> (weak reference to the MapData it was built from, its index). Keyed by the map's name, never by
+    # id(): a dead map's id can be reused by another map. The reference check serves an entry only to the very
+    # map object it was built from (two maps that share a name, e.g. test fixtures, never share an index).
+    _cache: dict[str, tuple[weakref.ref, _LaneIndex]] = {}
 
     def __init__(self, m: MapData):
         self.lanes = np.flatnonzero(m.polyline_type == PolylineType.LANE_CENTER)
@@ -154,12 +159,12 @@ class _LaneIndex:
 
     @classmethod
     def of(cls, m: MapData) -> _LaneIndex:
-        key = id(m)
-        if key not in cls._cache:
+        hit = cls._cache.get(m.map_id)
+        if hit is None or hit[0]() is not m:
             if len(cls._cache) > 16:  # bounded: maps live as long as their dataset
                 cls._cache.clear()
-            cls._cache[key] = cls(m)
-        return cls._cache[key]
+            hit = cls._cache[m.map_id] = (weakref.ref(m), cls(m))
+        return hit[1]
 
     def extend(self, path: np.ndarray, length: float, heading: float) -> np.ndarray:
         """``path`` continued along the lane graph for about ``length`` m past its end (``heading``: the agent's

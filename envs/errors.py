@@ -119,3 +119,8 @@ class VideoWriteError(TrafficGymError, OSError):
 
 class NoDisplayError(TrafficGymError, RuntimeError):
     """``render_mode="human"`` where no display exists (headless machine, ``SDL_VIDEODRIVER=dummy``)."""
+
+
+class StaleStateError(TrafficGymError, RuntimeError):
+    """``sim.step`` given a ``SimState`` that was already stepped: its trajectory buffer is shared with (and was
+    advanced by) the state that step returned, so stepping it again would overwrite that state's present."""

@@ -13,6 +13,7 @@ finite range of ``observation_space``: [-1000, 1000] (reached only by glitches i
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,17 +146,21 @@ def observe(state: SimState, observers: torch.Tensor, cfg: ObsConfig) -> dict[st
     return {k: v.clamp(-FEATURE_LIMIT, FEATURE_LIMIT) for k, v in out.items()}
 
 
-_CENTRE_CACHE: dict[int, torch.Tensor] = {}
+# MapBatch map ids -> (weak reference to the chunks tensor the centres were computed from, the centres). Keyed by
+# the map ids, never by id(): a dead tensor's id can be reused by another map's. The reference check serves an
+# entry only to the very tensor it was computed from (two batches of equally named maps never share one).
+_CENTRE_CACHE: dict[tuple[str, ...], tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def _chunk_centres(maps) -> torch.Tensor:
     """``(M, C, 2)`` mean of each chunk's valid points (cached per MapBatch)."""
-    key = id(maps.chunks)
-    if key not in _CENTRE_CACHE:
+    key = tuple(maps.map_ids)
+    hit = _CENTRE_CACHE.get(key)
+    if hit is None or hit[0]() is not maps.chunks:
         w = maps.chunk_mask.float()[..., None]
         _CENTRE_CACHE.clear()  # one live MapBatch at a time is the common case; keep memory bounded
-        _CENTRE_CACHE[key] = (maps.chunks * w).sum(-2) / w.sum(-2).clamp(min=1)
-    return _CENTRE_CACHE[key]
+        hit = _CENTRE_CACHE[key] = (weakref.ref(maps.chunks), (maps.chunks * w).sum(-2) / w.sum(-2).clamp(min=1))
+    return hit[1]
 
 
 def _route(state: SimState, observers: torch.Tensor, cfg: ObsConfig, my_xy, my_h):

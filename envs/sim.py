@@ -9,6 +9,7 @@ the device).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from envs.dynamics import Dynamics
-from envs.errors import EmptySceneError, NoEgoError
+from envs.errors import EmptySceneError, NoEgoError, StaleStateError
 from envs.geometry import arc_length
 from envs.map_index import MapIndex, map_index
 from envs.types import ROUTE_SPACING, Action, MapBatch, MapData, Scene, SimState
@@ -211,7 +212,16 @@ def step(state: SimState, action: Action, dynamics: Dynamics,
     (action, dynamics) pairs for agents driven by other policies (an agent must be driven by at most one).
     Every other agent follows its log, appearing and disappearing with its logged validity. Scenes already at
     their last step do not move. Returns the state at ``t + 1`` (see ``SimState`` on the in-place buffer).
+
+    Each state object can be stepped once: the returned state shares (and owns the next row of) its trajectory
+    buffer, so stepping ``state`` again raises ``StaleStateError``. To branch, step ``state.clone()`` instead.
     """
+    if state in _STEPPED:
+        raise StaleStateError(
+            f"sim.step was given a state that was already stepped (scenes {list(state.scene_ids[:3])}"
+            f"{'...' if state.batch_size > 3 else ''} at t={state.t.tolist()[:3]}): its trajectory buffer is shared "
+            "with the state that step returned, which stepping it again would overwrite. Step the newest state, "
+            "or call state.clone() before branching (step each branch's clone).")
     b = torch.arange(state.batch_size, device=state.device)
     can_step = state.t < state.end  # (B,)
     t_next = torch.where(can_step, state.t + 1, state.t)
@@ -238,7 +248,13 @@ def step(state: SimState, action: Action, dynamics: Dynamics,
     next_pose = torch.where(next_valid[..., None], next_pose, torch.zeros_like(next_pose))
     state.traj[b, :, t_next] = next_pose
     state.valid[b, :, t_next] = next_valid
+    _STEPPED.add(state)
     return replace(state, t=t_next, route_pos=track_route(state, next_pose[..., :2]), removed=removed)
+
+
+# States ``step`` has advanced (weakly held: an entry goes with its state). Each is stale from then on: the state
+# step returned writes its next row into the buffer they share.
+_STEPPED: weakref.WeakSet[SimState] = weakref.WeakSet()
 
 
 def track_route(state: SimState, xy: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: this module does not import torch at run time
+    import torch
 
 
 class AgentType(IntEnum):
@@ -175,16 +179,16 @@ class MapBatch:
     sources: the ``MapData`` of each map (full polylines and lane graph, numpy), for policies that plan on it.
     """
 
-    map_ids: tuple
-    sources: tuple
-    sdf: object
-    sdf_origin: object
-    sdf_resolution: float
-    has_road_edges: object
-    chunks: object
-    chunk_mask: object
-    chunk_type: object
-    chunk_valid: object
+    map_ids: tuple[str, ...]  # (M,) MapData.map_id of each map
+    sources: tuple[MapData, ...]  # (M,)
+    sdf: torch.Tensor  # (M, H, W) float32 m
+    sdf_origin: torch.Tensor  # (M, 2) float32 m, world x, y of each grid's lower-left corner
+    sdf_resolution: float  # m per cell
+    has_road_edges: torch.Tensor  # (M,) bool
+    chunks: torch.Tensor  # (M, C, N, 2) float32 m, world frame
+    chunk_mask: torch.Tensor  # (M, C, N) bool
+    chunk_type: torch.Tensor  # (M, C) int64 PolylineType
+    chunk_valid: torch.Tensor  # (M, C) bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,29 +215,32 @@ class SimState:
             border); they stay invalid for the rest of the episode, whatever their log says.
 
     ``sim.step`` writes step ``t + 1`` of ``traj``/``valid`` in place (an append-only buffer): an older state
-    object still reads its own past correctly, but to branch (step one state twice) use ``clone()``.
+    object still reads its own past correctly, but it cannot be stepped again (``StaleStateError``); to branch
+    (step one state twice) step its ``clone()``.
     """
 
-    log: object
-    log_valid: object
-    route_xy: object
-    route_len: object
-    agent_type: object
-    extent: object
-    agent_mask: object
-    controlled: object
-    ego: object
-    start: object
-    end: object
-    map_idx: object
+    # static per episode
+    log: torch.Tensor  # (B, A, T, 5) float32 TRAJECTORY_FIELDS (m, rad, m/s), zero where invalid
+    log_valid: torch.Tensor  # (B, A, T) bool
+    route_xy: torch.Tensor  # (B, A, P, 2) float32 m, padding repeats each route's last point
+    route_len: torch.Tensor  # (B, A) int64 valid route points (0: never observed)
+    agent_type: torch.Tensor  # (B, A) int64 AgentType
+    extent: torch.Tensor  # (B, A, 2) float32 length, width (m)
+    agent_mask: torch.Tensor  # (B, A) bool, False for padding
+    controlled: torch.Tensor  # (B, A) bool
+    ego: torch.Tensor  # (B,) int64 agent index
+    start: torch.Tensor  # (B,) int64 step
+    end: torch.Tensor  # (B,) int64 step
+    map_idx: torch.Tensor  # (B,) int64 index into maps
     maps: MapBatch
-    traj: object
-    valid: object
-    t: object
-    route_pos: object
-    removed: object
-    dt: float
-    scene_ids: tuple
+    # dynamic
+    traj: torch.Tensor  # (B, A, T, 5) float32, shared with the states step() returns (written in place)
+    valid: torch.Tensor  # (B, A, T) bool, shared like traj
+    t: torch.Tensor  # (B,) int64 current step
+    route_pos: torch.Tensor  # (B, A) int64 index into route_xy
+    removed: torch.Tensor  # (B, A) bool
+    dt: float  # s per step
+    scene_ids: tuple[str, ...]  # (B,)
 
     @property
     def batch_size(self) -> int:
@@ -285,6 +292,6 @@ class Action:
     (optional) takes driven agents out of the scene for the rest of the episode (they leave the map).
     """
 
-    data: object
-    valid: object
-    remove: object = None
+    data: torch.Tensor  # (B, A, D) float32 in the dynamics' units
+    valid: torch.Tensor  # (B, A) bool
+    remove: torch.Tensor | None = None  # (B, A) bool

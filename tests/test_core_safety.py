@@ -1,13 +1,18 @@
-"""Safety of the core: atomic writes."""
+"""Safety of the core: atomic writes, caches that never serve another map's data, stale states refused."""
 
 from __future__ import annotations
+
+import gc
 
 import numpy as np
 import pytest
 import torch
 
+from envs import sim
+from envs.errors import StaleStateError
 from envs.fileio import atomic_write
-from tests.scenes import straight_road
+from envs.types import Action, PolylineType
+from tests.scenes import make_map, make_scene, straight_road
 
 
 def _leftovers(directory) -> list[str]:
@@ -72,3 +77,88 @@ def test_the_writers_that_used_to_leave_temporary_files_no_longer_do(tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         rollouts.save_rollouts(_Rollouts(), tmp_path)
     assert (tmp_path / "scene.npz").read_bytes() == b"old rollouts" and _leftovers(tmp_path) == []
+
+
+# ---- caches keyed by map id ------------------------------------------------------------------------------------
+
+def _two_maps():
+    east = make_map([(np.array([[0.0, 0.0], [100.0, 0.0]]), PolylineType.LANE_CENTER)], map_id="test:east")
+    north = make_map([(np.array([[0.0, 0.0], [0.0, 100.0]]), PolylineType.LANE_CENTER)], map_id="test:north")
+    return east, north
+
+
+def test_idm_lane_index_never_serves_another_maps_entry_even_when_ids_collide(monkeypatch):
+    import agents.idm as idm
+
+    monkeypatch.setattr(idm, "id", lambda obj: 12345, raising=False)  # every object "has the same id()"
+    east, north = _two_maps()
+    a, b = idm._LaneIndex.of(east), idm._LaneIndex.of(north)
+    assert a is not b
+    np.testing.assert_array_equal(a.flat, east.points)
+    np.testing.assert_array_equal(b.flat, north.points)
+    assert idm._LaneIndex.of(east) is a  # still cached per map
+    # A map with the same name but other content (a new object, e.g. another test's fixture) gets its own.
+    twin = make_map([(np.array([[5.0, 5.0], [9.0, 5.0]]), PolylineType.LANE_CENTER)], map_id="test:east")
+    np.testing.assert_array_equal(idm._LaneIndex.of(twin).flat, twin.points)
+
+
+def test_idm_lane_index_of_a_dead_map_is_not_served_to_its_successor():
+    import agents.idm as idm
+
+    old = make_map([(np.array([[0.0, 0.0], [100.0, 0.0]]), PolylineType.LANE_CENTER)], map_id="test:reused")
+    idm._LaneIndex.of(old)
+    del old
+    gc.collect()  # its id() may now be reused by the next map
+    new = make_map([(np.array([[0.0, 0.0], [0.0, -50.0]]), PolylineType.LANE_CENTER)], map_id="test:reused")
+    np.testing.assert_array_equal(idm._LaneIndex.of(new).flat, new.points)
+
+
+def test_observation_chunk_centres_never_serve_another_map_batch(monkeypatch):
+    import envs.observation as obs
+
+    monkeypatch.setattr(obs, "id", lambda obj: 12345, raising=False)
+    east, north = _two_maps()
+    batches = [sim.stack_maps([m]) for m in (east, north, straight_road(map_id="test:east"))]
+    for mb in batches * 2:
+        w = mb.chunk_mask.float()[..., None]
+        expected = (mb.chunks * w).sum(-2) / w.sum(-2).clamp(min=1)
+        assert torch.equal(obs._chunk_centres(mb), expected)
+
+
+# ---- stale states ----------------------------------------------------------------------------------------------
+
+def _state():
+    from envs.dynamics import InvertibleBicycle
+
+    scene = make_scene([dict(x0=10, y0=-1.75, speed=10), dict(x0=40, y0=1.75, speed=8, heading=np.pi)])
+    state = sim.reset([scene], start_step=10, controlled="all")
+    action = Action(torch.tensor([[[1.0, 0.0], [-1.0, 0.01]]]), state.controlled.clone())
+    return state, action, InvertibleBicycle()
+
+
+def test_stepping_a_state_twice_raises_and_says_to_clone():
+    state, action, dyn = _state()
+    first = sim.step(state, action, dyn)
+    snapshot = first.traj.clone(), first.valid.clone()
+    with pytest.raises(StaleStateError, match=r"clone\(\)"):
+        sim.step(state, action, dyn)
+    # The refused step wrote nothing: the newer state is intact and steps on.
+    assert torch.equal(first.traj, snapshot[0]) and torch.equal(first.valid, snapshot[1])
+    second = sim.step(first, action, dyn)
+    assert int(second.t[0]) == 12
+    with pytest.raises(StaleStateError):
+        sim.step(first, action, dyn)
+
+
+def test_stepping_a_clone_branches_without_touching_the_original():
+    state, action, dyn = _state()
+    branch = state.clone()
+    first = sim.step(state, action, dyn)
+    kept = first.traj.clone()
+    other = Action(torch.zeros_like(action.data), action.valid)
+    alt = sim.step(branch, other, dyn)  # a clone of an unstepped state: fine, and independent
+    assert torch.equal(first.traj, kept)
+    assert not torch.equal(alt.current, first.current)
+    again = sim.step(first.clone(), action, dyn)  # a clone of a state that is about to be stepped: fine too
+    assert torch.equal(first.traj, kept)
+    assert torch.equal(sim.step(first, action, dyn).current, again.current)
