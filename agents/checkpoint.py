@@ -1,42 +1,59 @@
 """Checkpoints: one ``.safetensors`` file holding the tensors and, in its metadata, the JSON needed to rebuild
-the agent (its registered name and constructor config). Loading never executes code (no pickle)."""
+the agent (its registered name and constructor config). Loading never executes code (no pickle).
+
+The metadata also holds a checksum (``checksum``: sha256 of the other metadata and of every tensor's name, dtype,
+shape and bytes), verified on load: a damaged file (a flipped bit, a bad copy) raises ``CheckpointChecksumError``
+instead of loading and driving with corrupt weights. Files saved before checksums existed have none and load
+unverified.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from envs.errors import CheckpointError
+from envs.errors import CheckpointChecksumError, CheckpointError
+from envs.fileio import atomic_write
 
 FORMAT = "trafficgym-checkpoint-v1"
+CHECKSUM_KEY = "checksum"
+
+
+def checkpoint_checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """``"sha256:<hex>"`` of the metadata (every key but ``CHECKSUM_KEY``) and of each tensor (name, dtype, shape,
+    raw bytes), in sorted order, so neither the dict order nor the file layout matters."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted((k, v) for k, v in meta.items() if k != CHECKSUM_KEY)).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return f"sha256:{h.hexdigest()}"
 
 
 def save_checkpoint(path: str | Path, agent_name: str, config: dict, tensors: dict[str, torch.Tensor],
                     extra: dict | None = None) -> Path:
-    """Write atomically (temporary file, then rename): an interrupted save never leaves a half file."""
+    """Write atomically (temporary file, then rename): an interrupted save never leaves a half file. The metadata
+    gets the checksum ``load_checkpoint`` verifies."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format": FORMAT, "agent": agent_name, "config": json.dumps(config), "extra": json.dumps(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta[CHECKSUM_KEY] = checkpoint_checksum(meta, tensors)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
 def load_checkpoint(path: str | Path, expected_agent: str | None = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """Read ``(config, tensors, extra)``; ``CheckpointError`` if the file is missing, not a trafficgym
-    checkpoint, or was made for another agent than ``expected_agent``."""
+    checkpoint, or was made for another agent than ``expected_agent``; ``CheckpointChecksumError`` if its content
+    does not match the checksum saved with it (files without a checksum, saved before there was one, load
+    unverified)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -52,6 +69,13 @@ def load_checkpoint(path: str | Path, expected_agent: str | None = None) -> tupl
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a trafficgym checkpoint (format "
                               f"{meta.get('format')!r}, expected {FORMAT!r}).")
+    if CHECKSUM_KEY in meta:
+        actual = checkpoint_checksum(meta, tensors)
+        if actual != meta[CHECKSUM_KEY]:
+            raise CheckpointChecksumError(
+                f"Checkpoint {path} is damaged: its content does not match the checksum saved with it "
+                f"({actual[:19]}... vs {meta[CHECKSUM_KEY][:19]}...). Copy or download it again, or re-save it "
+                "from its source.")
     if expected_agent is not None and meta.get("agent") != expected_agent:
         raise CheckpointError(f"{path} holds a {meta.get('agent')!r} checkpoint, not {expected_agent!r}; load it "
                               f"with --agent {meta.get('agent')}.")

@@ -121,6 +121,11 @@ class NoDisplayError(TrafficGymError, RuntimeError):
     """``render_mode="human"`` where no display exists (headless machine, ``SDL_VIDEODRIVER=dummy``)."""
 
 
+class CheckpointChecksumError(CheckpointError):
+    """A checkpoint whose content (tensor bytes, metadata) differs from the checksum stored when it was saved: the
+    file was damaged (a flipped bit, a bad copy) or edited after saving."""
+
+
 class StaleStateError(TrafficGymError, RuntimeError):
     """``sim.step`` given a ``SimState`` that was already stepped: its trajectory buffer is shared with (and was
     advanced by) the state that step returned, so stepping it again would overwrite that state's present."""

@@ -1,15 +1,18 @@
-"""Safety of the core: atomic writes, caches that never serve another map's data, stale states refused."""
+"""Safety of the core: atomic writes, caches that never serve another map's data, stale states refused, checkpoint
+checksums."""
 
 from __future__ import annotations
 
 import gc
+import json
+import struct
 
 import numpy as np
 import pytest
 import torch
 
 from envs import sim
-from envs.errors import StaleStateError
+from envs.errors import CheckpointChecksumError, StaleStateError
 from envs.fileio import atomic_write
 from envs.types import Action, PolylineType
 from tests.scenes import make_map, make_scene, straight_road
@@ -77,6 +80,23 @@ def test_the_writers_that_used_to_leave_temporary_files_no_longer_do(tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         rollouts.save_rollouts(_Rollouts(), tmp_path)
     assert (tmp_path / "scene.npz").read_bytes() == b"old rollouts" and _leftovers(tmp_path) == []
+
+
+def test_checkpoint_save_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from agents.checkpoint import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "m.safetensors", "tiny", {"w": 1}, {"x": torch.ones(3)})
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        save_checkpoint(path, "tiny", {"w": 2}, {"x": torch.zeros(3)})
+    assert load_checkpoint(path)[0] == {"w": 1} and _leftovers(tmp_path) == []
 
 
 # ---- caches keyed by map id ------------------------------------------------------------------------------------
@@ -162,3 +182,71 @@ def test_stepping_a_clone_branches_without_touching_the_original():
     again = sim.step(first.clone(), action, dyn)  # a clone of a state that is about to be stepped: fine too
     assert torch.equal(first.traj, kept)
     assert torch.equal(sim.step(first, action, dyn).current, again.current)
+
+
+# ---- checkpoint checksums --------------------------------------------------------------------------------------
+
+def _flip_tensor_byte(src, dst, tensor: str, offset: int = 3) -> None:
+    """Copy ``src`` to ``dst`` with one byte of ``tensor``'s data flipped (the header stays valid)."""
+    data = bytearray(src.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    start = json.loads(data[8:8 + n])[tensor]["data_offsets"][0]
+    data[8 + n + start + offset] ^= 0x40
+    dst.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_checkpoints_tensors_raises_a_typed_error_naming_the_file(tmp_path):
+    from agents.checkpoint import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "good.safetensors", "tiny", {"width": 4},
+                           {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(4)})
+    config, tensors, _ = load_checkpoint(path, expected_agent="tiny")
+    assert config == {"width": 4} and torch.equal(tensors["w"], torch.arange(12.0).reshape(3, 4))
+    bad = tmp_path / "bad.safetensors"
+    _flip_tensor_byte(path, bad, "w")
+    from safetensors.torch import load_file
+
+    assert not torch.equal(load_file(str(bad))["w"], tensors["w"])  # it still parses: only the checksum tells
+    with pytest.raises(CheckpointChecksumError, match="bad.safetensors"):
+        load_checkpoint(bad, expected_agent="tiny")
+
+
+def test_checkpoints_without_a_checksum_still_load(tmp_path):
+    """Files saved before checksums existed (users' runs) have none: they load, unverified."""
+    from safetensors.torch import save_file
+
+    from agents.checkpoint import FORMAT, load_checkpoint
+
+    path = tmp_path / "legacy.safetensors"
+    save_file({"x": torch.ones(2)}, str(path),
+              metadata={"format": FORMAT, "agent": "tiny", "config": "{}", "extra": "{}"})
+    config, tensors, extra = load_checkpoint(path, expected_agent="tiny")
+    assert config == {} and extra == {} and torch.equal(tensors["x"], torch.ones(2))
+
+
+def test_the_checksum_covers_order_independent_content():
+    from agents.checkpoint import checkpoint_checksum
+
+    meta = {"format": "f", "agent": "a", "config": "{}"}
+    a = {"x": torch.zeros(2), "y": torch.ones(3)}
+    assert checkpoint_checksum(meta, a) == checkpoint_checksum(dict(reversed(meta.items())), dict(reversed(a.items())))
+    assert checkpoint_checksum(meta, a) != checkpoint_checksum(meta, {"x": torch.zeros(2), "y": torch.ones(3).double()})
+    assert checkpoint_checksum(meta, a) != checkpoint_checksum(meta, {"x": torch.zeros(1, 2), "y": torch.ones(3)})
+    assert checkpoint_checksum(meta, a) != checkpoint_checksum({**meta, "config": '{"k": 1}'}, a)
+
+
+def test_the_bundled_weights_carry_a_checksum_and_a_flipped_copy_is_refused(tmp_path):
+    from agents.checkpoint import CHECKSUM_KEY, load_checkpoint
+    from agents.smart import PRETRAINED
+
+    src = PRETRAINED["towns-nano"]
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        assert f.metadata()[CHECKSUM_KEY].startswith("sha256:")
+        name = sorted(f.keys())[0]
+    load_checkpoint(src, expected_agent="smart")
+    bad = tmp_path / "nano_copy.safetensors"
+    _flip_tensor_byte(src, bad, name)
+    with pytest.raises(CheckpointChecksumError, match="nano_copy.safetensors"):
+        load_checkpoint(bad, expected_agent="smart")
