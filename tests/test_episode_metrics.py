@@ -122,7 +122,8 @@ def test_interaction_features_distance_collision_and_overlap_counts():
     np.testing.assert_allclose(f["distance_to_nearest_object"].value[0, :, 0], [8.0, -1.0, 8.0], atol=1e-5)
     # Alone: the official "no other object" value, 1e10 (it lands in the histogram's top bin).
     f = interaction_features(*frame([(0, 0, 0, 0, 0)], [(4, 2)]))
-    assert f["distance_to_nearest_object"].valid.all() and float(f["distance_to_nearest_object"].value) == 1e10
+    assert f["distance_to_nearest_object"].valid.all()
+    assert float(f["distance_to_nearest_object"].value) == 1e10
 
 
 def test_rounded_box_distance_corner_to_corner():
@@ -287,7 +288,8 @@ def test_time_to_collision_follower_closing():
     s, v, ext = frame([(0, 0, 0, 10, 0), (14.5, 0, 0, 5, 0)], [(4.5, 2), (4.5, 2)])
     f = interaction_features(s, v, ext)
     ttc = f["time_to_collision"].value[0, :, 0]
-    assert float(ttc[0]) == pytest.approx(2.0) and float(ttc[1]) == TTC_CAP  # the leader follows nobody
+    assert float(ttc[0]) == pytest.approx(2.0)
+    assert float(ttc[1]) == TTC_CAP  # the leader follows nobody
     # Not closing, crossing at 90°, or one lane over: nothing to collide with.
     for other in [(14.5, 0, 0, 12, 0), (14.5, 0, math.pi / 2, 0, 5), (14.5, 3.5, 0, 0, 0)]:
         f = interaction_features(*frame([(0, 0, 0, 10, 0), other], [(4.5, 2), (4.5, 2)]))
@@ -329,7 +331,8 @@ def test_time_to_collision_official_following_rules():
 def test_rss_longitudinal_and_lateral():
     # 10 m/s behind a stopped car 5 m away: RSS needs 10*0.5 + 0.5*2*0.25 + 11^2/8 = 20.375 m.
     f = interaction_features(*frame([(0, 0, 0, 10, 0), (9.5, 0, 0, 0, 0)], [(4.5, 2), (4.5, 2)]))
-    assert bool(f["rss_longitudinal"].value[0, 0, 0]) and not bool(f["rss_longitudinal"].value[0, 1, 0])
+    assert bool(f["rss_longitudinal"].value[0, 0, 0])
+    assert not bool(f["rss_longitudinal"].value[0, 1, 0])
     f = interaction_features(*frame([(0, 0, 0, 10, 0), (40, 0, 0, 0, 0)], [(4.5, 2), (4.5, 2)]))
     assert not f["rss_longitudinal"].value.any()
     # Side by side 0.1 m apart, not moving sideways: below mu + 0.5*1.5*0.25... -> violation; 5 m apart -> fine.
@@ -373,7 +376,8 @@ def test_road_edge_distance_on_a_straight_road():
     np.testing.assert_allclose(d, [-2.5, 0.0, 2.0, 7.5], atol=1e-6)  # exact: the edge segments themselves
     assert f["offroad"].value[0, :, 0].tolist() == [False, False, True, False]  # pedestrians never off-road
     f = road_edge_features(traj, torch.ones(1, 4, 1, dtype=torch.bool), ext, types, None)
-    assert not f["distance_to_road_edge"].valid.any() and not f["offroad"].valid.any()
+    assert not f["distance_to_road_edge"].valid.any()
+    assert not f["offroad"].valid.any()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -434,11 +438,13 @@ def test_histogram_likelihood_pools_objects_and_steps():
     np.testing.assert_allclose(count, [2, 2])
     pooled = math.exp(total.sum() / count.sum())  # the official aggregation
     per_object = np.mean([math.sqrt(p0[0] * p0[1]), p1[1]])  # what averaging objects' likelihoods would give
-    assert pooled == pytest.approx((p0[0] * p0[1] * p1[1] ** 2) ** 0.25) and pooled < per_object
+    assert pooled == pytest.approx((p0[0] * p0[1] * p1[1] ** 2) ** 0.25)
+    assert pooled < per_object
     # unused sim values do not count; unscored log values neither; NaN lands in the top bin
     ok[1, 0, 1] = False
     total, count = likelihoods(sim, ok, log, [[True, False], [False, False]], bins=2, high=2.0)
-    assert total[0] == pytest.approx(math.log(2.1 / 3.2)) and count.tolist() == [1, 0]
+    assert total[0] == pytest.approx(math.log(2.1 / 3.2))
+    assert count.tolist() == [1, 0]
     sim[0, 0, :] = np.nan
     total, _ = likelihoods(sim, np.ones((2, 2, 2), bool), [[np.nan, 0.5], [0, 0]], [[True, False], [False, False]],
                            bins=2, high=2.0)
@@ -474,7 +480,8 @@ def test_boolean_likelihood_any_over_time_masked_by_the_log():
     sim[0, 0, 2] = True  # one rollout of four collides at some step
     ok = np.ones((4, 1, 3), bool)
     total, count = likelihoods(sim, ok, [[False, True, False]], [[True, True, True]], bins=0)
-    assert math.exp(total[0]) == pytest.approx(1.001 / 4.002) and count[0] == 1
+    assert math.exp(total[0]) == pytest.approx(1.001 / 4.002)
+    assert count[0] == 1
     total, _ = likelihoods(sim, ok, np.zeros((1, 3), bool), [[True, True, True]], bins=0)
     assert math.exp(total[0]) == pytest.approx(1 - 1.001 / 4.002)
     # the collision came at a step where the log is not valid: the official metric does not count it
@@ -482,7 +489,8 @@ def test_boolean_likelihood_any_over_time_masked_by_the_log():
     assert math.exp(total[0]) == pytest.approx(4.001 / 4.002)  # a "perfect" boolean: ~1, not 0.9969
     # an object with no valid logged step still counts (as never true)
     total, count = likelihoods(sim, ok, np.zeros((1, 3), bool), np.zeros((1, 3), bool), bins=0)
-    assert math.exp(total[0]) == pytest.approx(4.001 / 4.002) and count[0] == 1
+    assert math.exp(total[0]) == pytest.approx(4.001 / 4.002)
+    assert count[0] == 1
 
 
 def test_wosac_kinematics_padding_and_validity():
@@ -494,7 +502,8 @@ def test_wosac_kinematics_padding_and_validity():
     values, use = wosac_kinematics(traj, valid, DT, 11, np.array([True, False]))
     speed, accel = values[0], values[1]
     np.testing.assert_allclose(speed[0, :-1], (3.0 + 1.5 * t)[11:-1], atol=1e-9)
-    assert np.isnan(speed[:, -1]).all() and np.isnan(accel[:, -2:]).all()  # past the end of the scene: NaN
+    assert np.isnan(speed[:, -1]).all()  # past the end of the scene: NaN
+    assert np.isnan(accel[:, -2:]).all()
     np.testing.assert_allclose(accel[0, :-2], 1.5, atol=1e-8)  # the first future steps use the history
     # the log is scored from the future steps' validity alone: speed not at the first or last future step,
     # acceleration not at the first two or last two; a rollout's values all enter its histogram
@@ -538,7 +547,8 @@ def test_min_ade_ade_fde_exact():
     np.testing.assert_allclose(ade, np.array([[1, 3], [2, 0.5]]) * scale, atol=1e-5)
     np.testing.assert_allclose(fde, [[1, 3], [2, 0.5]], atol=1e-5)
     m = compute_episode_metrics(r, ["min_ade"])
-    assert m["ade"] == pytest.approx(1.625 * scale) and m["min_ade"] == pytest.approx(1.25 * scale)
+    assert m["ade"] == pytest.approx(1.625 * scale)
+    assert m["min_ade"] == pytest.approx(1.25 * scale)
     # agents not valid at the current step are no WOSAC objects: left out
     late = r.log_valid.clone()
     late[1, :h] = False
@@ -583,7 +593,8 @@ def test_blm_collision_rate_fdd_and_jsd_of_the_log():
     m = compute_episode_metrics(r, ["blm_safety", "blm_jsd", "blm_fdd"])
     assert m["blm_collision_rate"] == pytest.approx(0.5)
     assert m["blm_offroad_rate"] == 0.0
-    assert m["blm_jsd_speed"] == pytest.approx(0.0) and m["blm_jsd_accel"] == pytest.approx(0.0)
+    assert m["blm_jsd_speed"] == pytest.approx(0.0)
+    assert m["blm_jsd_accel"] == pytest.approx(0.0)
     assert m["blm_fdd"] == pytest.approx(0.0)
     sim = r.sim.clone()
     sim[1, :, -1, 0] += 3.0  # rollout 1 ends 3 m further: pairwise distances 3, 3, 0 -> FDD 2
@@ -625,8 +636,10 @@ def test_planning_metrics_of_a_constant_speed_ego():
     r = scene_rollouts([dict(x0=10, y0=-1.75, speed=5.0), dict(x0=100, y0=-1.75, speed=5.0)], num_steps=31)
     m = ego_planning_metrics(r)
     assert m["planning_progress"] == pytest.approx(5.0 * 2.0, abs=1e-3)  # 20 future steps at 5 m/s
-    assert m["planning_collision"] == 0 and m["planning_offroad"] == 0
-    assert m["planning_max_jerk"] == pytest.approx(0, abs=1e-3) and m["planning_ade"] == pytest.approx(0)
+    assert m["planning_collision"] == 0
+    assert m["planning_offroad"] == 0
+    assert m["planning_max_jerk"] == pytest.approx(0, abs=1e-3)
+    assert m["planning_ade"] == pytest.approx(0)
     assert m["planning_min_ttc"] == TTC_CAP
     no_ego = replace(r, ego_index=-1)
     with pytest.raises(NoEgoError, match="ego_index=-1"):
@@ -711,12 +724,14 @@ def test_realism_on_towns_log_beats_constant_velocity(towns_val):
     cv_r = rollouts_from_log(scene, 8, 11, ix, sim=sim[:, live], sim_valid=valid[:, live])
     log_m = compute_episode_metrics(log_r, ["realism", "min_ade"])
     cv_m = compute_episode_metrics(cv_r, ["realism", "min_ade"])
-    assert log_m["min_ade"] == 0.0 and cv_m["min_ade"] > 1.0
+    assert log_m["min_ade"] == 0.0
+    assert cv_m["min_ade"] > 1.0
     for preset in META_WEIGHTS:
         key = f"realism_meta_{preset}"
         assert log_m[key] > 0.8, log_m  # WOSAC's logged-data upper bound is ~0.83
         assert log_m[key] > cv_m[key] + 0.05, (log_m, cv_m)
-    assert log_m["realism_collision"] > 0.95 and log_m["realism_traffic_light_violation"] > 0.9
+    assert log_m["realism_collision"] > 0.95
+    assert log_m["realism_traffic_light_violation"] > 0.9
 
 
 def test_distance_travelled_exact():
@@ -760,14 +775,16 @@ def test_traffic_light_violation_of_a_car_running_the_red():
 
     scene = signalised_scene()
     tl = TrafficLights.from_scene(scene)
-    assert tl.stop_point.tolist() == [[100.0, -1.75]] and tl.red.all()
+    assert tl.stop_point.tolist() == [[100.0, -1.75]]
+    assert tl.red.all()
     t = np.arange(61) * 0.1
     xy = np.zeros((2, 1, 61, 2))
     xy[..., 1] = -1.75
     xy[0, 0, :, 0] = 94.75 + 0 * t  # waits
     xy[1, 0, :, 0] = 94.75 + 5.0 * t  # drives through at 5 m/s: passes x = 100 between steps 10 and 11
     v = tl.violations(xy, np.ones((2, 1, 61), bool))
-    assert not v[0].any() and np.flatnonzero(v[1, 0]).tolist() == [11]
+    assert not v[0].any()
+    assert np.flatnonzero(v[1, 0]).tolist() == [11]
     # on green nobody violates; an invalid step does not
     green = replace(tl, red=np.zeros_like(tl.red))
     assert not green.violations(xy, np.ones((2, 1, 61), bool)).any()
@@ -798,9 +815,11 @@ def test_metric_road_edges_continue_past_the_map_border():
 
     road = straight_road()  # x in [0, 200], lanes cross both ends
     lines = metric_road_edges(road)
-    assert len(lines) == 2 and all(np.hypot(*(ln[0] - ln[-1])) > 1 for ln in lines)  # opened into two sides
+    assert len(lines) == 2  # opened into two sides
+    assert all(np.hypot(*(ln[0] - ln[-1])) > 1 for ln in lines)
     xs = np.concatenate([ln[:, 0] for ln in lines])
-    assert xs.min() == pytest.approx(-BORDER_STUB) and xs.max() == pytest.approx(200 + BORDER_STUB)
+    assert xs.min() == pytest.approx(-BORDER_STUB)
+    assert xs.max() == pytest.approx(200 + BORDER_STUB)
     edges = build_road_edges(lines)
     d = edges.signed_distance(np.array([[230.0, -1.75], [-30.0, 1.75], [230.0, 6.0], [100.0, 0.0], [300.0, 0.0]]))
     np.testing.assert_allclose(d[:4], [-1.75, -1.75, 2.5, -3.5])  # beyond the border: still the road's edges

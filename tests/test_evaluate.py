@@ -32,17 +32,21 @@ def tiny_val(tiny_env_kwargs):
 def test_log_replay_rollouts_equal_the_log(tiny_val):
     r = simulate_scene(make_agent("log_replay"), tiny_val, 0, num_rollouts=3)
     r.validate()
-    assert r.sim.shape == (3, 3, 91, 5) and r.history_steps == 11 and r.context is None
+    assert r.sim.shape == (3, 3, 91, 5)
+    assert r.history_steps == 11
+    assert r.context is None
     for k in range(3):
         torch.testing.assert_close(r.sim[k][r.log_valid][:, :3], r.log[r.log_valid][:, :3])  # poses exact
         torch.testing.assert_close(r.sim[k][r.log_valid], r.log[r.log_valid], atol=1e-3, rtol=0)  # v: finite diff
-    assert r.ego_index == 0 and list(r.agent_ids) == ["0_1", "0_2", "0_3"]
+    assert r.ego_index == 0
+    assert list(r.agent_ids) == ["0_1", "0_2", "0_3"]
 
 
 def test_ego_setting_evaluates_every_agent_with_the_ego_marked(tiny_val):
     r = simulate_scene(make_agent("constant_velocity"), tiny_val, 1, num_rollouts=2, setting="ego",
                        traffic=make_agent("idm"))
-    assert r.num_agents == 3 and r.ego_index == 0
+    assert r.num_agents == 3
+    assert r.ego_index == 0
     # The ego kept its speed (constant velocity); IDM drove the others.
     assert float(r.sim[0, 0, -1, 3]) == pytest.approx(float(r.log[0, 10, 3]), abs=1e-4)
 
@@ -51,7 +55,9 @@ def test_npz_round_trip(tiny_val, tmp_path):
     r = simulate_scene(make_agent("random"), tiny_val, 0, num_rollouts=4, seed=3)
     path = save_rollouts(r, tmp_path)
     data = load_rollout_file(path)
-    assert data["x"].shape == (4, 3, 91) and data["z"].max() == 0 and int(data["history_steps"]) == 11
+    assert data["x"].shape == (4, 3, 91)
+    assert data["z"].max() == 0
+    assert int(data["history_steps"]) == 11
     np.testing.assert_allclose(data["x"], r.sim[..., 0].numpy())
     np.testing.assert_allclose(data["log_heading"], r.log[..., 2].numpy())
     assert data["agent_ids"].tolist() == ["0_1", "0_2", "0_3"]
@@ -63,8 +69,10 @@ def test_npz_round_trip(tiny_val, tmp_path):
 def test_evaluate_is_deterministic_and_orders_scenes(tiny_val):
     a = evaluate("random", tiny_val, num_rollouts=3, metrics=["test_mean_final_x"], seed=5)
     b = evaluate("random", tiny_val, num_rollouts=3, metrics=["test_mean_final_x"], seed=5)
-    assert a.pop("timing")["rollout_s_per_scene"] > 0 and b.pop("timing")
-    assert a == b and [r["scene_id"] for r in a["per_scene"]] == [f"DR_USA_Tiny_Road_val_{i}" for i in range(3)]
+    assert a.pop("timing")["rollout_s_per_scene"] > 0
+    assert b.pop("timing")
+    assert a == b
+    assert [r["scene_id"] for r in a["per_scene"]] == [f"DR_USA_Tiny_Road_val_{i}" for i in range(3)]
     mean = np.mean([r["test_mean_final_x"] for r in a["per_scene"]])
     assert a["metrics"]["test_mean_final_x"] == pytest.approx(mean)
 
@@ -83,7 +91,9 @@ def test_two_processes_match_one(tiny_env_kwargs, tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "training.cli", *common, "--json", str(two)], check=True, env=env, capture_output=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert a["per_scene"] == b["per_scene"] and a["metrics"] == b["metrics"] and a["scenes"] == 3
+    assert a["per_scene"] == b["per_scene"]
+    assert a["metrics"] == b["metrics"]
+    assert a["scenes"] == 3
 
 
 def test_complete_rollouts_continue_leavers_at_constant_velocity():
@@ -105,7 +115,8 @@ def test_complete_rollouts_continue_leavers_at_constant_velocity():
     assert ok[:, :2, 3:].all()
     assert ok[:, 2].tolist() == valid[:, 2].tolist()
     torch.testing.assert_close(out[0, 0, 6:, 0], 5.0 + torch.arange(1.0, 5.0))  # 1 m per step from x = 5
-    assert (out[0, 0, 6:, 2] == 0.3).all() and (out[0, 0, 6:, 3] == 10.0).all()
+    assert (out[0, 0, 6:, 2] == 0.3).all()
+    assert (out[0, 0, 6:, 3] == 10.0).all()
     torch.testing.assert_close(out[1, 1, 4:7, 0], torch.tensor([4.0, 5.0, 6.0]))
 
 
@@ -140,5 +151,6 @@ def test_npz_carries_the_metric_road_edges(tiny_val, tmp_path):
     assert off[-1] == len(xy) > 0
     lines = [xy[off[p]:off[p + 1]] for p in range(len(off) - 1)]
     expected = r.map_index.road_edges.polylines()
-    assert len(lines) == len(expected) and all(np.allclose(a, b) for a, b in zip(lines, expected, strict=True))
+    assert len(lines) == len(expected)
+    assert all(np.allclose(a, b) for a, b in zip(lines, expected, strict=True))
     assert data["tl_red"].shape == (0, 91)  # no signals in this dataset

@@ -47,8 +47,10 @@ def test_frame_shape_and_dtype():
     for config in (RenderConfig(width=320, height=240), RenderConfig(width=321, height=199, camera="scene",
                                                                      show_ids=True)):
         frame = render_frame(st, road, config=config)
-        assert frame.shape == (config.height, config.width, 3) and frame.dtype == np.uint8
-        assert frame.flags.writeable and frame.std() > 0  # something was drawn
+        assert frame.shape == (config.height, config.width, 3)
+        assert frame.dtype == np.uint8
+        assert frame.flags.writeable
+        assert frame.std() > 0  # something was drawn
 
 
 def test_agent_box_lands_on_known_pixels_in_its_colour():
@@ -82,7 +84,8 @@ def test_collision_highlight_only_when_colliding():
     assert _count(render_frame(overlap, road, config=WINDOW, metrics=none), COLLISION_RGB) == 0
     offroad, _ = _state([dict(x0=10, y0=1.75), dict(x0=50, y0=6.0)])  # a vehicle beyond the road edge (y 3.5)
     frame = render_frame(offroad, road, config=WINDOW)
-    assert _count(frame, OFFROAD_RGB) > 50 and _count(frame, COLLISION_RGB) == 0
+    assert _count(frame, OFFROAD_RGB) > 50
+    assert _count(frame, COLLISION_RGB) == 0
 
 
 def test_traffic_lights_only_when_given():
@@ -109,7 +112,8 @@ def test_side_by_side_and_video_round_trip(tmp_path):
     st, road = _state([dict(x0=48, y0=-1.75, speed=5), dict(x0=60, y0=1.75, heading=np.pi, speed=4)])
     config = RenderConfig(width=96, height=64, px_per_m=4)
     pair = side_by_side_frame(st, road, config=config)
-    assert pair.shape == (64, 2 * 96 + 4, 3) and pair.dtype == np.uint8
+    assert pair.shape == (64, 2 * 96 + 4, 3)
+    assert pair.dtype == np.uint8
     # Distinct frames (GIF writers merge identical consecutive ones): the 7 history steps 4..10 of the state.
     frames = [render_frame(replace(st, t=torch.full_like(st.t, t)), road, config=config) for t in range(4, 11)]
     import imageio.v2 as imageio
@@ -119,7 +123,8 @@ def test_side_by_side_and_video_round_trip(tmp_path):
         assert reader.count_frames() == 7
     gif = write_video(iter(frames), tmp_path / "clip.gif", fps=10)
     decoded = imageio.mimread(gif)
-    assert len(decoded) == 7 and decoded[0].shape[:2] == (64, 96)
+    assert len(decoded) == 7
+    assert decoded[0].shape[:2] == (64, 96)
 
 
 def test_bad_input_is_reported_clearly(tmp_path, tiny_env_kwargs):
@@ -166,7 +171,8 @@ def test_env_rgb_array_frames_and_checker(env_id, tiny_env_kwargs):
                    **tiny_env_kwargs)
     env.reset(seed=0)
     frame = env.render()
-    assert frame.shape == (96, 128, 3) and frame.dtype == np.uint8
+    assert frame.shape == (96, 128, 3)
+    assert frame.dtype == np.uint8
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env.unwrapped)
@@ -201,10 +207,12 @@ def test_vector_env_renders_one_frame_per_env(tiny_env_kwargs):
                         render_mode="rgb_array", render_config=RenderConfig(width=64, height=48), **tiny_env_kwargs)
     venv.reset(seed=0)
     frames = venv.render()
-    assert len(frames) == 2 and all(f.shape == (48, 64, 3) for f in frames)
+    assert len(frames) == 2
+    assert all(f.shape == (48, 64, 3) for f in frames)
 
 
 def test_rollout_frames_one_per_step(tiny_env_kwargs):
     env = gym.make("trafficgym/SimAgents-v0", **tiny_env_kwargs)
     frames = rollout_frames(env, max_steps=4, side_by_side=True, config=RenderConfig(width=64, height=64))
-    assert len(frames) == 5 and frames[0].shape == (64, 132, 3)
+    assert len(frames) == 5
+    assert frames[0].shape == (64, 132, 3)

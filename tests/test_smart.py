@@ -111,7 +111,8 @@ def test_behaviour_cloning_learns(tmp_path):
     chance = 1.0 / len(vocab.poses["vehicle"])
     assert last < 0.6 * first
     assert acc > 20 * chance  # well above chance (1/64)
-    assert (tmp_path / "last.safetensors").exists() and (tmp_path / "tb").is_dir()
+    assert (tmp_path / "last.safetensors").exists()
+    assert (tmp_path / "tb").is_dir()
 
 
 def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
@@ -207,7 +208,8 @@ def test_train_bc_command_trains_resumes_and_names_bad_agents(tmp_path, capsys):
 
     assert main([*args, "--max-steps", "3"]) == 0
     first = report(capsys.readouterr().out)
-    assert first["steps"] == 3 and first["validation"]["val/min_ade"] >= 0
+    assert first["steps"] == 3
+    assert first["validation"]["val/min_ade"] >= 0
     for name in ("vocab", "last", "model"):
         assert (tmp_path / "run" / f"{name}.safetensors").exists()
     assert main([*args, "--max-steps", "4", "--resume"]) == 0
@@ -324,7 +326,9 @@ def test_eval_command_compares_smart_with_a_baseline(tmp_path, capsys):
     assert main(["eval", "--agent", "smart", "--agent", "constant_velocity", "--checkpoint", ckpt, *common,
                  "--split", "val", "--rollouts", "2", "--metric", "min_ade"]) == 0
     out = capsys.readouterr().out
-    assert "smart" in out and "constant_velocity" in out and "min_ade" in out
+    assert "smart" in out
+    assert "constant_velocity" in out
+    assert "min_ade" in out
     assert main(["eval", "--agent", "constant_velocity", "--checkpoint", ckpt, *common, "--split", "val"]) == 2
 
 
@@ -457,7 +461,8 @@ def test_bundled_towns_weights_load_and_beat_constant_velocity_on_val_scenes():
 
     assert PRETRAINED["towns-nano"].is_file()
     agent = make_agent("smart", checkpoint="towns-nano")
-    assert agent.model.cfg.size == "nano" and agent.model.types == ["vehicle"]
+    assert agent.model.cfg.size == "nano"
+    assert agent.model.types == ["vehicle"]
     assert len(agent.model.vocab("vehicle")) == 2048
     val = open_dataset("towns", "val")
     cv = make_agent("constant_velocity")

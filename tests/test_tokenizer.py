@@ -74,9 +74,11 @@ def test_vocabulary_covers_its_training_motions_and_respects_the_size():
     segs = segments(tracks, torch.ones(tracks.shape[:2], dtype=torch.bool))
     poses, stats = build_vocabulary(segs, size=4096, tol=0.05)
     assert poses[0].abs().max() == 0  # token 0: stand still
-    assert stats["clustered"] == 1.0 and stats["segments"] == len(segs)
+    assert stats["clustered"] == 1.0
+    assert stats["segments"] == len(segs)
     small, small_stats = build_vocabulary(segs, size=20, tol=0.05)
-    assert len(small) == 20 and small_stats["clustered"] < 1.0
+    assert len(small) == 20
+    assert small_stats["clustered"] < 1.0
 
 
 def family_vocabulary():
@@ -92,10 +94,12 @@ def family_vocabulary():
 def test_tokenized_tracks_reconstruct_within_tolerance_and_roll_out_to_the_matched_poses():
     tracks, valid, poses, vocab, kinds = family_vocabulary()
     tokens, matched, error, _ = tokenize(tracks, valid, kinds, vocab)
-    assert tokens.shape == (len(tracks), 8) and (tokens >= 0).all()
+    assert tokens.shape == (len(tracks), 8)
+    assert (tokens >= 0).all()
     assert float(error.max()) < 0.1  # the roll-out re-matches every 0.5 s: no drift beyond the tolerance
     still = 6  # speed 0, yaw rate 0 (family(): 13 yaw rates per speed, the 7th is 0)
-    assert (tokens[still] == 0).all() and float(error[still].max()) == 0
+    assert (tokens[still] == 0).all()
+    assert float(error[still].max()) == 0
     # Decoding: token s placed at matched pose s ends at matched pose s + 1.
     for s in range(8):
         end = token_poses(poses, tokens[:, s], matched[:, s])[:, -1]
@@ -103,7 +107,8 @@ def test_tokenized_tracks_reconstruct_within_tolerance_and_roll_out_to_the_match
     # A token needs both of its ends logged (as in SMART); the roll-out restarts at the next logged boundary.
     valid[3, 15] = False
     tokens, matched, error, _ = tokenize(tracks, valid, kinds, vocab)
-    assert tokens[3, 2:4].tolist() == [-1, -1] and math.isnan(error[3, 2].item())
+    assert tokens[3, 2:4].tolist() == [-1, -1]
+    assert math.isnan(error[3, 2].item())
     torch.testing.assert_close(matched[3, 4], tracks[3, 20])
     assert tokens[3, 4] >= 0
 
@@ -158,7 +163,8 @@ def test_vocabulary_file_round_trip_and_foreign_checkpoints(tmp_path):
     path = save_vocabulary(MotionVocabulary({"vehicle": poses}, 0.05, {"vehicle": stats}), tmp_path / "v.st", {})
     back = load_vocabulary(path)
     torch.testing.assert_close(back.poses["vehicle"], poses)
-    assert back.tol == 0.05 and back.stats["vehicle"] == stats
+    assert back.tol == 0.05
+    assert back.stats["vehicle"] == stats
     other = save_checkpoint(tmp_path / "idm.st", "idm", {}, {"w": torch.zeros(1)})
     with pytest.raises(CheckpointError):
         load_vocabulary(other)
@@ -173,6 +179,7 @@ def test_train_vocab_command_reports_coverage(tmp_path_factory, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     vehicle = report["per_type"]["vehicle"]
-    assert vehicle["tokens"] <= 256 and 0 < vehicle["clustered"] <= 1
+    assert vehicle["tokens"] <= 256
+    assert 0 < vehicle["clustered"] <= 1
     assert vehicle["reconstruction_mean_m"] < 0.2
     assert load_vocabulary(out).size(AgentType.VEHICLE) == vehicle["tokens"]

@@ -85,7 +85,8 @@ def test_town_names_are_interaction_locations():
     assert len(TOWN_NAMES) >= 4
     for name in TOWN_NAMES:
         tokens = name.split("_")
-        assert len(tokens) == 3 and tokens[0] == "USA", name
+        assert len(tokens) == 3, name
+        assert tokens[0] == "USA", name
     assert {"USA_Town_Grid", "USA_Town_Spider", "USA_Town_Random", "USA_Town_Roundabout"} <= set(TOWN_NAMES)
 
 
@@ -111,7 +112,9 @@ def test_manifest_fields(manifest):
 
 def test_case_counts_and_agents_meet_targets(manifest, tables):
     totals = {s: sum(manifest["cases"][s].values()) for s in SPLITS}
-    assert totals["train"] >= 1000 and totals["val"] >= 100 and totals["test"] >= 100, totals
+    assert totals["train"] >= 1000, totals
+    assert totals["val"] >= 100, totals
+    assert totals["test"] >= 100, totals
     agents = [df.groupby("case_id")["track_id"].nunique() for df in tables.values()]
     assert np.concatenate([a.to_numpy() for a in agents]).mean() >= 20
     for (town, split), df in tables.items():
@@ -144,12 +147,14 @@ def test_csv_rows_cases_and_tracks(tables):
         assert df["frame_id"].between(1, CASE_LENGTH).all()
         assert (df["timestamp_ms"] == df["frame_id"] * 100).all()
         assert df["psi_rad"].between(-math.pi, math.pi).all()
-        assert (df["length"] >= 4.0).all() and (df["width"] >= 1.7).all()
+        assert (df["length"] >= 4.0).all()
+        assert (df["width"] >= 1.7).all()
         per_track = df.groupby(["case_id", "track_id"])["frame_id"].agg(["count", "min", "max"])
         # Tracks are contiguous inside a case and numbered 1..n.
         assert ((per_track["max"] - per_track["min"] + 1) == per_track["count"]).all()
         ids = per_track.reset_index().groupby("case_id")["track_id"].agg(["min", "max", "count"])
-        assert (ids["min"] == 1).all() and (ids["max"] == ids["count"]).all()
+        assert (ids["min"] == 1).all()
+        assert (ids["max"] == ids["count"]).all()
         # Every case has a vehicle valid in all 91 frames.
         full = per_track["count"].eq(CASE_LENGTH).groupby(level=0).any()
         assert full.all(), f"{town} {split}: cases without a full-length vehicle: {list(full[~full].index)[:5]}"
@@ -168,7 +173,8 @@ def test_heading_and_velocity_match_motion(tables, town):
     assert np.median(np.hypot(dx - 0.1 * vx, dy - 0.1 * vy)) < 0.02
     moving = np.hypot(dx, dy) > 0.5  # > 5 m/s: heading well defined by the motion
     err = np.angle(np.exp(1j * (np.arctan2(dy[moving], dx[moving]) - psi[moving])))
-    assert np.median(np.abs(err)) < 0.02 and np.quantile(np.abs(err), 0.99) < 0.3
+    assert np.median(np.abs(err)) < 0.02
+    assert np.quantile(np.abs(err), 0.99) < 0.3
     # Velocity points along the heading (SUMO speed is along the vehicle axis).
     speed = np.hypot(vx, vy)
     fast = speed > 1.0
@@ -194,8 +200,11 @@ def test_boxes_do_not_slip_sideways_and_turn_boundedly(tables):
         yaw.append(np.abs(dh[same]) / 0.1)
         side.append(np.abs(-np.diff(x) * np.sin(mean_h) + np.diff(y) * np.cos(mean_h))[same])
     yaw, side = np.concatenate(yaw), np.concatenate(side)
-    assert np.quantile(side, 0.999) < 0.05 and side.max() < 0.15
-    assert np.quantile(yaw, 0.5) < 0.01 and np.quantile(yaw, 0.999) < 2.0 and yaw.max() < 5.0
+    assert np.quantile(side, 0.999) < 0.05
+    assert side.max() < 0.15
+    assert np.quantile(yaw, 0.5) < 0.01
+    assert np.quantile(yaw, 0.999) < 2.0
+    assert yaw.max() < 5.0
 
 
 @pytest.mark.parametrize("town", TOWN_NAMES)
@@ -256,7 +265,8 @@ def test_tampered_materialised_copy_is_detected_and_repaired(towns_root, manifes
     map_path.write_bytes(map_path.read_bytes()[:1000])  # truncated
     with pytest.raises(CorruptDataError, match="DR_USA_Town_Roundabout") as err:
         verify_towns(towns_root)
-    assert rel_csv in str(err.value) and rel_map in str(err.value)
+    assert rel_csv in str(err.value)
+    assert rel_map in str(err.value)
     assert ensure_towns(towns_root) == towns_root
     assert verify_towns(towns_root) == manifest
     assert csv_path.read_text() == text
@@ -370,7 +380,8 @@ def test_front_path_to_box_exact_on_l_shaped_path():
     speed = np.hypot(vx, vy)
     np.testing.assert_array_equal(speed[n_a - 2:n_a], 0.0)
     # Speed: SUMO's at insertion, else the backward difference of the centre; always along the heading.
-    assert speed[0] == 1.0 and speed[n_a] == 3.0
+    assert speed[0] == 1.0
+    assert speed[n_a] == 3.0
     np.testing.assert_allclose(speed[1:n_a], step / 0.1, atol=1e-12)
     np.testing.assert_allclose(np.arctan2(vy, vx)[speed > 0], h[speed > 0], atol=1e-12)
     # No lateral slip of the centre: each step's displacement is along the mean heading.
@@ -493,7 +504,8 @@ def test_lanelet_map_routing(towns_root, manifest, town):
     for ll in lanelets:
         internal = ll.attributes["sumo_lane_id"].startswith(":")
         if internal:  # junction lanes always lead somewhere and come from somewhere
-            assert graph.following(ll) and graph.previous(ll), ll.attributes["sumo_lane_id"]
+            assert graph.following(ll), ll.attributes["sumo_lane_id"]
+            assert graph.previous(ll), ll.attributes["sumo_lane_id"]
         else:
             # Reach a normal lane on the far side of the junction through internal lanes.
             frontier, seen = list(graph.following(ll)), set()

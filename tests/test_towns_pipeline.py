@@ -21,11 +21,16 @@ def towns_val():
 
 def test_towns_val_loads_through_trajdata(towns_val):
     info = towns_val.info()
-    assert info["scenes"] >= 100 and info["scene_length_steps"] == 91 and info["dt"] == pytest.approx(0.1)
-    assert info["mean_agents_per_scene"] >= 20 and info["scenes_without_ego"] == 0
+    assert info["scenes"] >= 100
+    assert info["scene_length_steps"] == 91
+    assert info["dt"] == pytest.approx(0.1)
+    assert info["mean_agents_per_scene"] >= 20
+    assert info["scenes_without_ego"] == 0
     assert set(info["maps"]) == {f"interaction_multi:USA_Town_{t}" for t in ("Grid", "Spider", "Random", "Roundabout")}
     for counts in info["maps"].values():
-        assert counts["lanes"] > 0 and counts["road_edges"] > 0 and counts["lane_successor_edges"] > 0
+        assert counts["lanes"] > 0
+        assert counts["road_edges"] > 0
+        assert counts["lane_successor_edges"] > 0
     scene = towns_val[0]
     assert (scene.agent_type == AgentType.VEHICLE).all()
     assert scene.valid[scene.ego_index].all()
@@ -48,7 +53,8 @@ def test_log_replay_is_nearly_collision_and_offroad_free(towns_val):
         live += int(alive.sum())
     # Off-road is not zero in the log itself: long vehicles (buses, 12 m) sweep their rear corners over the
     # inside edge of tight junction turns (about 1 % of agent-steps on val).
-    assert collisions / live < 0.005 and offroad / live < 0.02
+    assert collisions / live < 0.005
+    assert offroad / live < 0.02
 
 
 @pytest.mark.parametrize(("dyn", "tolerance"), [(DeltaLocal(), 1e-4), (StatePose(), 1e-4), (InvertibleBicycle(), 0.05)])

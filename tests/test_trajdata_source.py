@@ -34,12 +34,14 @@ def test_scenes_match_the_csv_exactly(tiny_val):
     scenes, _ = tiny_val
     assert [s.scene_id for s in scenes] == ["DR_USA_Tiny_Road_val_0", "DR_USA_Tiny_Road_val_1"]
     for case, s in enumerate(scenes, start=1):
-        assert s.num_steps == 91 and s.dt == pytest.approx(0.1)
+        assert s.num_steps == 91
+        assert s.dt == pytest.approx(0.1)
         assert s.agent_ids.tolist() == [f"{case - 1}_1", f"{case - 1}_2", f"{case - 1}_3"]
         assert s.agent_type.tolist() == [AgentType.VEHICLE, AgentType.VEHICLE, AgentType.PEDESTRIAN]
         np.testing.assert_allclose(s.extent[:2], [[4.5, 1.8], [5.0, 2.0]], atol=1e-6)
         assert s.valid.sum(axis=1).tolist() == [91, 50, 81]
-        assert not s.valid[1, 50:].any() and not s.valid[2, :10].any()
+        assert not s.valid[1, 50:].any()
+        assert not s.valid[2, :10].any()
         t = np.arange(91) * 0.1
         speed = 10.0 + case
         np.testing.assert_allclose(s.trajectory[0, :, 0], 5.0 + speed * t, atol=1e-3)
@@ -54,7 +56,8 @@ def test_map_lane_graph_boundaries_and_road_edge(tiny_val):
     _, maps = tiny_val
     m = maps["interaction_multi:USA_Tiny_Road"]
     lanes = np.flatnonzero(m.polyline_type == PolylineType.LANE_CENTER)
-    assert len(lanes) == 3 and m.count(PolylineType.LANE_BOUNDARY) == 5  # the shared middle line appears once
+    assert len(lanes) == 3
+    assert m.count(PolylineType.LANE_BOUNDARY) == 5  # the shared middle line appears once
     start = {i: m.polyline(i)[0] for i in lanes}
     lane0 = next(i for i in lanes if np.allclose(start[i], [0, 0], atol=1e-3))
     lane1 = next(i for i in lanes if np.allclose(start[i], [0, 3.5], atol=1e-3))
@@ -118,7 +121,8 @@ def test_full_length_test_split_loads(tmp_path):
     # The stock loader gives every "test" case the 10-frame length of the real challenge's *_obs files.
     root = fixture.write_dataset(tmp_path / "d", cases=2, splits=("test",))
     scenes, _ = TrajdataSource("interaction_multi", root, tmp_path / "w", case_length=91).load_split("test")
-    assert [s.num_steps for s in scenes] == [91, 91] and scenes[0].valid.sum(axis=1).tolist() == [91, 50, 81]
+    assert [s.num_steps for s in scenes] == [91, 91]
+    assert scenes[0].valid.sum(axis=1).tolist() == [91, 50, 81]
 
 
 def test_rebuilding_over_an_existing_trajdata_cache_works(tiny_dir, tmp_path):
@@ -201,11 +205,13 @@ def cached(tiny_dir, tmp_path):
 
 def test_cache_round_trip_equals_the_source(cached, tiny_val):
     scenes, maps = tiny_val
-    assert len(cached) == 2 and cached.scene_ids == [s.scene_id for s in scenes]
+    assert len(cached) == 2
+    assert cached.scene_ids == [s.scene_id for s in scenes]
     for s, c in zip(scenes, cached, strict=True):
         for name in ("agent_ids", "agent_type", "extent", "trajectory", "valid", "tl_lane", "tl_state"):
             np.testing.assert_array_equal(getattr(s, name), getattr(c, name))
-        assert c.ego_index == s.ego_index and c.map is cached.map(c.map_id)
+        assert c.ego_index == s.ego_index
+        assert c.map is cached.map(c.map_id)
     m, c = maps["interaction_multi:USA_Tiny_Road"], cached.map("interaction_multi:USA_Tiny_Road")
     np.testing.assert_array_equal(m.points, c.points)
     np.testing.assert_array_equal(m.successors, c.successors)
@@ -218,7 +224,9 @@ def test_cache_round_trip_equals_the_source(cached, tiny_val):
 
 def test_cache_info_counts(cached):
     info = cached.info()
-    assert info["scenes"] == 2 and info["scene_length_steps"] == 91 and info["scene_length_s"] == 9.1
+    assert info["scenes"] == 2
+    assert info["scene_length_steps"] == 91
+    assert info["scene_length_s"] == 9.1
     assert info["agents_per_type"] == {"vehicle": 4, "pedestrian": 2, "cyclist": 0, "other": 0}
     assert info["mean_agents_per_scene"] == 3.0
     assert info["maps"]["interaction_multi:USA_Tiny_Road"]["lanes"] == 3
@@ -249,7 +257,8 @@ def test_corrupt_index_and_changed_source_rebuild(tiny_dir, tmp_path):
     index.write_text("{not json")
     with pytest.warns(UserWarning, match="corrupt"):
         again = open_dataset("interaction_multi", "val", data_dir=tiny_dir, cache_dir=tmp_path / "c", case_length=91)
-    assert len(again) == 2 and json.loads(index.read_text())["splits"]["val"]
+    assert len(again) == 2
+    assert json.loads(index.read_text())["splits"]["val"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warm open is silent
         open_dataset("interaction_multi", "val", data_dir=tiny_dir, cache_dir=tmp_path / "c", case_length=91)

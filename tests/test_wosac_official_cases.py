@@ -168,7 +168,8 @@ def test_central_diff_returns_correct_broadcasted_values(shape):
     t = np.atleast_2d(t)
     speed, _, angular_speed, _, _ = kinematic_features(t, np.zeros_like(t), t, dt=1.0)
     for d in (speed, angular_speed):
-        assert np.isnan(d[:, 0]).all() and np.isnan(d[:, -1]).all()
+        assert np.isnan(d[:, 0]).all()
+        assert np.isnan(d[:, -1]).all()
         np.testing.assert_allclose(d[:, 1:-1], 1.0, rtol=1e-12)
 
 
@@ -187,7 +188,8 @@ def test_central_logical_and_returns_correct_broadcasted_values(shape):
     valid = np.ones(shape, bool).reshape(-1, shape[-1])
     *_, use = kinematic_features(np.zeros(valid.shape), np.zeros(valid.shape), np.zeros(valid.shape), 1.0, valid)
     speed_ok = use[0]
-    assert not speed_ok[:, 0].any() and not speed_ok[:, -1].any()
+    assert not speed_ok[:, 0].any()
+    assert not speed_ok[:, -1].any()
     assert speed_ok[:, 1:-1].all()
 
 
