@@ -23,8 +23,8 @@ import os
 import shutil
 import warnings
 import zipfile
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +109,6 @@ def save_map(path: Path, m: MapData) -> None:
         "left_neighbors": m.left_neighbors, "right_neighbors": m.right_neighbors,
         "max_spacing": np.array(m.max_spacing),
     })
-@dataclass(frozen=True)
-class SceneEntry:
-    """One scene as the dataset's index describes it (``SceneDataset.entry``)."""
-
-    id: str
-    map_id: str
-    num_agents: int
-    num_steps: int
-    ego_index: int  # -1: no ego candidate (no vehicle observed throughout)
-
-
 
 
 def load_map(path: Path) -> MapData:
@@ -136,15 +125,20 @@ def load_map(path: Path) -> MapData:
 # The dataset object
 # ----------------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class SceneEntry:
+    """One scene as the dataset's index describes it (``SceneDataset.entry``)."""
+
+    id: str
+    map_id: str
+    num_agents: int
+    num_steps: int
+    ego_index: int  # -1: no ego candidate (no vehicle observed throughout)
+
+
 class SceneDataset(Sequence):
     """The scenes of one dataset split, served from the cache. ``ds[i]`` or ``ds["scene id"]`` -> ``Scene``
     with its ``map`` attached; maps are loaded once and shared."""
-
-    def entry(self, key: int | str) -> SceneEntry:
-        """What the index knows of a scene (by position or id), without loading it."""
-        e = self._entries[self.index_of(key) if isinstance(key, str) else key]
-        return SceneEntry(id=e["id"], map_id=e["map_id"], num_agents=int(e["num_agents"]),
-                          num_steps=int(e["num_steps"]), ego_index=int(e["ego_index"]))
 
     def __init__(self, cache: _Cache, split: str):
         self._cache, self.split = cache, split
@@ -161,6 +155,12 @@ class SceneDataset(Sequence):
     @property
     def scene_ids(self) -> list[str]:
         return [e["id"] for e in self._entries]
+
+    def entry(self, key: int | str) -> SceneEntry:
+        """What the index knows of a scene (by position or id), without loading it."""
+        e = self._entries[self.index_of(key) if isinstance(key, str) else key]
+        return SceneEntry(id=e["id"], map_id=e["map_id"], num_agents=int(e["num_agents"]),
+                          num_steps=int(e["num_steps"]), ego_index=int(e["ego_index"]))
 
     def index_of(self, scene_id: str) -> int:
         if scene_id not in self._by_id:
