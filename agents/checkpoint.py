@@ -83,7 +83,12 @@ def load_checkpoint(path: str | Path, expected_agent: str | None = None) -> tupl
 
 
 def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """``module.load_state_dict`` with the mismatch (missing, unexpected, wrong shapes) named in a CheckpointError."""
+    """``module.load_state_dict`` with the mismatch (missing, unexpected, wrong shapes) named in a CheckpointError.
+    A module with an ``upgrade_state_dict(tensors) -> tensors`` method first renames the tensors of checkpoints
+    written by older versions of it."""
+    upgrade = getattr(module, "upgrade_state_dict", None)
+    if callable(upgrade):
+        tensors = upgrade(tensors)
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

@@ -39,7 +39,7 @@ def main() -> None:
     if args.vocab:
         vocab = load_vocabulary(args.vocab)
     elif agent is not None:
-        from agents.tokenizer import MotionVocabulary
+        from agents.smart.tokenizer import MotionVocabulary
 
         vocab = MotionVocabulary({n: agent.model.vocab(n) for n in agent.model.types}, agent.model.tol)
     else:

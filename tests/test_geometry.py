@@ -157,8 +157,8 @@ def test_every_frame_caller_is_the_geometry_helper():
     """The agents' and metrics' transforms are the geometry ones, bit for bit (one formula, one home)."""
     import torch
 
-    from agents.layers import relative_pose
-    from agents.tokenizer import _relative, place
+    from agents.nn.attention import relative_pose
+    from agents.smart.tokenizer import _relative, place
     from envs.geometry import pose_from_frame, pose_in_frame
 
     g = torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.smart import SmartConfig, SmartModel
-from agents.tokenizer import MotionVocabulary, build_vocabulary, segments
+from agents.smart.tokenizer import MotionVocabulary, build_vocabulary, segments
 from envs.errors import CheckpointError, TrafficGymError, UnknownNameError, VocabularyError
 from envs.types import AgentType
 from tests.scenes import make_scene, straight_road
@@ -69,8 +69,8 @@ def test_incremental_steps_equal_teacher_forcing():
     # the training crop encodes every piece an agent attends to exactly as the whole map does (rollouts encode
     # the whole map), and the precomputed map->agent neighbours are the ones the model finds on the whole map
     # (compared by distance: pieces of a straight road tie, and ties may be broken either way)
-    from agents.layers import knn
-    from agents.tokenizer import cached_map_pieces, map_piece_neighbours
+    from agents.nn.attention import knn
+    from agents.nn.map_pieces import cached_map_pieces, map_piece_neighbours
 
     pieces = cached_map_pieces(data[0].map)
     whole = [torch.as_tensor(pieces[k])[None] for k in ("points", "pose", "type")]
@@ -245,7 +245,7 @@ def test_smart_agent_drives_closed_loop_deterministically(tmp_path):
     assert not torch.equal(runs[0], runs[2])  # another seed samples other tokens
     # every 0.5 s of a driven agent is a vocabulary motion placed at its pose (token_poses), so its end pose
     # lies exactly on the end of some token relative to the pose 5 steps before
-    from agents.tokenizer import _relative, nearest_final
+    from agents.smart.tokenizer import _relative, nearest_final
 
     traj = runs[0][0, :, 10:91:5, :3].double()  # (A, 17, 3) boundary poses
     local = _relative(traj[:, 1:].reshape(-1, 1, 3), traj[:, :-1].reshape(-1, 3))[:, 0]
@@ -254,7 +254,7 @@ def test_smart_agent_drives_closed_loop_deterministically(tmp_path):
 
 
 def test_map_encoding_rows_must_be_given_for_shared_maps():
-    from agents.smart import MapEncoding
+    from agents.nn.map_encoder import MapEncoding
 
     enc = MapEncoding(torch.zeros(2, 3, 4), torch.zeros(2, 3, 3), torch.ones(2, 3, dtype=torch.bool))
     assert enc.row_maps(2).tolist() == [0, 1]
@@ -336,7 +336,7 @@ def test_eval_command_compares_smart_with_a_baseline(tmp_path, capsys):
 @given(st.integers(0, 2**31 - 1), st.integers(0, 60), st.sampled_from([5.0, 10.0, 20.0]),
        st.sampled_from([3.0, 10.0]))
 def test_radius_grid_finds_the_same_neighbours_as_brute_force(seed, count, radius, cell):
-    from agents.layers import RadiusGrid, knn
+    from agents.nn.attention import RadiusGrid, knn
 
     rng = np.random.default_rng(seed)
     sets = [rng.uniform(-50, 50, (count, 2)), rng.uniform(0, 30, (max(count // 2, 1), 2))]

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.tokenizer import (
+from agents.smart.tokenizer import (
     TOKEN_STEPS,
     MotionVocabulary,
     _relative,
@@ -125,7 +125,7 @@ def test_noised_tokenization_strays_from_the_log_and_its_targets_lead_back():
         end = token_poses(poses, applied[:, s], matched[:, s])[:, -1]
         torch.testing.assert_close(end, matched[:, s + 1], atol=1e-4, rtol=0)
     # each target is the nearest token to the log's next pose from the roll-out's pose: the best correction
-    from agents.tokenizer import _relative, nearest_final
+    from agents.smart.tokenizer import _relative, nearest_final
 
     local = _relative(tracks[:, 5:41:5, :3].double().reshape(-1, 1, 3), matched[:, :8].double().reshape(-1, 3))[:, 0]
     best, _ = nearest_final(poses, local, (4.8, 2.0))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from agents.smart import SmartConfig, SmartModel
-from agents.tokenizer import MotionVocabulary
+from agents.smart.tokenizer import MotionVocabulary
 from envs.errors import TrafficGymError
 from training.bc_data import collate, scene_sample
 from training.trainer import SampleBatches, TrainConfig, Trainer, Validation

@@ -19,16 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.layers import radius_neighbours
-from agents.smart import TokenBatch
-from agents.tokenizer import (
-    PIECE_POINTS,
-    TYPE_NAMES,
-    MotionVocabulary,
-    cached_map_pieces,
-    map_piece_neighbours,
-    tokenize,
-)
+from agents.nn.attention import radius_neighbours
+from agents.nn.map_pieces import PIECE_POINTS, cached_map_pieces, map_piece_neighbours
+from agents.smart.model import TokenBatch
+from agents.smart.tokenizer import TYPE_NAMES, MotionVocabulary, tokenize
 from envs.errors import VocabularyError
 
 
@@ -76,7 +70,7 @@ def scene_sample(scene, vocab: MotionVocabulary, cfg, token_noise: int = 1, seed
     tokens, matched, _, applied = tokenize(traj, valid, torch.from_numpy(kinds), vocab, noise_k=token_noise,
                                            generator=gen)
     s = tokens.shape[1]
-    from agents.tokenizer import TOKEN_STEPS
+    from agents.smart.tokenizer import TOKEN_STEPS
 
     b_valid = valid[:, ::TOKEN_STEPS][:, :s + 1]
     in_token = torch.cat([torch.full((len(kinds), 1), -1, dtype=torch.long), applied[:, :-1]], dim=1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from agents.checkpoint import save_checkpoint
-from agents.tokenizer import (
+from agents.smart.tokenizer import (
     TOKEN_BOX,
     TYPE_NAMES,
     MotionVocabulary,

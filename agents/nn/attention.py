@@ -198,3 +198,21 @@ class RadiusGrid:
             cand = torch.nn.functional.pad(cand, (0, want - cand.shape[-1]), value=-1)
         dist, j = d2.topk(want, dim=-1, largest=False)
         return cand.gather(-1, j).clamp(min=0), dist <= self.radius * self.radius
+
+
+def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, ..., M, F...)`` gathered along its second-to-feature axis by ``idx`` ``(B, ..., Q, K)``:
+    ``(B, ..., Q, K, F...)``. Leading dims of ``x`` (all but the gathered one) must match ``idx``'s."""
+    lead = idx.shape[:-2]
+    q, k = idx.shape[-2:]
+    m = x.shape[len(lead)]
+    feat = x.shape[len(lead) + 1:]
+    flat = x.reshape(-1, m, *feat)
+    base = (torch.arange(flat.shape[0], device=x.device) * m).view(-1, 1, 1)
+    out = flat.reshape(-1, *feat)[(base + idx.reshape(-1, q, k)).reshape(-1)]
+    return out.view(*lead, q, k, *feat)
+
+
+def flat_index(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """Row indices ``idx`` ``(G, Q, K)`` into groups of ``m`` rows -> indices into the ``G * m`` stacked rows."""
+    return idx + (torch.arange(idx.shape[0], device=idx.device) * m).view(-1, *([1] * (idx.dim() - 1)))

@@ -1,0 +1,230 @@
+"""The tokenized policy as an agent (``make_agent("smart")``): closed-loop rollouts of ``SmartModel``, sampling
+one 0.5 s motion token per agent and step (top-k, temperature) and serving the token's poses step by step."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from agents.base import PlanningAgent
+from agents.nn.attention import RadiusGrid
+from agents.nn.map_encoder import MapEncoding
+from agents.nn.map_pieces import cached_map_pieces, map_piece_grid_table, map_piece_neighbours
+from agents.registry import register_agent
+from agents.smart.model import MAP_GRID_CELL, PRETRAINED, TEMPORAL_WINDOW, SmartConfig, SmartModel, type_of
+from agents.smart.tokenizer import (
+    TOKEN_BOX,
+    TOKEN_STEPS,
+    TYPE_NAMES,
+    MotionVocabulary,
+    nearest_final,
+    token_poses,
+)
+from envs.dynamics import StatePose
+from envs.map_index import lane_exits, passed_exit
+from envs.types import Action, AgentType
+
+
+@register_agent("smart")
+class SmartAgent(PlanningAgent):
+    """The tokenized policy as an agent: every 0.5 s it encodes the new step of every agent (one incremental
+    decoder step from its per-layer cache) and samples each driven agent's next token (top-K, temperature), whose
+    poses it then plays over the next 5 steps.
+
+    The token that led into the current pose is the one it sampled for the agents it drove through the last 0.5 s;
+    log-replayed or otherwise driven agents are tokenized on the fly (the token nearest to their actual motion).
+    At an episode's first step the logged history is fed in 0.5 s steps (up to 5 of them). Every piece of each
+    map of the batch is encoded once per episode (shared by the rows on it, e.g. the R copies of a scene in an
+    evaluation). Driven agents that pass a map exit leave the scene (``act``).
+
+    ``make_agent("smart", checkpoint="towns-nano")`` (bundled) or ``checkpoint=DIR/model.safetensors``; ``top_k``
+    (default 48: the best realism of 5 / 16 / 48 on 16 towns *train* scenes) and ``temperature`` shape the
+    sampling.
+    """
+
+    dynamics = StatePose()
+    horizon = TOKEN_STEPS
+    replan_every = TOKEN_STEPS
+    has_weights = True
+
+    def __init__(self, model: SmartModel | None = None, top_k: int = 48, temperature: float = 1.0):
+        super().__init__()
+        if model is None:
+            from envs.errors import CheckpointError
+
+            raise CheckpointError("The smart agent needs trained weights: make_agent('smart', checkpoint=PATH) "
+                                  "(train one with `trafficgym train bc`), or one of the bundled "
+                                  f"{sorted(PRETRAINED)} (e.g. checkpoint='towns-nano', trained on the towns data).")
+        if top_k < 1 or temperature <= 0:
+            raise ValueError(f"top_k must be >= 1 and temperature > 0, got {top_k}, {temperature}.")
+        self.model = model.eval()
+        self.top_k, self.temperature = top_k, temperature
+        self._cache: dict | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path, **config) -> SmartAgent:
+        from agents.checkpoint import load_checkpoint, load_state_dict_strict
+        from envs.errors import CheckpointError
+
+        if str(path) in PRETRAINED:
+            path = PRETRAINED[str(path)]
+        elif not Path(path).exists():
+            import difflib
+
+            near = difflib.get_close_matches(str(path), PRETRAINED, n=1)
+            raise CheckpointError(f"No checkpoint file {path} and no bundled smart weights of that name (bundled: "
+                                  f"{sorted(PRETRAINED)})" + (f". Did you mean {near[0]!r}?" if near else "."))
+        cfg_json, tensors, _ = load_checkpoint(path, expected_agent="smart")
+        try:
+            tol = float(cfg_json.pop("tol"))
+            cfg = SmartConfig(**cfg_json)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a smart model configuration ({e}).") from e
+        vocab = MotionVocabulary.from_tensors(tensors, tol, prefix="vocab_")
+        model = SmartModel(cfg, vocab)
+        load_state_dict_strict(model, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, path)
+        return cls(model, **config)
+
+    # ---- episode set-up ------------------------------------------------------------------------------------
+    def reset(self, state, mask, seed=None, slots=None):
+        super().reset(state, mask, seed, slots)
+        kinds = state.agent_type[mask & state.agent_mask].unique().tolist()
+        for k in kinds:
+            if TYPE_NAMES.get(AgentType(int(k))) not in self.model.types:
+                from envs.errors import VocabularyError
+
+                raise VocabularyError(f"The smart model has no tokens for {AgentType(int(k)).name} agents; drive "
+                                      "them with another policy (e.g. traffic=[('smart', 'vehicles')]).")
+        b = state.batch_size
+        fresh_cache = slots is None or self._cache is None or self._cache["pose"].shape[:2] != (b, state.num_agents)
+        rows = list(range(b)) if fresh_cache else [int(s) for s in slots]
+        if fresh_cache:
+            self._cache = self._empty_cache(state)
+            self._encoded: dict = {}  # map id -> its encoding, kept while slots reset (the weights are fixed)
+            self._batch_maps: dict = {}  # the map ids of the batch -> their stacked, cached encoding and grid
+            self._token = torch.full((b, state.num_agents), -1, dtype=torch.long, device=state.device)
+            self._token_t = torch.full_like(self._token, -10**9)  # step at which _token was sampled
+        else:
+            self._cache["valid"][rows] = False
+            self._token_t[rows] = -10**9
+        self._map = self._encode_maps(state)
+        self._exits = [torch.as_tensor(lane_exits(m), device=state.device) for m in state.maps.sources]
+        self._fresh = torch.zeros(b, dtype=torch.bool)
+        self._fresh[rows] = True
+
+    def _empty_cache(self, state) -> dict:
+        b, a, d = state.batch_size, state.num_agents, self.model.cfg.hidden
+        dev = state.device
+        return {"pose": torch.zeros(b, a, TEMPORAL_WINDOW, 3, device=dev),
+                "valid": torch.zeros(b, a, TEMPORAL_WINDOW, dtype=torch.bool, device=dev),
+                "x": [torch.zeros(b, a, TEMPORAL_WINDOW, d, device=dev) for _ in range(self.model.cfg.agent_layers)]}
+
+    @torch.no_grad()
+    def _encode_maps(self, state) -> MapEncoding:
+        """Every piece of each map of the batch (``state.maps``), encoded once per map and shared by the rows on
+        it. The whole map, not a crop around the logged tracks: where the agents will drive is not known. The
+        stacked encoding (with its projected keys/values and neighbour grid) is kept per set of maps: a vector
+        env's slot resets come back with the same maps."""
+        cfg, dev = self.model.cfg, state.device
+        maps = tuple(m.map_id for m in state.maps.sources)
+        if maps not in self._batch_maps:
+            for m in state.maps.sources:
+                if m.map_id not in self._encoded:
+                    p = cached_map_pieces(m)
+                    nbr = map_piece_neighbours(m, cfg.k_map, cfg.map_radius)
+                    self._encoded[m.map_id] = self.model.encode_map(
+                        torch.as_tensor(p["points"], device=dev)[None], torch.as_tensor(p["pose"], device=dev)[None],
+                        torch.as_tensor(p["type"], device=dev)[None],
+                        torch.ones(1, len(p["pose"]), dtype=torch.bool, device=dev),
+                        nbr=torch.as_tensor(nbr, device=dev)[None])
+            encs = [self._encoded[m] for m in maps]
+            u, width, d = len(encs), max(e.feat.shape[1] for e in encs), encs[0].feat.shape[-1]
+            feat = torch.zeros(u, width, d, device=dev)
+            pose = torch.zeros(u, width, 3, device=dev)
+            valid = torch.zeros(u, width, dtype=torch.bool, device=dev)
+            for i, e in enumerate(encs):
+                n = e.feat.shape[1]
+                feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
+            grid = RadiusGrid.stack([map_piece_grid_table(m, cfg.m2a_radius, MAP_GRID_CELL)
+                                     for m in state.maps.sources], cfg.m2a_radius, MAP_GRID_CELL, dev)
+            self._batch_maps[maps] = self.model.cache_map(MapEncoding(feat, pose, valid, grid=grid))
+        rows = torch.as_tensor(state.map_idx, dtype=torch.long, device=dev)
+        return replace(self._batch_maps[maps], rows=rows)
+
+    # ---- acting --------------------------------------------------------------------------------------------
+    def act(self, state, mask):
+        """The plan's next pose; agents whose next pose drives through a map exit (``envs.map_index.lane_exits``:
+        where the lane graph ends at the map border) leave the scene, as the logged vehicles do there."""
+        action = super().act(state, mask)
+        gone = torch.zeros_like(mask)
+        for u, exits in enumerate(self._exits):
+            rows = state.map_idx == u
+            if len(exits) and rows.any():
+                gone[rows] = passed_exit(action.data[rows][..., :2].float(), exits)
+        return Action(action.data, action.valid, remove=gone & mask)
+
+    # ---- planning ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan(self, state, mask):
+        b = torch.arange(state.batch_size, device=state.device)
+        live = state.current_valid & state.agent_mask
+        stale = (self._age >= self.replan_every).to(state.device)  # the rows that replan now
+        fresh = self._fresh.to(state.device) & stale
+        if fresh.any():  # feed the logged history, 0.5 s at a time, into the rows that just started
+            for back in range(min(int(state.t.max()), (TEMPORAL_WINDOW - 1) * TOKEN_STEPS), 0, -TOKEN_STEPS):
+                t_hist = (state.t - back).clamp(min=0)
+                ok = state.valid[b, :, t_hist] & state.agent_mask & (state.t >= back)[:, None]
+                self._advance(state, t_hist, ok, fresh)
+            self._fresh[fresh.cpu()] = False
+        logits = self._advance(state, state.t, live, stale)
+        pose = state.current[..., :3]
+        out = pose[:, :, None, :].expand(-1, -1, self.horizon, -1).clone()  # standing, for agents not driven
+        for name in self.model.types:
+            sel = (state.agent_type == type_of(name)) & mask & live
+            if not sel.any():
+                continue
+            tok = self._sample(logits[name][sel])
+            out[sel] = token_poses(self.model.vocab(name), tok, pose[sel].float()).to(out.dtype)
+            self._token[sel], self._token_t[sel] = tok, state.t[:, None].expand_as(sel)[sel]
+        return out
+
+    def _advance(self, state, t: torch.Tensor, ok: torch.Tensor, rows: torch.Tensor) -> dict:
+        """One decoder step at steps ``t`` ``(B,)``; the cache advances only in ``rows``."""
+        b = torch.arange(state.batch_size, device=state.device)
+        pose = state.traj[b, :, t][..., :3].float()
+        prev_t = (t - TOKEN_STEPS).clamp(min=0)
+        prev = state.traj[b, :, prev_t][..., :3].float()
+        prev_ok = state.valid[b, :, prev_t] & (t >= TOKEN_STEPS)[:, None] & ok
+        in_token = torch.full(ok.shape, -1, dtype=torch.long, device=state.device)
+        # agents this policy drove through the last 0.5 s moved exactly by the token it sampled then
+        ours = prev_ok & (self._token_t == (t - TOKEN_STEPS)[:, None])
+        in_token[ours] = self._token[ours]
+        for name in self.model.types:
+            sel = (state.agent_type == type_of(name)) & prev_ok & ~ours
+            if sel.any():
+                from agents.nn.attention import relative_pose
+
+                local = relative_pose(prev[sel], pose[sel])
+                idx, _ = nearest_final(self.model.vocab(name), local, TOKEN_BOX_OF[name])
+                in_token[sel] = idx.to(in_token.device)
+        cache = {k: (v if k != "x" else list(v)) for k, v in self._cache.items()}
+        logits = self.model.step(cache, self._map, pose, ok, in_token, state.agent_type, state.extent.float())
+        keep = ~rows
+        for key in ("pose", "valid"):
+            cache[key][keep] = self._cache[key][keep]
+        for i, x in enumerate(cache["x"]):
+            x[keep] = self._cache["x"][i][keep]
+        self._cache = cache
+        return logits
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, logits.shape[-1])
+        top, idx = (logits.float() / self.temperature).topk(k, dim=-1)
+        probs = torch.softmax(top, dim=-1).cpu()
+        pick = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return idx.gather(-1, pick.to(idx.device)[:, None]).squeeze(-1)
+
+
+TOKEN_BOX_OF = {name: TOKEN_BOX[k] for k, name in TYPE_NAMES.items()}
