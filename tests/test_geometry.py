@@ -99,7 +99,8 @@ def test_world_frame_world_round_trip_numpy_and_torch(ox, oy, h, pts):
     tp, to, th = torch.as_tensor(p), torch.as_tensor(origin), torch.tensor(h, dtype=torch.float64)
     local = to_local(tp, to, th)
     assert isinstance(local, torch.Tensor)
-    np.testing.assert_array_equal(local.numpy(), to_local(p, origin, np.float64(h)))  # same formula, numpy or torch
+    # the same formula, numpy or torch (their cos / sin may differ in the last bit)
+    np.testing.assert_allclose(local.numpy(), to_local(p, origin, np.float64(h)), rtol=0, atol=1e-12)
     # Distances to the origin are kept.
     np.testing.assert_allclose(np.linalg.norm(local.numpy(), axis=-1), np.linalg.norm(p - origin, axis=-1),
                                rtol=1e-12, atol=1e-9)
