@@ -35,8 +35,9 @@ class EnvConfig:
         controlled: who the sim-agents env controls: ``"all"`` (default: every agent valid at the start step),
             ``"vehicles"`` (every vehicle valid then), or a tuple of agent ids (for a fixed scene; ids missing
             from a scene are ignored). The ego env always controls the ego alone.
-        traffic: what drives the agents the env does not control: ``"log"`` (log replay) or a policy object
-            with ``act(state, mask) -> Action`` and a ``dynamics`` attribute.
+        traffic: what drives the agents the env does not control: ``"log"`` (log replay), a registered agent
+            name (``"idm"``), a policy object (``envs.policy.Policy``: ``act(state, mask) -> Action`` and a
+            ``dynamics`` attribute), or a list of ``(policy, selector)`` rules (``envs/traffic.py``).
         max_agents: pad scenes to this many agents (default: the largest scene of the split).
         device: torch device of the simulator state.
     """
