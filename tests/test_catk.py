@@ -1,0 +1,59 @@
+"""CAT-K's token choice and targets on hand-built vocabularies (agents/smart/catk.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agents.smart.catk import closest_among_top_k, corrective_targets
+
+BOX = (4.8, 2.0)
+
+
+def _vocab(finals):
+    """``(V, 6, 3)`` tokens moving on a straight line from the origin to each final (x, y, heading)."""
+    f = torch.tensor(finals, dtype=torch.float32)
+    w = torch.linspace(0, 1, 6)[None, :, None]
+    return f[:, None, :] * w
+
+
+# 0: stand still, 1: 5 m ahead, 2: 5 m ahead and 1 m left, 3: 5 m ahead and 1 m right, 4: 2 m ahead
+VOCAB = _vocab([[0, 0, 0], [5, 0, 0], [5, 1, 0], [5, -1, 0], [2, 0, 0]])
+
+
+def test_a_displaced_rollout_gets_the_token_back_to_the_log():
+    # the rollout is 1 m right of the log (y = -1) and the log is 5 m ahead on y = 0: the target leads 5 m
+    # ahead and 1 m left; heading pi/2 (northbound, 1 m east of the log) needs the same correction
+    rollout = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, torch.pi / 2], [0.0, 0.0, 0.0], [3.0, 3.0, 0.0]])
+    log_next = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, torch.pi / 2], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    valid = torch.tensor([True, True, True, False])
+    targets = corrective_targets(VOCAB, rollout, log_next, valid, BOX)
+    assert targets.tolist() == [2, 2, 1, -1]  # on the log: straight on; no log next: no target
+
+
+def test_closest_among_the_top_k_only():
+    rollout = torch.zeros(3, 3)
+    log_next = torch.tensor([[5.0, 1.0, 0.0]] * 3)  # exactly token 2's end
+    logits = torch.tensor([[0.0, 3.0, -5.0, 2.0, 1.0]] * 3)  # ranking 1, 3, 4, 0, 2: token 2 is least likely
+    valid = torch.tensor([True, True, False])
+    # top-2 = {1, 3}: 1 ends 1 m from the log, 3 ends 2 m away -> 1; never 2, although it is exact
+    assert closest_among_top_k(logits, VOCAB, rollout, log_next, valid, BOX, k=2).tolist() == [1, 1, 1]
+    # with every token a candidate, the exact one; without a logged next pose, the most likely
+    assert closest_among_top_k(logits, VOCAB, rollout, log_next, valid, BOX, k=5).tolist() == [2, 2, 1]
+    # k = 1 is plain greedy decoding
+    assert closest_among_top_k(logits, VOCAB, rollout, log_next, valid, BOX, k=1).tolist() == [1, 1, 1]
+
+
+def test_the_choice_follows_the_rollout_pose_not_the_origin():
+    # the same log target from a rollout pose 1 m left of the log: the right-shifting token is now closest
+    rollout = torch.tensor([[0.0, 1.0, 0.0]])
+    log_next = torch.tensor([[5.0, 0.0, 0.0]])
+    logits = torch.zeros(1, 5)
+    assert closest_among_top_k(logits, VOCAB, rollout, log_next, torch.tensor([True]), BOX, k=5).tolist() == [3]
+
+
+@pytest.mark.parametrize("k", [0, 6, 2.5, True])
+def test_k_outside_the_vocabulary_is_refused(k):
+    with pytest.raises(ValueError, match=r"top-k must be an integer in \[1, 5\]"):
+        closest_among_top_k(torch.zeros(1, 5), VOCAB, torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([True]),
+                            BOX, k=k)
