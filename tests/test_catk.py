@@ -57,3 +57,22 @@ def test_k_outside_the_vocabulary_is_refused(k):
     with pytest.raises(ValueError, match=r"top-k must be an integer in \[1, 5\]"):
         closest_among_top_k(torch.zeros(1, 5), VOCAB, torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([True]),
                             BOX, k=k)
+
+
+def test_catk_rollout_tracks_the_log_that_sampling_drifts_from():
+    from agents.smart import SmartAgent
+    from agents.smart.agent import CatKRollout
+    from envs.data import open_dataset
+    from envs.metrics.episode import compute_episode_metrics
+    from training.rollouts import simulate_scene
+
+    ds = open_dataset("towns", "val")
+    sampled = SmartAgent.from_checkpoint("towns-nano")
+    catk = CatKRollout(sampled.model, top_k=32)
+    ade = {}
+    for name, agent in (("sampled", sampled), ("catk", catk)):
+        r = simulate_scene(agent, ds, 0, 2, seed=0)
+        ade[name] = compute_episode_metrics(r, ["min_ade"])["min_ade"]
+    assert ade["catk"] < 0.5 * ade["sampled"], ade
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        CatKRollout(sampled.model, top_k=0)

@@ -185,7 +185,7 @@ class SmartAgent(PlanningAgent):
             sel = (state.agent_type == type_of(name)) & mask & live
             if not sel.any():
                 continue
-            tok = self._sample(logits[name][sel])
+            tok = self._choose(name, logits[name][sel], state, sel)
             out[sel] = token_poses(self.model.vocab(name), tok, pose[sel].float()).to(out.dtype)
             self._token[sel], self._token_t[sel] = tok, state.t[:, None].expand_as(sel)[sel]
         return out
@@ -219,6 +219,11 @@ class SmartAgent(PlanningAgent):
         self._cache = cache
         return logits
 
+    def _choose(self, name: str, logits: torch.Tensor, state, sel: torch.Tensor) -> torch.Tensor:
+        """The next token of the agents ``sel`` ``(B, A)`` of type ``name`` from their logits ``(N, V)``: top-k
+        sampling (subclasses choose otherwise, e.g. ``CatKRollout``)."""
+        return self._sample(logits)
+
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         k = min(self.top_k, logits.shape[-1])
         top, idx = (logits.float() / self.temperature).topk(k, dim=-1)
@@ -228,3 +233,24 @@ class SmartAgent(PlanningAgent):
 
 
 TOKEN_BOX_OF = {name: TOKEN_BOX[k] for k, name in TYPE_NAMES.items()}
+
+
+class CatKRollout(SmartAgent):
+    """The rollout of CAT-K fine-tuning (``agents/smart/catk.py``): instead of sampling, each driven agent takes
+    the closest among its ``top_k`` most likely tokens to its logged box 0.5 s later (the most likely where the
+    log is not valid then or the scene ends first). It reads the future log, so it is a training device, not a
+    sim agent: it is not registered."""
+
+    def __init__(self, model: SmartModel, top_k: int = 32):
+        super().__init__(model, top_k=top_k)
+
+    def _choose(self, name, logits, state, sel):
+        from agents.smart.catk import closest_among_top_k
+
+        b = torch.arange(state.batch_size, device=state.device)
+        t_next = (state.t + TOKEN_STEPS).clamp(max=state.log.shape[2] - 1)
+        ok = state.log_valid[b, :, t_next] & (state.t + TOKEN_STEPS <= state.end)[:, None]
+        log_next = state.log[b, :, t_next][..., :3]
+        return closest_among_top_k(logits.float(), self.model.vocab(name), state.current[..., :3][sel].float(),
+                                   log_next[sel].float(), ok[sel], TOKEN_BOX_OF[name],
+                                   min(self.top_k, logits.shape[-1]))
