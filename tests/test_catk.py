@@ -76,3 +76,43 @@ def test_catk_rollout_tracks_the_log_that_sampling_drifts_from():
     assert ade["catk"] < 0.5 * ade["sampled"], ade
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         CatKRollout(sampled.model, top_k=0)
+
+
+def test_teacher_forcing_on_the_rollout_gives_the_rollout_logits():
+    from agents.smart import SmartAgent
+    from agents.smart.agent import CatKRollout
+    from agents.smart.catk import corrective_targets
+    from envs.data import open_dataset
+    from training.bc_data import collate
+    from training.catk import catk_sample
+
+    ds = open_dataset("towns", "val")
+    model = SmartAgent.from_checkpoint("towns-nano").model.eval()
+    agent = CatKRollout(model, top_k=32, record_logits=True)
+    scene = ds[0]
+    sample = catk_sample(agent, scene, ds.map_index(scene.map_id))
+    batch = collate([sample])
+    with torch.no_grad():
+        enc = model.encode_map(batch.map_points, batch.map_pose, batch.map_type, batch.map_valid, nbr=batch.map_nbr,
+                               rows=batch.map_rows)
+        full = model(enc, batch.pose, batch.valid, batch.in_token, batch.agent_type, batch.extent,
+                     m2a_nbr=batch.m2a_nbr)["vehicle"][0]
+    a = scene.num_agents
+    checked = 0
+    for t, sel, tok, logits in agent.chosen:
+        s = int(t[0]) // 5
+        rows = sel[0, :a]
+        torch.testing.assert_close(full[rows, s], logits, atol=2e-4, rtol=1e-4)
+        checked += int(rows.sum())
+    assert checked > 100
+    # targets only where the policy drove, each the token back to the log (recomputed here for one step)
+    drove = torch.zeros(sample.target.shape, dtype=torch.bool)
+    for t, sel, _, _ in agent.chosen:
+        drove[sel[0, :a], int(t[0]) // 5] = True
+    assert not (torch.as_tensor(sample.target >= 0) & ~drove).any()
+    t0, sel0, _, _ = agent.chosen[1]
+    s0, rows0 = int(t0[0]) // 5, sel0[0, :a]
+    log_next = torch.as_tensor(scene.trajectory[:, 5 * (s0 + 1), :3]).float()[rows0]
+    ok = torch.as_tensor(scene.valid[:, 5 * (s0 + 1)])[rows0]
+    want = corrective_targets(model.vocab("vehicle"), torch.as_tensor(sample.pose[:, s0])[rows0], log_next, ok, BOX)
+    assert torch.as_tensor(sample.target[:, s0])[rows0].tolist() == want.tolist()

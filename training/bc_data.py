@@ -74,23 +74,34 @@ def scene_sample(scene, vocab: MotionVocabulary, cfg, token_noise: int = 1, seed
 
     b_valid = valid[:, ::TOKEN_STEPS][:, :s + 1]
     in_token = torch.cat([torch.full((len(kinds), 1), -1, dtype=torch.long), applied[:, :-1]], dim=1)
-    pose = matched[:, :s].numpy()
-    ok = b_valid[:, :s].numpy()
+    return token_sample(scene, matched[:, :s].numpy(), b_valid[:, :s].numpy(), in_token.numpy(), tokens.numpy(), cfg)
+
+
+def token_sample(scene, pose: np.ndarray, ok: np.ndarray, in_token: np.ndarray, target: np.ndarray,
+                 cfg, m2a: np.ndarray | None = None) -> TokenSample:
+    """A ``TokenSample`` of ``scene`` from its step-boundary poses ``(A, S, 3)``, validity ``(A, S)``, input and
+    target tokens ``(A, S)`` (-1: BOS / none), with the map cropped for ``cfg``: the pieces the agent-steps attend
+    to (their ``k_m2a`` nearest within ``m2a_radius``; or ``m2a`` ``(A, S, k_m2a)`` map piece indices, -1: none,
+    if given), grown by the map neighbours of every map-encoder layer, so those pieces encode exactly as on the
+    whole map."""
     crop = np.zeros(0, np.int64)
-    m2a = np.full((*ok.shape, cfg.k_m2a), -1, np.int64)
+    given = m2a is not None
+    m2a = m2a.copy() if given else np.full((*ok.shape, cfg.k_m2a), -1, np.int64)
     sample_map = {"pose": np.zeros((0, 3), np.float32), "points": np.zeros((0, PIECE_POINTS, 2), np.float32),
                   "type": np.zeros(0, np.int64), "nbr": np.zeros((0, cfg.k_map), np.int64)}
     if scene.map is not None and len(cached_map_pieces(scene.map)["pose"]):
         p = cached_map_pieces(scene.map)
         nbr = map_piece_neighbours(scene.map, cfg.k_map, cfg.map_radius)
-        m2a[ok] = radius_neighbours(pose[ok][:, :2], p["tree"], len(p["pose"]), cfg.k_m2a, cfg.m2a_radius)
+        if not given:
+            m2a[ok] = radius_neighbours(pose[ok][:, :2], p["tree"], len(p["pose"]), cfg.k_m2a, cfg.m2a_radius)
+        m2a[~ok] = -1
         crop = np.unique(m2a[m2a >= 0])
         for _ in range(cfg.map_layers):  # every layer reaches one neighbourhood further
             crop = np.union1d(crop, nbr[crop][nbr[crop] >= 0])
         sample_map = {"pose": p["pose"][crop], "points": p["points"][crop], "type": p["type"][crop],
                       "nbr": nbr[crop]}
-    return TokenSample(pose=pose.astype(np.float32), valid=ok, in_token=in_token.numpy(), target=tokens.numpy(),
-                       agent_type=kinds, extent=scene.extent.astype(np.float32),
+    return TokenSample(pose=pose.astype(np.float32), valid=ok, in_token=in_token, target=target,
+                       agent_type=scene.agent_type.astype(np.int64), extent=scene.extent.astype(np.float32),
                        map_id=scene.map.map_id if scene.map is not None else "", map_piece=crop,
                        map_pose=sample_map["pose"], map_points=sample_map["points"], map_type=sample_map["type"],
                        map_nbr=sample_map["nbr"], m2a_nbr=m2a, scene_id=scene.scene_id)

@@ -241,16 +241,25 @@ class CatKRollout(SmartAgent):
     log is not valid then or the scene ends first). It reads the future log, so it is a training device, not a
     sim agent: it is not registered."""
 
-    def __init__(self, model: SmartModel, top_k: int = 32):
+    def __init__(self, model: SmartModel, top_k: int = 32, record_logits: bool = False):
         super().__init__(model, top_k=top_k)
+        self.record_logits = record_logits
+        self.chosen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    def reset(self, state, mask, seed=None, slots=None):
+        super().reset(state, mask, seed, slots)
+        self.chosen = []
 
     def _choose(self, name, logits, state, sel):
+        """The CAT-K token; every choice is recorded in ``chosen`` as (step ``(B,)``, agents ``(B, A)``, tokens
+        ``(N,)``, their logits ``(N, V)`` if ``record_logits``), for the fine-tuning batch."""
         from agents.smart.catk import closest_among_top_k
 
         b = torch.arange(state.batch_size, device=state.device)
         t_next = (state.t + TOKEN_STEPS).clamp(max=state.log.shape[2] - 1)
         ok = state.log_valid[b, :, t_next] & (state.t + TOKEN_STEPS <= state.end)[:, None]
         log_next = state.log[b, :, t_next][..., :3]
-        return closest_among_top_k(logits.float(), self.model.vocab(name), state.current[..., :3][sel].float(),
-                                   log_next[sel].float(), ok[sel], TOKEN_BOX_OF[name],
-                                   min(self.top_k, logits.shape[-1]))
+        tok = closest_among_top_k(logits.float(), self.model.vocab(name), state.current[..., :3][sel].float(),
+                                  log_next[sel].float(), ok[sel], TOKEN_BOX_OF[name], min(self.top_k, logits.shape[-1]))
+        self.chosen.append((state.t.clone(), sel.clone(), tok, logits.float().clone() if self.record_logits else None))
+        return tok

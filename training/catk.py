@@ -1,0 +1,96 @@
+"""CAT-K fine-tuning data: a scene rolled out by the policy itself (``agents.smart.agent.CatKRollout``, closest
+among its top-k tokens to the log), turned into a teacher-forcing sample.
+
+The token choice needs no gradient, so the rollout runs without one and the model is then teacher-forced on the
+tokens it visited (one batched pass instead of a differentiable rollout): the inputs at every 0.5 s boundary are
+the rollout's poses and the tokens that led into them, and the target of every agent the policy drove there is
+the token from its rollout pose back to its logged pose 0.5 s later (``agents.smart.catk.corrective_targets``).
+The teacher-forced logits equal the rollout's incremental ones at every step (tested).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agents.nn.attention import RadiusGrid, relative_pose
+from agents.nn.map_pieces import cached_map_pieces, map_piece_grid_table
+from agents.smart.agent import TOKEN_BOX_OF, CatKRollout
+from agents.smart.catk import corrective_targets
+from agents.smart.model import MAP_GRID_CELL, type_of
+from agents.smart.tokenizer import TOKEN_STEPS, nearest_final
+from envs import sim
+from training.bc_data import TokenSample, token_sample
+from training.rollouts import drive
+
+
+@torch.no_grad()
+def catk_sample(agent: CatKRollout, scene, map_index=None, start_step: int = 10, seed: int = 0
+                ) -> TokenSample:
+    """One CAT-K rollout of ``scene`` (every agent valid at ``start_step`` driven by ``agent``, the others replay
+    their log; map exits remove agents as in evaluation) as a ``TokenSample`` over the boundaries ``0, 5, 10, ...``
+    of the whole scene: poses and validity of the rollout, input tokens (the chosen ones where the policy drove
+    the agent through the last 0.5 s, else the token nearest to the actual motion, -1 at the first boundary or
+    after a gap), targets where the policy chose a token (-1 elsewhere and where the log 0.5 s later is invalid).
+    """
+    model = agent.model
+    maps = sim.stack_maps([scene.map], indices=None if map_index is None else [map_index])
+    state = sim.reset([scene], start_step=start_step, controlled="all", maps=maps)
+    state = drive(state, agent, None, seed)
+    a = scene.num_agents
+    n_b = (scene.num_steps - 1) // TOKEN_STEPS
+    steps = torch.arange(n_b) * TOKEN_STEPS
+    pose = state.traj[0, :a][:, steps, :3].float()  # (A, S, 3)
+    ok = state.valid[0, :a][:, steps]
+    kinds = torch.as_tensor(scene.agent_type).long()
+    in_token = torch.full((a, n_b), -1, dtype=torch.long)
+    target = torch.full((a, n_b), -1, dtype=torch.long)
+    drove = torch.zeros((a, n_b), dtype=torch.bool)
+    log = torch.as_tensor(scene.trajectory)[..., :3].float()
+    log_valid = torch.as_tensor(scene.valid)
+    for t, sel, tok, _ in agent.chosen:
+        s = int(t[0]) // TOKEN_STEPS
+        rows = sel[0, :a]
+        if int(t[0]) % TOKEN_STEPS or s >= n_b or not rows.any():
+            continue
+        drove[rows, s] = True
+        if s + 1 < n_b:
+            in_token[rows, s + 1] = tok.cpu()
+    for name in model.types:
+        of_type = kinds == type_of(name)
+        vocab = model.vocab(name)
+        # inputs of the boundaries the policy did not drive into: the token nearest to the actual motion
+        prev_ok = torch.zeros_like(ok)
+        prev_ok[:, 1:] = ok[:, 1:] & ok[:, :-1]
+        fill = prev_ok & of_type[:, None] & ~(torch.roll(drove, 1, dims=1) & (torch.arange(n_b) > 0))
+        if fill.any():
+            prev = torch.roll(pose, 1, dims=1)
+            idx, _ = nearest_final(vocab, relative_pose(prev[fill], pose[fill]), TOKEN_BOX_OF[name])
+            in_token[fill] = idx
+        # targets: back to the log 0.5 s later, from where the rollout is
+        sel = drove & of_type[:, None]
+        if sel.any():
+            agent_i, s_i = sel.nonzero(as_tuple=True)
+            t_next = (s_i + 1) * TOKEN_STEPS
+            inside = t_next < scene.num_steps
+            next_ok = inside & log_valid[agent_i, t_next.clamp(max=scene.num_steps - 1)]
+            log_next = log[agent_i, t_next.clamp(max=scene.num_steps - 1)]
+            target[agent_i, s_i] = corrective_targets(vocab, pose[agent_i, s_i], log_next, next_ok,
+                                                      TOKEN_BOX_OF[name])
+    return token_sample(scene, pose.numpy(), ok.numpy(), in_token.numpy(), target.numpy(), model.cfg,
+                        m2a=_rollout_m2a(scene.map, pose, model.cfg))
+
+
+def _rollout_m2a(m, pose: torch.Tensor, cfg) -> np.ndarray | None:
+    """``(A, S, k_m2a)`` the map pieces each agent-step attends to, found as the rollout finds them (the same
+    grid, so equally distant pieces are ordered the same way: the teacher-forced pass then sees exactly the
+    rollout's neighbours); None on a map without pieces."""
+    if m is None or not len(cached_map_pieces(m)["pose"]):
+        return None
+    p = cached_map_pieces(m)
+    grid = RadiusGrid.stack([map_piece_grid_table(m, cfg.m2a_radius, MAP_GRID_CELL)], cfg.m2a_radius, MAP_GRID_CELL)
+    keys = torch.as_tensor(p["pose"][:, :2]).float()[None]
+    idx, ok = grid.knn(pose[None, ..., :2].reshape(1, -1, 2).float(), torch.zeros(1, dtype=torch.long), keys,
+                       cfg.k_m2a)
+    return torch.where(ok, idx, -1)[0].reshape(*pose.shape[:2], -1).numpy().astype(np.int64)
+
