@@ -99,7 +99,7 @@ def test_teacher_forcing_on_the_rollout_gives_the_rollout_logits():
                      m2a_nbr=batch.m2a_nbr)["vehicle"][0]
     a = scene.num_agents
     checked = 0
-    for t, sel, tok, logits in agent.chosen:
+    for t, sel, _tok, logits in agent.chosen:
         s = int(t[0]) // 5
         rows = sel[0, :a]
         torch.testing.assert_close(full[rows, s], logits, atol=2e-4, rtol=1e-4)
@@ -116,3 +116,48 @@ def test_teacher_forcing_on_the_rollout_gives_the_rollout_logits():
     ok = torch.as_tensor(scene.valid[:, 5 * (s0 + 1)])[rows0]
     want = corrective_targets(model.vocab("vehicle"), torch.as_tensor(sample.pose[:, s0])[rows0], log_next, ok, BOX)
     assert torch.as_tensor(sample.target[:, s0])[rows0].tolist() == want.tolist()
+
+
+def _bundled_model():
+    from agents.smart import SmartAgent
+
+    return SmartAgent.from_checkpoint("towns-nano").model
+
+
+def test_catk_step_trains_the_decoder_and_leaves_the_frozen_set_bit_identical(tmp_path):
+    from envs.data import open_dataset
+    from training.catk import TRAINABLE, train_catk
+
+    ds = open_dataset("towns", "train")
+    model = _bundled_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, history = train_catk(model, ds, tmp_path, max_steps=2, batch_size=2, lr=1e-3, scenes=2, progress=False,
+                                ckpt_every=0)
+    assert len(history) == 2
+    assert history[0]["targets"] > 100
+    assert model.cfg.label_smoothing == 0.0
+    trained = TRAINABLE["catk"]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "nothing trained"
+    assert all(k.startswith(trained) for k in changed), sorted(k for k in changed if not k.startswith(trained))
+    assert any(k.startswith("heads.") for k in changed)
+    assert any(k.startswith("m2a.") for k in changed)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_catk_bad_options_are_named(tmp_path):
+    from envs.data import open_dataset
+    from envs.errors import UnknownNameError
+    from training.catk import train_catk
+
+    ds = open_dataset("towns", "train")
+    with pytest.raises(UnknownNameError, match="rollout"):
+        train_catk(_bundled_model(), ds, tmp_path, max_steps=1, rollout="closest")
+    with pytest.raises(UnknownNameError, match="frozen set"):
+        train_catk(_bundled_model(), ds, tmp_path, max_steps=1, frozen="encoder")
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 2048\]"):
+        train_catk(_bundled_model(), ds, tmp_path, max_steps=1, top_k=5000)
+    from agents.smart.agent import CatKRollout
+
+    with pytest.raises(UnknownNameError, match="choice"):
+        CatKRollout(_bundled_model(), choice="greedy")

@@ -10,6 +10,9 @@ The teacher-forced logits equal the rollout's incremental ones at every step (te
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -17,11 +20,14 @@ from agents.nn.attention import RadiusGrid, relative_pose
 from agents.nn.map_pieces import cached_map_pieces, map_piece_grid_table
 from agents.smart.agent import TOKEN_BOX_OF, CatKRollout
 from agents.smart.catk import corrective_targets
-from agents.smart.model import MAP_GRID_CELL, type_of
-from agents.smart.tokenizer import TOKEN_STEPS, nearest_final
+from agents.smart.model import MAP_GRID_CELL, SmartModel, TokenBatch, type_of
+from agents.smart.tokenizer import TOKEN_STEPS, MotionVocabulary, nearest_final
 from envs import sim
-from training.bc_data import TokenSample, token_sample
+from envs.errors import TrafficGymError, UnknownNameError
+from training.bc import save_smart
+from training.bc_data import TokenSample, collate, scene_sample, token_sample
 from training.rollouts import drive
+from training.trainer import SampleBatches, TrainConfig, Trainer, Validation
 
 
 @torch.no_grad()
@@ -94,3 +100,87 @@ def _rollout_m2a(m, pose: torch.Tensor, cfg) -> np.ndarray | None:
                        cfg.k_m2a)
     return torch.where(ok, idx, -1)[0].reshape(*pose.shape[:2], -1).numpy().astype(np.int64)
 
+
+
+# What trains in each frozen-set option (parameter name prefixes of SmartModel); everything else is frozen.
+# "catk" follows CAT-K: the prediction head and the agent decoder's temporal, map->agent and agent<->agent
+# attention (with their relative-pose encodings) train; the map encoder and every embedding stay as they were.
+TRAINABLE = {
+    "catk": ("temporal.", "m2a.", "a2a.", "t_rel.", "m2a_rel.", "a2a_rel.", "head_norm.", "heads."),
+    "decoder": ("temporal.", "m2a.", "a2a.", "t_rel.", "m2a_rel.", "a2a_rel.", "head_norm.", "heads.",
+                "token_mlp.", "bos", "agent_type.", "size_mlp."),
+    "none": ("",),  # every parameter trains
+}
+ROLLOUTS = ("catk", "topk", "log")
+
+
+def freeze(model: torch.nn.Module, frozen: str) -> list[str]:
+    """Set ``requires_grad`` by the frozen-set option ``frozen`` (``TRAINABLE``); returns the trained names."""
+    if frozen not in TRAINABLE:
+        raise UnknownNameError("frozen set", frozen, TRAINABLE)
+    keep = TRAINABLE[frozen]
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(keep))
+        if p.requires_grad:
+            trained.append(name)
+    return trained
+
+
+def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_size: int = 4, lr: float = 5e-5,
+               final_lr_fraction: float = 0.05, top_k: int = 32, rollout: str = "catk", frozen: str = "catk",
+               scenes: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True,
+               ckpt_every: int = 200, validate_fn=None, val_every: int = 0, start_step: int = 10):
+    """Fine-tune ``model`` (a BC-trained ``SmartModel``) on ``ds``'s first ``scenes`` scenes by CAT-K.
+
+    Each step rolls the next batch of scenes out with the current model (``rollout``: ``"catk"`` closest among
+    top-k to the log, ``"topk"`` top-k sampling, or ``"log"``: no rollout, the BC samples — behaviour cloning
+    continued at this learning rate, the control), teacher-forces it on the visited tokens and takes one step on
+    the cross-entropy without label smoothing. ``frozen`` picks what trains (``TRAINABLE``). Returns the model
+    and the per-step history."""
+    if rollout not in ROLLOUTS:
+        raise UnknownNameError("CAT-K rollout", rollout, ROLLOUTS)
+    v = min(len(model.vocab(n)) for n in model.types)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= v:
+        raise ValueError(f"top_k must be an integer in [1, {v}] (the vocabulary size), got {top_k!r}.")
+    n = len(ds) if scenes is None else min(scenes, len(ds))
+    if n == 0:
+        raise TrafficGymError("The training split has no scenes.")
+    torch.manual_seed(seed)
+    model.cfg = replace(model.cfg, label_smoothing=0.0)
+    freeze(model, frozen)
+    vocab = MotionVocabulary({name: model.vocab(name) for name in model.types}, model.tol)
+    agent = None if rollout == "log" else CatKRollout(model, top_k=top_k, choice=rollout)
+    maps = {}
+
+    def make_batch(indices: list[int]) -> TokenBatch:
+        samples = []
+        for i in indices:
+            scene = ds[i]
+            if agent is None:
+                samples.append(scene_sample(scene, vocab, model.cfg, seed=seed))
+                continue
+            if scene.map_id not in maps:
+                maps[scene.map_id] = ds.map_index(scene.map_id)
+            was_training = model.training
+            model.eval()
+            samples.append(catk_sample(agent, scene, maps[scene.map_id], start_step=start_step,
+                                       seed=seed + 7919 * i))
+            model.train(was_training)
+        return collate(samples)
+
+    data = SampleBatches(list(range(n)), make_batch, batch_size, seed=seed,
+                         group_fn=(lambda i: ds.entry(i).map_id) if _fills_by_map(ds, n, batch_size) else None)
+    cfg = TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr,
+                      final_lr_fraction=final_lr_fraction, seed=seed, resume=resume, progress=progress,
+                      ckpt_every=ckpt_every)
+    trainer = Trainer(model, data, cfg, save_fn=save_smart,
+                      callbacks=[Validation(validate_fn, val_every)] if validate_fn else [])
+    return model, trainer.fit()
+
+
+def _fills_by_map(ds, n: int, batch_size: int) -> bool:
+    from collections import Counter
+
+    sizes = Counter(ds.entry(i).map_id for i in range(n)).values()
+    return sum(k // batch_size * batch_size for k in sizes) >= 0.9 * n

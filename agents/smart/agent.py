@@ -238,12 +238,19 @@ TOKEN_BOX_OF = {name: TOKEN_BOX[k] for k, name in TYPE_NAMES.items()}
 class CatKRollout(SmartAgent):
     """The rollout of CAT-K fine-tuning (``agents/smart/catk.py``): instead of sampling, each driven agent takes
     the closest among its ``top_k`` most likely tokens to its logged box 0.5 s later (the most likely where the
-    log is not valid then or the scene ends first). It reads the future log, so it is a training device, not a
-    sim agent: it is not registered."""
+    log is not valid then or the scene ends first). ``choice="topk"``: plain top-k sampling instead (the
+    ablation without the log in the loop). It reads the future log, so it is a training device, not a sim agent:
+    it is not registered."""
 
-    def __init__(self, model: SmartModel, top_k: int = 32, record_logits: bool = False):
+    CHOICES = ("catk", "topk")
+
+    def __init__(self, model: SmartModel, top_k: int = 32, record_logits: bool = False, choice: str = "catk"):
         super().__init__(model, top_k=top_k)
-        self.record_logits = record_logits
+        if choice not in self.CHOICES:
+            from envs.errors import UnknownNameError
+
+            raise UnknownNameError("CAT-K rollout choice", choice, self.CHOICES)
+        self.record_logits, self.choice = record_logits, choice
         self.chosen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     def reset(self, state, mask, seed=None, slots=None):
@@ -255,6 +262,11 @@ class CatKRollout(SmartAgent):
         ``(N,)``, their logits ``(N, V)`` if ``record_logits``), for the fine-tuning batch."""
         from agents.smart.catk import closest_among_top_k
 
+        if self.choice == "topk":  # the ablation: plain top-k sampling, no log in the loop
+            tok = self._sample(logits)
+            self.chosen.append((state.t.clone(), sel.clone(), tok,
+                                logits.float().clone() if self.record_logits else None))
+            return tok
         b = torch.arange(state.batch_size, device=state.device)
         t_next = (state.t + TOKEN_STEPS).clamp(max=state.log.shape[2] - 1)
         ok = state.log_valid[b, :, t_next] & (state.t + TOKEN_STEPS <= state.end)[:, None]

@@ -73,6 +73,7 @@ class SmartConfig:
     k_a2a: int
     vocab_sizes: dict
     dropout: float = 0.1
+    label_smoothing: float = 0.1  # of the next-token cross-entropy (SMART's BC; CAT-K fine-tunes with 0)
 
     @classmethod
     def of_size(cls, size: str, vocab_sizes: dict, **overrides) -> SmartConfig:
@@ -117,7 +118,7 @@ class TokenBatch:
         return int(((self.target >= 0) & self.valid).sum())
 
 
-LABEL_SMOOTHING = 0.1  # of the behaviour-cloning cross-entropy (SMART)
+LABEL_SMOOTHING = 0.1  # the default of SmartConfig.label_smoothing (SMART's behaviour cloning)
 
 
 class SmartModel(nn.Module):
@@ -239,7 +240,7 @@ class SmartModel(nn.Module):
         return self.logits(x)
 
     def loss(self, batch: TokenBatch) -> tuple[torch.Tensor, int, dict]:
-        """Behaviour cloning, teacher-forced: the cross-entropy of the next token (label smoothing 0.1) *summed*
+        """Teacher-forced next-token cross-entropy (label smoothing ``cfg.label_smoothing``) *summed*
         over every valid target, their count, and the next-token accuracy (the trainer divides by the count
         summed over all processes)."""
         enc = self.encode_map(batch.map_points, batch.map_pose, batch.map_type, batch.map_valid, nbr=batch.map_nbr,
@@ -255,7 +256,8 @@ class SmartModel(nn.Module):
                 continue
             target = batch.target[sel]
             chosen = lg[sel]
-            total = total + F.cross_entropy(chosen, target, label_smoothing=LABEL_SMOOTHING, reduction="sum")
+            total = total + F.cross_entropy(chosen, target, label_smoothing=self.cfg.label_smoothing,
+                                           reduction="sum")
             count += int(sel.sum())
             correct += int((chosen.argmax(-1) == target).sum())
         return total, count, {"accuracy": correct / max(count, 1)}
