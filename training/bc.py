@@ -72,7 +72,7 @@ def train_bc(ds, vocab: MotionVocabulary, size: str, out: str | Path, max_steps:
     samples = [x for x in build_samples(ds, vocab, cfg, scenes, progress, workers, token_noise, seed)
                if x.num_targets > 0]
     data = SampleBatches(samples, collate, batch_size, seed=seed,
-                         group_fn=_map_of if _batches_fill_by_map(samples, batch_size) else None)
+                         group_fn=_map_of if batches_fill_by_map([x.map_id for x in samples], batch_size) else None)
     trainer = Trainer(model, data, TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr,
                                                seed=seed, resume=resume, progress=progress, ckpt_every=ckpt_every),
                       save_fn=save_smart, callbacks=[Validation(validate_fn, val_every)] if validate_fn else [])
@@ -92,13 +92,13 @@ def _map_of(sample) -> str:
     return sample.map_id
 
 
-def _batches_fill_by_map(samples, batch_size: int) -> bool:
-    """Whether batches of one map each still use >= 90 % of the samples per epoch (not so on datasets with a map
-    per scene, e.g. Waymo's: there every batch mixes maps)."""
+def batches_fill_by_map(map_ids: list[str], batch_size: int) -> bool:
+    """Whether batches of one map each still use >= 90 % of the samples (their ``map_ids``) per epoch (not so on
+    datasets with a map per scene, e.g. Waymo's: there every batch mixes maps)."""
     from collections import Counter
 
-    sizes = Counter(x.map_id for x in samples).values()
-    return sum(n // batch_size * batch_size for n in sizes) >= 0.9 * len(samples)
+    sizes = Counter(map_ids).values()
+    return sum(n // batch_size * batch_size for n in sizes) >= 0.9 * len(map_ids)
 
 
 def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int = 0):

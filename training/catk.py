@@ -24,7 +24,7 @@ from agents.smart.model import MAP_GRID_CELL, SmartModel, TokenBatch, type_of
 from agents.smart.tokenizer import TOKEN_STEPS, MotionVocabulary, nearest_final
 from envs import sim
 from envs.errors import TrafficGymError, UnknownNameError
-from training.bc import save_smart
+from training.bc import batches_fill_by_map, save_smart
 from training.bc_data import TokenSample, collate, scene_sample, token_sample
 from training.rollouts import drive
 from training.trainer import SampleBatches, TrainConfig, Trainer, Validation
@@ -170,7 +170,8 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
         return collate(samples)
 
     data = SampleBatches(list(range(n)), make_batch, batch_size, seed=seed,
-                         group_fn=(lambda i: ds.entry(i).map_id) if _fills_by_map(ds, n, batch_size) else None)
+                         group_fn=(lambda i: ds.entry(i).map_id)
+                         if batches_fill_by_map([ds.entry(i).map_id for i in range(n)], batch_size) else None)
     cfg = TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr,
                       final_lr_fraction=final_lr_fraction, seed=seed, resume=resume, progress=progress,
                       ckpt_every=ckpt_every)
@@ -178,9 +179,3 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
                       callbacks=[Validation(validate_fn, val_every)] if validate_fn else [])
     return model, trainer.fit()
 
-
-def _fills_by_map(ds, n: int, batch_size: int) -> bool:
-    from collections import Counter
-
-    sizes = Counter(ds.entry(i).map_id for i in range(n)).values()
-    return sum(k // batch_size * batch_size for k in sizes) >= 0.9 * n
