@@ -161,3 +161,36 @@ def test_catk_bad_options_are_named(tmp_path):
 
     with pytest.raises(UnknownNameError, match="choice"):
         CatKRollout(_bundled_model(), choice="greedy")
+
+
+def test_train_catk_command_fine_tunes_and_names_bad_input(tmp_path, capsys):
+    import json
+
+    from agents.checkpoint import save_checkpoint
+    from agents.smart import SmartAgent
+    from envs.errors import CheckpointError
+    from training.cli import main
+
+    out = tmp_path / "catk"
+    assert main(["train", "catk", "--init", "towns-nano", "--out", str(out), "--max-steps", "1", "--batch-size",
+                 "1", "--scenes", "1", "--val-scenes", "0", "--ckpt-every", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["steps"] == 1
+    assert json.loads((out / "catk.json").read_text())["init"] == "towns-nano"
+    agent = SmartAgent.from_checkpoint(out / "model.safetensors")  # loads as the BC weights do
+    assert agent.model.cfg.label_smoothing == 0.0
+    # a BC run folder is not resumed as CAT-K; an init of another agent is refused
+    bc_dir = tmp_path / "bc"
+    bc_dir.mkdir()
+    assert main(["train", "catk", "--init", "towns-nano", "--out", str(bc_dir), "--max-steps", "1", "--resume",
+                 "--val-scenes", "0"]) == 2
+    assert "not a CAT-K run" in capsys.readouterr().err
+    save_checkpoint(tmp_path / "idm.safetensors", "idm", {}, {"w": torch.zeros(1)})
+    assert main(["train", "catk", "--init", str(tmp_path / "idm.safetensors"), "--out", str(out),
+                 "--val-scenes", "0"]) == 2
+    assert "'idm' checkpoint" in capsys.readouterr().err
+    # the same errors, typed, from the function
+    from training.catk import train_catk
+
+    with pytest.raises(CheckpointError, match="not a CAT-K run"):
+        train_catk(agent.model, None, bc_dir, max_steps=1, resume=True)

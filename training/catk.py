@@ -10,6 +10,7 @@ The teacher-forced logits equal the rollout's incremental ones at every step (te
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from agents.smart.catk import corrective_targets
 from agents.smart.model import MAP_GRID_CELL, SmartModel, TokenBatch, type_of
 from agents.smart.tokenizer import TOKEN_STEPS, MotionVocabulary, nearest_final
 from envs import sim
-from envs.errors import TrafficGymError, UnknownNameError
+from envs.errors import CheckpointError, TrafficGymError, UnknownNameError
+from envs.fileio import atomic_write
 from training.bc import batches_fill_by_map, save_smart
 from training.bc_data import TokenSample, collate, scene_sample, token_sample
 from training.rollouts import drive
@@ -112,6 +114,7 @@ TRAINABLE = {
     "none": ("",),  # every parameter trains
 }
 ROLLOUTS = ("catk", "topk", "log")
+RUN_FILE = "catk.json"  # a CAT-K run folder's options
 
 
 def freeze(model: torch.nn.Module, frozen: str) -> list[str]:
@@ -130,22 +133,36 @@ def freeze(model: torch.nn.Module, frozen: str) -> list[str]:
 def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_size: int = 4, lr: float = 5e-5,
                final_lr_fraction: float = 0.05, top_k: int = 32, rollout: str = "catk", frozen: str = "catk",
                scenes: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True,
-               ckpt_every: int = 200, validate_fn=None, val_every: int = 0, start_step: int = 10):
+               ckpt_every: int = 200, validate_fn=None, val_every: int = 0, start_step: int = 10,
+               init: str = ""):
     """Fine-tune ``model`` (a BC-trained ``SmartModel``) on ``ds``'s first ``scenes`` scenes by CAT-K.
 
     Each step rolls the next batch of scenes out with the current model (``rollout``: ``"catk"`` closest among
     top-k to the log, ``"topk"`` top-k sampling, or ``"log"``: no rollout, the BC samples — behaviour cloning
     continued at this learning rate, the control), teacher-forces it on the visited tokens and takes one step on
-    the cross-entropy without label smoothing. ``frozen`` picks what trains (``TRAINABLE``). Returns the model
-    and the per-step history."""
+    the cross-entropy without label smoothing. ``frozen`` picks what trains (``TRAINABLE``). ``OUT/catk.json``
+    records the run's options (``init``: where the weights came from); resuming a folder without it (e.g. a BC
+    run) is refused. Returns the model and the per-step history."""
     if rollout not in ROLLOUTS:
         raise UnknownNameError("CAT-K rollout", rollout, ROLLOUTS)
+    if frozen not in TRAINABLE:
+        raise UnknownNameError("frozen set", frozen, TRAINABLE)
     v = min(len(model.vocab(n)) for n in model.types)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= v:
         raise ValueError(f"top_k must be an integer in [1, {v}] (the vocabulary size), got {top_k!r}.")
+    out = Path(out)
+    if resume and not (out / RUN_FILE).exists():
+        weights = out / "model.safetensors"
+        raise CheckpointError(f"--resume: {out} is not a CAT-K run (no {RUN_FILE}); a BC run folder is not "
+                              f"continued as CAT-K. Fine-tune into a new folder with --init {weights}.")
     n = len(ds) if scenes is None else min(scenes, len(ds))
     if n == 0:
         raise TrafficGymError("The training split has no scenes.")
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / RUN_FILE) as tmp:
+            tmp.write_text(json.dumps({"init": init, "rollout": rollout, "frozen": frozen, "top_k": top_k, "lr": lr,
+                                       "scenes": n, "seed": seed}, indent=1))
     torch.manual_seed(seed)
     model.cfg = replace(model.cfg, label_smoothing=0.0)
     freeze(model, frozen)

@@ -237,6 +237,38 @@ def _train_bc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_catk(args: argparse.Namespace) -> int:
+    from agents.smart import SmartAgent
+    from training.catk import train_catk
+    from training.distributed import init_from_env
+
+    if args.agent != "smart":
+        from envs.errors import UnknownNameError
+
+        raise UnknownNameError("agent trainable by CAT-K", args.agent, ["smart"])
+    rank, world = init_from_env()
+    out = Path(args.out)
+    model = SmartAgent.from_checkpoint(args.init).model  # a checkpoint of another agent raises CheckpointError
+    validate = None
+    if args.val_scenes > 0 and rank == 0:
+        from training.bc import closed_loop_validation
+
+        validate = closed_loop_validation(_open(args, "val"), scenes=args.val_scenes, seed=args.seed)
+    model, history = train_catk(model, _open(args, args.split), out, args.max_steps, batch_size=args.batch_size,
+                                lr=args.lr, top_k=args.top_k, rollout=args.rollout, frozen=args.frozen,
+                                scenes=args.scenes, seed=args.seed, resume=args.resume, progress=rank == 0,
+                                ckpt_every=args.ckpt_every, validate_fn=validate, val_every=args.val_every,
+                                init=str(args.init))
+    if rank == 0:
+        last = [h for h in history if "loss" in h][-1]
+        val = [h for h in history if any(k.startswith("val/") for k in h)]
+        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
+                          "steps": last["step"], "loss": round(last["loss"], 4),
+                          "accuracy": round(last.get("accuracy", 0.0), 4), "rollout": args.rollout,
+                          "processes": world, "validation": val[-1] if val else None}, indent=1))
+    return 0
+
+
 def _add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None, split_help: str) -> None:
     """The options every dataset-reading subcommand shares (they map 1:1 onto ``open_dataset``)."""
     parser.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
@@ -339,6 +371,28 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     bc.add_argument("--seed", type=int, default=0)
     bc.set_defaults(func=_train_bc)
+
+    catk = train_sub.add_parser("catk", help="CAT-K closed-loop fine-tuning of the tokenized policy")
+    catk.add_argument("--agent", default="smart", help="the model to fine-tune (smart)")
+    catk.add_argument("--init", required=True, help="the BC weights to start from: a bundled name (towns-nano) or "
+                                                   "a checkpoint file")
+    _add_dataset_args(catk, split_default="train", split_help="split to fine-tune on")
+    catk.add_argument("--out", required=True, help="run folder: checkpoint, TensorBoard logs")
+    catk.add_argument("--max-steps", type=int, default=200)
+    catk.add_argument("--batch-size", type=int, default=4, help="scenes per global batch")
+    catk.add_argument("--lr", type=float, default=5e-5)
+    catk.add_argument("--top-k", type=int, default=32, help="candidates of the closest-among-top-k choice")
+    catk.add_argument("--rollout", default="catk", help="catk (closest among top-k to the log), topk (sampling: "
+                                                      "the ablation) or log (BC samples: the control)")
+    catk.add_argument("--frozen", default="catk", help="what stays frozen: catk (map encoder and embeddings, as the "
+                                                     "paper), decoder (the map encoder) or none")
+    catk.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
+    catk.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints")
+    catk.add_argument("--val-scenes", type=int, default=4, help="closed-loop validation scenes (0: none)")
+    catk.add_argument("--val-every", type=int, default=100, help="steps between validations (and at the end)")
+    catk.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors (a CAT-K run)")
+    catk.add_argument("--seed", type=int, default=0)
+    catk.set_defaults(func=_train_catk)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
