@@ -88,8 +88,9 @@ def test_two_processes_match_one(tiny_env_kwargs, tmp_path):
                    capture_output=True)
     two = tmp_path / "two.json"
     # --standalone: a free local port each run (a fixed --master_port collides with a parallel run of this test)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "training.cli", *common, "--json", str(two)], check=True, env=env, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "training.cli", *common, "--json", str(two)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]  # torchrun's and the ranks' errors, if it failed
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["per_scene"] == b["per_scene"]
     assert a["metrics"] == b["metrics"]
