@@ -194,3 +194,31 @@ def test_train_catk_command_fine_tunes_and_names_bad_input(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="not a CAT-K run"):
         train_catk(agent.model, None, bc_dir, max_steps=1, resume=True)
+
+
+def test_two_processes_fine_tune_as_one(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["-m", "training.cli", "train", "catk", "--init", "towns-nano", "--max-steps", "2", "--batch-size", "2",
+            "--scenes", "4", "--lr", "1e-3", "--val-scenes", "0", "--ckpt-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    printed = {}
+    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                "2"])):
+        run = subprocess.run([sys.executable, *launch, *args, "--out", str(tmp_path / name)], env=env,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        printed[name] = json.loads(run.stdout[run.stdout.index("{"):])
+    assert printed["two"]["processes"] == 2
+    # the global batch's loss and accuracy are logged, not rank 0's share
+    assert printed["two"]["loss"] == pytest.approx(printed["one"]["loss"], rel=1e-4)
+    assert printed["two"]["accuracy"] == pytest.approx(printed["one"]["accuracy"], abs=1e-4)
+    one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4)

@@ -29,7 +29,7 @@ from envs.fileio import atomic_write
 from training.bc import batches_fill_by_map, save_smart
 from training.bc_data import TokenSample, collate, scene_sample, token_sample
 from training.rollouts import drive
-from training.trainer import SampleBatches, TrainConfig, Trainer, Validation
+from training.trainer import SampleBatches, TrainConfig, Trainer, Validation, rank_and_world
 
 
 @torch.no_grad()
@@ -158,7 +158,7 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
     n = len(ds) if scenes is None else min(scenes, len(ds))
     if n == 0:
         raise TrafficGymError("The training split has no scenes.")
-    if not resume:
+    if not resume and rank_and_world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"init": init, "rollout": rollout, "frozen": frozen, "top_k": top_k, "lr": lr,

@@ -3,8 +3,9 @@
 ``DistributedDataParallel`` (gloo on CPU, nccl on GPU).
 
 The model owns its loss (as in nanoGPT): ``model.loss(batch) -> (loss_sum, count, metrics)``, the *sum* of the
-loss over the batch's ``count`` targets. The trainer divides by the count summed over all processes, so N
-processes on N shards of a global batch take exactly the step one process takes on the whole batch (tested).
+loss over the batch's ``count`` targets, and scalar metrics as means over those targets. The trainer divides by
+the count summed over all processes, so N processes on N shards of a global batch take exactly the step one
+process takes on the whole batch, and log what it logs (tested).
 
 Data is any iterable of batches (objects with ``.to(device)``, e.g. ``agents.smart.TokenBatch``), each this
 process's share of a global batch: a fixed dataset through ``SampleBatches`` (a seeded per-epoch permutation,
@@ -309,9 +310,16 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
-        out = {"loss": float(loss.detach()) / self.world, "grad_norm": float(grad_norm),
-               "lr": self.lr_at(self.step - 1), "targets": float(total)}
-        out.update({k: float(v) for k, v in metrics.items()})
+        # what is logged is the global batch's: the loss summed over processes, the metrics (per-target means)
+        # weighted by each process's target count -- the numbers a single process would print
+        logged = torch.as_tensor([float(loss_sum.detach())] + [float(v) * count for v in metrics.values()],
+                                 dtype=torch.float64, device=loss_sum.device)
+        if self.world > 1:
+            dist.all_reduce(logged)
+        logged = (logged / total.clamp(min=1)).tolist()
+        out = {"loss": logged[0], "grad_norm": float(grad_norm), "lr": self.lr_at(self.step - 1),
+               "targets": float(total)}
+        out.update(zip(metrics, logged[1:]))
         return out
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
