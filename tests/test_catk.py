@@ -118,6 +118,27 @@ def test_teacher_forcing_on_the_rollout_gives_the_rollout_logits():
     assert torch.as_tensor(sample.target[:, s0])[rows0].tolist() == want.tolist()
 
 
+def test_a_batched_rollout_gives_each_scene_its_own_rollout():
+    import numpy as np
+
+    from agents.smart import SmartAgent
+    from agents.smart.agent import CatKRollout
+    from envs.data import open_dataset
+    from training.catk import catk_sample, catk_samples
+
+    ds = open_dataset("towns", "val")
+    agent = CatKRollout(SmartAgent.from_checkpoint("towns-nano").model, top_k=32)
+    first = ds.entry(0).map_id
+    other = next(i for i in range(len(ds)) if ds.entry(i).map_id != first)
+    picked = [ds[0], ds[1], ds[other]]  # two maps, different agent counts
+    assert len({s.num_agents for s in picked}) > 1
+    together = catk_samples(agent, picked, [ds.map_index(s.map_id) for s in picked])
+    for scene, batched in zip(picked, together, strict=True):
+        alone = catk_sample(agent, scene, ds.map_index(scene.map_id))
+        for field in ("pose", "valid", "in_token", "target", "m2a_nbr"):
+            np.testing.assert_array_equal(getattr(batched, field), getattr(alone, field), err_msg=field)
+
+
 def _bundled_model():
     from agents.smart import SmartAgent
 

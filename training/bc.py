@@ -103,7 +103,8 @@ def batches_fill_by_map(map_ids: list[str], batch_size: int) -> bool:
 
 def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int = 0):
     """A ``validate_fn`` for the trainer: the model as a ``smart`` agent driving every agent of the first
-    ``scenes`` val scenes (``rollouts`` samples each); returns the mean realism meta-metric and minADE."""
+    ``scenes`` val scenes (``rollouts`` samples each); returns the mean realism meta-metric, minADE and BLM's
+    collision and off-road rates."""
     import copy
 
     import numpy as np
@@ -114,13 +115,13 @@ def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int
 
     def validate(model: SmartModel) -> dict:
         agent = SmartAgent(copy.deepcopy(model).eval(), top_k=48)
-        metas, ades = [], []
+        keys = ("realism_meta_wosac2024", "min_ade", "blm_collision_rate", "blm_offroad_rate")
+        rows = []
         for i in range(min(scenes, len(val_ds))):
             r = simulate_scene(agent, val_ds, i, rollouts, seed=seed + i)
-            m = compute_episode_metrics(r, ["realism", "min_ade"])
-            metas.append(m["realism_meta_wosac2024"])
-            ades.append(m["min_ade"])
-        return {"realism_meta_wosac2024": float(np.nanmean(metas)), "min_ade": float(np.nanmean(ades))}
+            m = compute_episode_metrics(r, ["realism", "min_ade", "blm_safety"])
+            rows.append([m[k] for k in keys])
+        return dict(zip(keys, np.nanmean(np.asarray(rows, dtype=float), axis=0).tolist()))
 
     return validate
 

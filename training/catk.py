@@ -32,34 +32,50 @@ from training.rollouts import drive
 from training.trainer import SampleBatches, TrainConfig, Trainer, Validation, rank_and_world
 
 
-@torch.no_grad()
 def catk_sample(agent: CatKRollout, scene, map_index=None, start_step: int = 10, seed: int = 0
                 ) -> TokenSample:
-    """One CAT-K rollout of ``scene`` (every agent valid at ``start_step`` driven by ``agent``, the others replay
-    their log; map exits remove agents as in evaluation) as a ``TokenSample`` over the boundaries ``0, 5, 10, ...``
-    of the whole scene: poses and validity of the rollout, input tokens (the chosen ones where the policy drove
-    the agent through the last 0.5 s, else the token nearest to the actual motion, -1 at the first boundary or
-    after a gap), targets where the policy chose a token (-1 elsewhere and where the log 0.5 s later is invalid).
-    """
-    model = agent.model
-    maps = sim.stack_maps([scene.map], indices=None if map_index is None else [map_index])
-    state = sim.reset([scene], start_step=start_step, controlled="all", maps=maps)
+    """``catk_samples`` of one scene."""
+    return catk_samples(agent, [scene], None if map_index is None else [map_index], start_step, seed)[0]
+
+
+@torch.no_grad()
+def catk_samples(agent: CatKRollout, scenes, map_indices=None, start_step: int = 10, seed: int = 0
+                 ) -> list[TokenSample]:
+    """One CAT-K rollout of ``scenes``, batched (every agent valid at ``start_step`` driven by ``agent``, the
+    others replay their log; map exits remove agents as in evaluation), as one ``TokenSample`` per scene over the
+    boundaries ``0, 5, 10, ...`` of the whole scene: poses and validity of the rollout, input tokens (the chosen
+    ones where the policy drove the agent through the last 0.5 s, else the token nearest to the actual motion, -1
+    at the first boundary or after a gap), targets where the policy chose a token (-1 elsewhere and where the log
+    0.5 s later is invalid). ``map_indices``: each scene's ``MapIndex`` (e.g. ``SceneDataset.map_index``)."""
+    maps, indices = {}, {}
+    for i, scene in enumerate(scenes):
+        maps.setdefault(scene.map_id, scene.map)
+        if map_indices is not None:
+            indices.setdefault(scene.map_id, map_indices[i])
+    batch = sim.stack_maps(list(maps.values()), indices=list(indices.values()) if map_indices is not None else None)
+    state = sim.reset(list(scenes), start_step=start_step, controlled="all", maps=batch)
     state = drive(state, agent, None, seed)
+    return [_scene_sample(agent, scene, state, b) for b, scene in enumerate(scenes)]
+
+
+def _scene_sample(agent: CatKRollout, scene, state, b: int) -> TokenSample:
+    """Row ``b`` of a finished CAT-K rollout ``state`` as the ``TokenSample`` of its ``scene``."""
+    model = agent.model
     a = scene.num_agents
     n_b = (scene.num_steps - 1) // TOKEN_STEPS
     steps = torch.arange(n_b) * TOKEN_STEPS
-    pose = state.traj[0, :a][:, steps, :3].float()  # (A, S, 3)
-    ok = state.valid[0, :a][:, steps]
+    pose = state.traj[b, :a][:, steps, :3].float()  # (A, S, 3)
+    ok = state.valid[b, :a][:, steps]
     kinds = torch.as_tensor(scene.agent_type).long()
     in_token = torch.full((a, n_b), -1, dtype=torch.long)
     target = torch.full((a, n_b), -1, dtype=torch.long)
     drove = torch.zeros((a, n_b), dtype=torch.bool)
     log = torch.as_tensor(scene.trajectory)[..., :3].float()
     log_valid = torch.as_tensor(scene.valid)
-    for t, sel, tok, _ in agent.chosen:
-        s = int(t[0]) // TOKEN_STEPS
-        rows = sel[0, :a]
-        if int(t[0]) % TOKEN_STEPS or s >= n_b or not rows.any():
+    for t, sel, tok, _ in agent.chosen_in_row(b):
+        s = t // TOKEN_STEPS
+        rows = sel[:a].cpu()
+        if t % TOKEN_STEPS or s >= n_b or not rows.any():
             continue
         drove[rows, s] = True
         if s + 1 < n_b:
@@ -171,19 +187,18 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
     maps = {}
 
     def make_batch(indices: list[int]) -> TokenBatch:
-        samples = []
-        for i in indices:
-            scene = ds[i]
-            if agent is None:
-                samples.append(scene_sample(scene, vocab, model.cfg, seed=seed))
-                continue
+        scenes = [ds[i] for i in indices]
+        if agent is None:
+            return collate([scene_sample(scene, vocab, model.cfg, seed=seed) for scene in scenes])
+        for scene in scenes:
             if scene.map_id not in maps:
                 maps[scene.map_id] = ds.map_index(scene.map_id)
-            was_training = model.training
-            model.eval()
-            samples.append(catk_sample(agent, scene, maps[scene.map_id], start_step=start_step,
-                                       seed=seed + 7919 * i))
-            model.train(was_training)
+        was_training = model.training
+        model.eval()
+        # one batched rollout of this process's scenes; its seed follows the batch's first scene
+        samples = catk_samples(agent, scenes, [maps[scene.map_id] for scene in scenes], start_step=start_step,
+                               seed=seed + 7919 * indices[0])
+        model.train(was_training)
         return collate(samples)
 
     data = SampleBatches(list(range(n)), make_batch, batch_size, seed=seed,

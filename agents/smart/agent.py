@@ -257,6 +257,16 @@ class CatKRollout(SmartAgent):
         super().reset(state, mask, seed, slots)
         self.chosen = []
 
+    def chosen_in_row(self, b: int):
+        """Row ``b``'s choices of the last rollout, in order: (step, agents ``(A,)``, tokens ``(n,)``, their logits
+        ``(n, V)`` or None), each choice of ``chosen`` split by row (its tokens follow the ``(B, A)`` mask's
+        row-major order)."""
+        for t, sel, tok, logits in self.chosen:
+            counts = sel.sum(1).tolist()
+            lo = sum(counts[:b])
+            part = slice(lo, lo + counts[b])
+            yield int(t[b]), sel[b], tok[part], None if logits is None else logits[part]
+
     def _choose(self, name, logits, state, sel):
         """The CAT-K token; every choice is recorded in ``chosen`` as (step ``(B,)``, agents ``(B, A)``, tokens
         ``(N,)``, their logits ``(N, V)`` if ``record_logits``), for the fine-tuning batch."""
