@@ -25,6 +25,8 @@ from functools import cached_property
 import numba
 import numpy as np
 
+from envs.parallel import parallel_kernel
+
 CLOSED_TOLERANCE = 1.0  # m: a polyline whose ends are nearer than this is a ring (WOSAC: squared distance < 1 m^2)
 EDGE_CELL = 1.0  # m: cell size of the candidate grid
 EDGE_MARGIN = 100.0  # m of grid around the road edges (agents driving on past a map exit stay on the grid)
@@ -213,7 +215,7 @@ def edge_distance(px, py, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_s
     return _signed(px, py, seg, prev, nxt, best, best_d2, best_t)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def _query_points(pts, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, cell_lower, out):
     for p in numba.prange(pts.shape[0]):
         out[p] = edge_distance(pts[p, 0], pts[p, 1], seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments,
@@ -230,7 +232,7 @@ def _cell_and_parent(c, ox, oy, cell, w, parent_start, ratio, parent_w, n_seg):
     return ox + (i + 0.5) * cell, oy + (j + 0.5) * cell, 0, n_seg
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def _refine(seg, ox, oy, cell, h, w, parent_start, parent_segments, ratio, parent_w):
     """Candidate lists of a grid of ``cell``-sized cells from those of a grid ``ratio`` times coarser (or, with
     ``ratio`` 0, from every segment): per cell, the segments within (distance of the nearest one to the cell
@@ -278,7 +280,7 @@ def _candidate_grid(packed: np.ndarray, ox: float, oy: float, cell: float, h: in
     return start, segs
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def _order_candidates(seg, ox, oy, cell, w, cell_start, cell_segments):
     """Sort each cell's candidates by their distance to its centre (in place) and return ``cell_lower``: that
     distance less the half diagonal (any point of the cell is at least this far from the segment)."""
@@ -298,7 +300,7 @@ def _order_candidates(seg, ox, oy, cell, w, cell_start, cell_segments):
     return lower
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def _cell_values(seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, cell_lower):
     """``RoadEdges.cell_value``: the signed distance at each cell centre, NaN where a candidate ends a polyline."""
     out = np.empty(h * w, np.float32)
@@ -318,7 +320,7 @@ def _cell_values(seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments, 
 _BOUND_SLACK = 1e-3  # m added to the cell bound (float32 cell values)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def box_edge_distance(traj, valid, extent, seg, prev, nxt, ox, oy, cell, h, w, cell_start, cell_segments,
                       cell_lower, cell_value):
     """Largest signed road-edge distance (m) of the 4 corners of every valid box: traj ``(B, A, T, 5)`` x, y,

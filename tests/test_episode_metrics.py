@@ -4,6 +4,7 @@ real logs (the log scores near the top of the scale and above constant-velocity 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -826,3 +827,21 @@ def test_metric_road_edges_continue_past_the_map_border():
     assert d[4] < 0  # beyond the stubs too: on the road, measured to their ends
     ring_only = make_map([(np.array([[0, -3.5], [50, -3.5], [50, 3.5], [0, 3.5], [0, -3.5]]), PolylineType.ROAD_EDGE)])
     assert len(metric_road_edges(ring_only)) == 1  # no lane crosses it: a closed ring as given
+
+
+def test_metrics_leave_torch_thread_count_as_it_was():
+    # numba's OpenMP pool shares the runtime with torch; a metric call must not make a 1-thread process
+    # multi-threaded (thread state is per process: checked in a fresh one)
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from tests.test_episode_metrics import scene_rollouts\n"
+            "from envs.metrics.episode import compute_episode_metrics\n"
+            "r = scene_rollouts([dict(x0=0, y0=0, speed=10.0), dict(x0=20, y0=0, speed=9.0)])\n"
+            "compute_episode_metrics(r, ['realism', 'blm_safety'])\n"
+            "print(torch.get_num_threads())\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
+                                                                                           "NUMBA_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "1"

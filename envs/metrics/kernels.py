@@ -28,6 +28,8 @@ import math
 import numba
 import numpy as np
 
+from envs.parallel import parallel_kernel
+
 # Full fastmath (it lets LLVM vectorise the min/max): so no inf or nan may occur in the loops; "none found" is
 # the finite _NONE, turned into inf on the way out.
 _FASTMATH = True
@@ -265,7 +267,7 @@ def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, w
         approach[b, i, t] = min(t_min, ttc_cap)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, wosac, k_max, params, n_chunks=16):
     """Features of every evaluated agent against all objects of its frame (the other agents of its sample and
     the context objects).
@@ -345,7 +347,7 @@ def _wrap(angle):
     return a - 2 * math.pi * math.floor(a * (1 / (2 * math.pi))) - math.pi
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def kinematics(traj, valid, dt, start):
     """Central-difference kinematics of ``N`` tracks (``features.kinematic_features`` documents them).
 
@@ -437,7 +439,7 @@ def displacement(sim, sim_valid, log, log_valid, start):
     return ade, fde, count
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def safety_totals(own_valid, overlaps_agents, overlaps_context, offroad, offroad_valid, vehicle, approach, rss_long,
                   rss_lat):
     """Per-sample totals of BLM's safety set (``blm.blm_safety`` defines the metrics), one pass over ``(R, A, T)``.
@@ -500,7 +502,7 @@ def _wrap_half(d):
     return _wrap(2.0 * d) / 2.0
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def wosac_kinematics(traj, valid, dt, history, is_log):
     """The WOSAC kinematic features of ``N`` tracks, as the official code computes them.
 
@@ -569,7 +571,7 @@ def _bin_or_top(x, low, width, nb):
     return _bin(x, low, width, nb)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def wosac_log_likelihoods(values, use, n_sim, low, width, bins, pseudocount, bool_pseudocount, objects):
     """The WOSAC log-likelihoods of ``F`` features, pooled as the official metric pools them.
 
