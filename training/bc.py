@@ -121,7 +121,7 @@ def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int
             r = simulate_scene(agent, val_ds, i, rollouts, seed=seed + i)
             m = compute_episode_metrics(r, ["realism", "min_ade", "blm_safety"])
             rows.append([m[k] for k in keys])
-        return dict(zip(keys, np.nanmean(np.asarray(rows, dtype=float), axis=0).tolist()))
+        return dict(zip(keys, np.nanmean(np.asarray(rows, dtype=float), axis=0).tolist(), strict=True))
 
     return validate
 

@@ -319,7 +319,7 @@ class Trainer:
         logged = (logged / total.clamp(min=1)).tolist()
         out = {"loss": logged[0], "grad_norm": float(grad_norm), "lr": self.lr_at(self.step - 1),
                "targets": float(total)}
-        out.update(zip(metrics, logged[1:]))
+        out.update(zip(metrics, logged[1:], strict=True))
         return out
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
