@@ -1,6 +1,8 @@
 """Tokenized policy speed: behaviour-cloning throughput (targets, i.e. agent-tokens, per second, as
-``trafficgym train bc`` batches them: 4 scenes of one map per step) and the cost of closed-loop 8 s rollouts of
-one towns val scene (R = 1 and R = 32 copies, every agent driven), for a model size. Prints JSON.
+``trafficgym train bc`` batches them: 4 scenes of one map per step), CAT-K fine-tuning throughput (scenes and
+targets per second as ``trafficgym train catk`` runs: each step a batched closed-loop rollout of 4 scenes, then
+one teacher-forced step; with --checkpoint) and the cost of closed-loop 8 s rollouts of one towns val scene
+(R = 1 and R = 32 copies, every agent driven), for a model size. Prints JSON.
 
     python benchmarks/smart_speed.py [--size nano] [--checkpoint towns-nano|FILE] [--vocab FILE] [--steps 20]
 """
@@ -14,6 +16,29 @@ import platform
 import time
 
 import torch
+
+
+def catk_throughput(checkpoint: str, train, steps: int, scenes: int) -> dict:
+    """``train_catk`` from ``checkpoint`` on the first ``scenes`` train scenes; the steps after 3 warm-up steps
+    are timed (rollout + teacher-forced step, as the trainer takes them)."""
+    from agents.smart import SmartAgent
+    from training.catk import train_catk
+    from training.trainer import Callback
+
+    class Clock(Callback):
+        def __init__(self):
+            self.marks = []
+
+        def on_step_end(self, trainer, out):
+            self.marks.append((time.perf_counter(), out["targets"]))
+
+    clock = Clock()
+    train_catk(SmartAgent.from_checkpoint(checkpoint).model, train, "/tmp/smart_speed_catk", max_steps=steps + 3,
+               scenes=scenes, progress=False, ckpt_every=0, callbacks=[clock])
+    (t0, _), (t1, _) = clock.marks[2], clock.marks[-1]
+    targets = sum(n for _, n in clock.marks[3:])
+    return {"scenes_per_s": round(4 * steps / (t1 - t0), 2), "targets_per_s": round(targets / (t1 - t0)),
+            "s_per_step_4_scenes": round((t1 - t0) / steps, 3)}
 
 
 def main() -> None:
@@ -61,6 +86,9 @@ def main() -> None:
         targets += trainer.train_step(trainer.next_batch())["targets"]
     elapsed = time.perf_counter() - start
     result["train"] = {"targets_per_s": round(targets / elapsed), "s_per_step_4_scenes": round(elapsed / args.steps, 3)}
+
+    if agent is not None:
+        result["catk"] = catk_throughput(args.checkpoint, train, args.steps, args.scenes)
 
     agent = agent or SmartAgent(model.eval())
     simulate_scene(agent, val, 0, 1)  # warm-up (imports, lazy caches)

@@ -272,3 +272,17 @@ def test_catk_learns_to_track_the_log_and_topk_rollouts_do_not(tmp_path):
         ade[mode] = min_ade(model)
     assert ade["catk"] < 0.92 * init, (init, ade)
     assert ade["topk"] > ade["catk"] + 1.0, (init, ade)
+
+
+def test_closed_loop_validation_spreads_its_scenes_over_the_split(monkeypatch):
+    import envs.metrics.episode as episode
+    import training.rollouts as rollouts
+    from training.bc import closed_loop_validation
+
+    seen = []
+    monkeypatch.setattr(rollouts, "simulate_scene", lambda agent, ds, i, r, seed=0: seen.append((i, seed)) or i)
+    monkeypatch.setattr(episode, "compute_episode_metrics", lambda i, names: {
+        "realism_meta_wosac2024": float(i), "min_ade": 1.0, "blm_collision_rate": 0.0, "blm_offroad_rate": 0.5})
+    out = closed_loop_validation(list(range(128)), scenes=4, seed=3)(_bundled_model())
+    assert seen == [(0, 3), (42, 45), (85, 88), (127, 130)]  # every town of an ordered split, not the first 4
+    assert out == {"realism_meta_wosac2024": 63.5, "min_ade": 1.0, "blm_collision_rate": 0.0, "blm_offroad_rate": 0.5}

@@ -150,7 +150,7 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
                final_lr_fraction: float = 0.05, top_k: int = 32, rollout: str = "catk", frozen: str = "catk",
                scenes: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True,
                ckpt_every: int = 200, validate_fn=None, val_every: int = 0, start_step: int = 10,
-               init: str = ""):
+               init: str = "", callbacks=()):
     """Fine-tune ``model`` (a BC-trained ``SmartModel``) on ``ds``'s first ``scenes`` scenes by CAT-K.
 
     Each step rolls the next batch of scenes out with the current model (``rollout``: ``"catk"`` closest among
@@ -158,7 +158,8 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
     continued at this learning rate, the control), teacher-forces it on the visited tokens and takes one step on
     the cross-entropy without label smoothing. ``frozen`` picks what trains (``TRAINABLE``). ``OUT/catk.json``
     records the run's options (``init``: where the weights came from); resuming a folder without it (e.g. a BC
-    run) is refused. Returns the model and the per-step history."""
+    run) is refused. ``callbacks``: more ``training.trainer.Callback`` objects. Returns the model and the per-step
+    history."""
     if rollout not in ROLLOUTS:
         raise UnknownNameError("CAT-K rollout", rollout, ROLLOUTS)
     if frozen not in TRAINABLE:
@@ -208,6 +209,6 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
                       final_lr_fraction=final_lr_fraction, seed=seed, resume=resume, progress=progress,
                       ckpt_every=ckpt_every)
     trainer = Trainer(model, data, cfg, save_fn=save_smart,
-                      callbacks=[Validation(validate_fn, val_every)] if validate_fn else [])
+                      callbacks=([Validation(validate_fn, val_every)] if validate_fn else []) + list(callbacks))
     return model, trainer.fit()
 

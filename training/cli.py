@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
     bc.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
     bc.add_argument("--val-scenes", type=int, default=4,
-                    help="closed-loop validation on the first N val scenes (realism meta, minADE; 0: none)")
+                    help="closed-loop validation on N val scenes spread over the split (realism meta, minADE, "
+                         "collision and off-road rates; 0: none)")
     bc.add_argument("--val-every", type=int, default=500, help="steps between validations (and at the end)")
     bc.add_argument("--workers", type=int, default=2, help="processes tokenizing the scenes at start-up")
     bc.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
