@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# the best bundled learned policy (chosen on towns val; the README's tables compare them on test)
+DEMO_POLICY = "towns-nano"
 # (agent, checkpoint): the learned policy with its bundled weights, then the baselines
-DEMO_AGENTS = (("smart", "towns-nano"), ("log_replay", None), ("idm", None), ("constant_velocity", None),
+DEMO_AGENTS = (("smart", DEMO_POLICY), ("log_replay", None), ("idm", None), ("constant_velocity", None),
                ("random", None))
 DEMO_METRICS = ("realism", "blm_safety", "min_ade", "distance_travelled")
 DEMO_ROWS = ("realism_meta_wosac2024", "realism_collision", "realism_offroad", "blm_collision_rate", "blm_offroad_rate",
@@ -90,7 +92,7 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
     from agents.registry import make_agent
 
     ego_rows = []
-    for label, traffic in (("IDM", "idm"), ("learned (smart)", make_agent("smart", checkpoint="towns-nano"))):
+    for label, traffic in (("IDM", "idm"), ("learned (smart)", make_agent("smart", checkpoint=DEMO_POLICY))):
         print(f"\nego (trafficgym/Ego-v0, vector env): {num_scenes} val scenes, reactive {label} traffic")
         rows = ego_rollouts(num_scenes, traffic)
         print(f"{'controller':<26}{'return':>8}{'collided':>10}{'off-road':>10}{'progress m':>12}{'env steps/s':>13}")
@@ -101,7 +103,7 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
     from training.record import record_agent_video
 
     video = record_agent_video("smart", val, DEMO_VIDEO_SCENE, out_dir / "smart_vs_log.mp4", side_by_side=True,
-                               checkpoint="towns-nano")
+                               checkpoint=DEMO_POLICY)
     result = {"sim_agents": [{k: v for k, v in r.items() if k != "per_scene"} for r in sim_rows], "ego": ego_rows,
               "video": str(video)}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
