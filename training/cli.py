@@ -424,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrafficGymError as e:
         print(f"trafficgym: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from training.distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

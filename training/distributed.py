@@ -32,3 +32,11 @@ def gather_to_rank0(obj, rank: int, world: int) -> list | None:
     out = [None] * world if rank == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group if this process joined one. A process that exits with the gloo group still up
+    can abort in its background threads' destructors ("terminate called without an active exception"), so a
+    torchrun job would fail after its work was done; the CLI calls this on the way out."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
