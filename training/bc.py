@@ -114,12 +114,14 @@ def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int
     from envs.metrics.episode import compute_episode_metrics
     from training.rollouts import simulate_scene
 
+    picked = np.unique(np.linspace(0, len(val_ds) - 1, min(scenes, len(val_ds))).round().astype(int)).tolist()
+    keys = ("realism_meta_wosac2024", "min_ade", "blm_collision_rate", "blm_offroad_rate")
+
     def validate(model: SmartModel) -> dict:
         agent = SmartAgent(copy.deepcopy(model).eval(), top_k=48)
-        keys = ("realism_meta_wosac2024", "min_ade", "blm_collision_rate", "blm_offroad_rate")
         rows = []
-        for i in np.unique(np.linspace(0, len(val_ds) - 1, min(scenes, len(val_ds))).round().astype(int)):
-            r = simulate_scene(agent, val_ds, int(i), rollouts, seed=seed + int(i))
+        for i in picked:
+            r = simulate_scene(agent, val_ds, i, rollouts, seed=seed + i)
             m = compute_episode_metrics(r, ["realism", "min_ade", "blm_safety"])
             rows.append([m[k] for k in keys])
         return dict(zip(keys, np.nanmean(np.asarray(rows, dtype=float), axis=0).tolist(), strict=True))

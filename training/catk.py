@@ -47,12 +47,11 @@ def catk_samples(agent: CatKRollout, scenes, map_indices=None, start_step: int =
     ones where the policy drove the agent through the last 0.5 s, else the token nearest to the actual motion, -1
     at the first boundary or after a gap), targets where the policy chose a token (-1 elsewhere and where the log
     0.5 s later is invalid). ``map_indices``: each scene's ``MapIndex`` (e.g. ``SceneDataset.map_index``)."""
-    maps, indices = {}, {}
+    distinct = {}  # map id -> (map, its index or None), in order of first use
     for i, scene in enumerate(scenes):
-        maps.setdefault(scene.map_id, scene.map)
-        if map_indices is not None:
-            indices.setdefault(scene.map_id, map_indices[i])
-    batch = sim.stack_maps(list(maps.values()), indices=list(indices.values()) if map_indices is not None else None)
+        distinct.setdefault(scene.map_id, (scene.map, None if map_indices is None else map_indices[i]))
+    maps, indices = zip(*distinct.values(), strict=True)
+    batch = sim.stack_maps(list(maps), indices=None if map_indices is None else list(indices))
     state = sim.reset(list(scenes), start_step=start_step, controlled="all", maps=batch)
     state = drive(state, agent, None, seed)
     return [_scene_sample(agent, scene, state, b) for b, scene in enumerate(scenes)]
