@@ -642,10 +642,26 @@ def test_planning_metrics_of_a_constant_speed_ego():
     assert m["planning_max_jerk"] == pytest.approx(0, abs=1e-3)
     assert m["planning_ade"] == pytest.approx(0)
     assert m["planning_min_ttc"] == TTC_CAP
+    assert m["planning_min_ade"] == pytest.approx(0)
     no_ego = replace(r, ego_index=-1)
     with pytest.raises(NoEgoError, match="ego_index=-1"):
         ego_planning_metrics(no_ego)
     assert all(math.isnan(v) for v in compute_episode_metrics(no_ego, ["planning"]).values())
+
+
+def test_planning_ade_is_the_egos_even_behind_agents_that_enter_later():
+    # agent 0 enters after the current step (not a WOSAC object, so not a displacement column); the ego is
+    # agent 1, shifted 2 m sideways over all 20 future steps of rollout 1: ADE 0 and 2 * 20 / 31 (the official
+    # ADE divides by the valid logged steps, history included)
+    r = scene_rollouts([dict(x0=10, y0=1.75, speed=5.0), dict(x0=40, y0=-1.75, speed=5.0)], num_steps=31,
+                       ego_index=1)
+    log_valid, sim_valid, sim = r.log_valid.clone(), r.sim_valid.clone(), r.sim.clone()
+    log_valid[0, :15], sim_valid[:, 0, :15] = False, False  # as the ego setting evaluates every agent
+    sim[1, 1, r.history_steps:, 1] += 2.0
+    assert r.ego_index == 1
+    m = ego_planning_metrics(replace(r, sim=sim, sim_valid=sim_valid, log_valid=log_valid))
+    assert m["planning_ade"] == pytest.approx((0 + 2.0 * 20 / 31) / 2, rel=1e-5)
+    assert m["planning_min_ade"] == pytest.approx(0.0, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import torch
 from envs.errors import NoEgoError
 from envs.metrics.episode import Rollouts, register_episode_metric
 from envs.metrics.features import scene_features
-from envs.metrics.realism import displacement_errors
+from envs.metrics.realism import displacement_errors, wosac_objects
 
 PLANNING_KEYS = ("planning_progress", "planning_collision", "planning_offroad", "planning_max_jerk",
-                 "planning_max_lateral_accel", "planning_min_ttc", "planning_ade")
+                 "planning_max_lateral_accel", "planning_min_ttc", "planning_ade", "planning_min_ade")
 
 
 def route_arclength(route: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,8 @@ def ego_planning_metrics(rollouts: Rollouts) -> dict[str, float]:
     - ``planning_max_jerk`` (m/s^3) / ``planning_max_lateral_accel`` (m/s^2): max over valid future steps of
       |jerk| (central differences of speed) / |speed × yaw rate|.
     - ``planning_min_ttc`` (s): min over future steps of the followed-object TTC (capped at 5 s).
-    - ``planning_ade`` (m): the ego's ADE against its log.
+    - ``planning_ade`` / ``planning_min_ade`` (m): the ego's ADE against its log (the official definition,
+      ``realism.displacement_errors``), mean / min over rollouts.
     Raises ``NoEgoError`` if ``ego_index`` is -1.
     """
     e = rollouts.ego_index
@@ -74,7 +75,13 @@ def ego_planning_metrics(rollouts: Rollouts) -> dict[str, float]:
     collision = (ov_a + ov_c) > 0  # sharp boxes, every object (as the simulator's collision)
     offroad, off_ok = ego("offroad")
     ttc, ttc_ok = ego("time_to_collision")
-    ade, _, ade_ok = displacement_errors(rollouts)
+    ade, _, ade_ok = displacement_errors(rollouts)  # columns: the WOSAC objects only
+    objs = wosac_objects(rollouts)
+    if bool(objs[e]):
+        col = int(objs[:e].sum())
+        ade, ade_ok = ade[:, col], ade_ok[:, col]
+    else:  # an ego not valid at the last history step is not scored by displacement
+        ade, ade_ok = ade[:, :0].sum(-1), torch.zeros(ade.shape[0], dtype=torch.bool)
     return {
         "planning_progress": float(progress.mean()),
         "planning_collision": float((collision & col_ok).any(dim=-1).float().mean()),
@@ -82,7 +89,8 @@ def ego_planning_metrics(rollouts: Rollouts) -> dict[str, float]:
         "planning_max_jerk": masked_max(jerk.abs(), jerk_ok),
         "planning_max_lateral_accel": masked_max((speed * yaw).abs(), speed_ok & yaw_ok),
         "planning_min_ttc": -masked_max(-ttc, ttc_ok),
-        "planning_ade": float(ade[:, e][ade_ok[:, e]].mean()) if ade_ok[:, e].any() else float("nan"),
+        "planning_ade": float(ade[ade_ok].mean()) if ade_ok.any() else float("nan"),
+        "planning_min_ade": float(ade[ade_ok].min()) if ade_ok.any() else float("nan"),
     }
 
 
@@ -90,7 +98,8 @@ def ego_planning_metrics(rollouts: Rollouts) -> dict[str, float]:
     "planning", "m, fraction, m/s^3, m/s^2, s",
     "Ego planning set (see ego_planning_metrics): planning_progress (m along the ego's logged path), "
     "planning_collision / planning_offroad (fraction of rollouts with any), planning_max_jerk, "
-    "planning_max_lateral_accel, planning_min_ttc, planning_ade; means over rollouts. NaN for scenes without "
+    "planning_max_lateral_accel, planning_min_ttc, planning_ade; means over rollouts; planning_min_ade: the min over "
+    "rollouts of the ego's ADE. NaN for scenes without "
     "an ego.", family="planning")
 def planning(rollouts: Rollouts) -> dict[str, float]:
     if rollouts.ego_index < 0:
