@@ -280,7 +280,8 @@ def test_closed_loop_validation_spreads_its_scenes_over_the_split(monkeypatch):
     from training.bc import closed_loop_validation
 
     seen = []
-    monkeypatch.setattr(rollouts, "simulate_scene", lambda agent, ds, i, r, seed=0: seen.append((i, seed)) or i)
+    monkeypatch.setattr(rollouts, "simulate_scene",
+                        lambda agent, ds, i, r, setting="sim_agents", seed=0: seen.append((i, seed)) or i)
     monkeypatch.setattr(episode, "compute_episode_metrics", lambda i, names: {
         "realism_meta_wosac2024": float(i), "min_ade": 1.0, "blm_collision_rate": 0.0, "blm_offroad_rate": 0.5})
     out = closed_loop_validation(list(range(128)), scenes=4, seed=3)(_bundled_model())

@@ -688,6 +688,8 @@ def test_errors_name_the_problem():
         (replace(r, context=r.log), "go together"),
         (replace(r, context=r.log, context_valid=r.log_valid, context_extent=r.extent[:1]), "context_extent"),
         (replace(r, extent=-r.extent), "extent"),
+        (replace(r, scored=torch.ones(3, dtype=torch.bool)), r"scored must be an \(A,\) = \(2,\) bool mask"),
+        (replace(r, scored=torch.ones(2)), "scored must be"),
     ]
     for bad, match in cases:
         with pytest.raises(RolloutError, match=match):

@@ -49,6 +49,17 @@ def test_ego_setting_evaluates_every_agent_with_the_ego_marked(tiny_val):
     assert r.ego_index == 0
     # The ego kept its speed (constant velocity); IDM drove the others.
     assert float(r.sim[0, 0, -1, 3]) == pytest.approx(float(r.log[0, 10, 3]), abs=1e-4)
+    # the ego alone is scored: minADE and the realism likelihoods are the ego's
+    assert r.scored.tolist() == [True, False, False]
+    from envs.metrics.episode import compute_episode_metrics
+    from envs.metrics.planning import ego_planning_metrics
+
+    m = compute_episode_metrics(r, ["min_ade", "realism"])
+    assert m["min_ade"] == pytest.approx(ego_planning_metrics(r)["planning_min_ade"], rel=1e-6)
+    from dataclasses import replace
+
+    alone = compute_episode_metrics(replace(r, scored=None), ["min_ade"])["min_ade"]
+    assert alone != pytest.approx(m["min_ade"])  # the others' errors (IDM's) differ from the ego's
 
 
 def test_npz_round_trip(tiny_val, tmp_path):

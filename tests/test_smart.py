@@ -178,6 +178,13 @@ def test_bad_input_is_named(tmp_path):
     vocab = vocab_of(data)
     with pytest.raises(UnknownNameError, match="SMART size"):
         SmartConfig.of_size("huge", {"vehicle": 64})
+    with pytest.raises(UnknownNameError, match="SMART configuration field 'k_m2A'.*Did you mean 'k_m2a'"):
+        SmartConfig.of_size("nano", {"vehicle": 64}, k_m2A=32)
+    with pytest.raises(ValueError, match="k_m2a needs a positive integer, got 2.5"):
+        SmartConfig.of_size("nano", {"vehicle": 64}, k_m2a=2.5)
+    with pytest.raises(ValueError, match="m2a_radius needs a number >= 0, got 'far'"):
+        SmartConfig.of_size("nano", {"vehicle": 64}, m2a_radius="far")
+    assert SmartConfig.of_size("nano", {"vehicle": 64}, k_m2a=32.0, m2a_radius=30).k_m2a == 32
     with pytest.raises(VocabularyError, match="has 64 tokens but the config says 10"):
         SmartModel(SmartConfig.of_size("nano", {"vehicle": 10}, **MICRO), vocab)
     with pytest.raises(TrafficGymError, match="No training samples"):
@@ -320,9 +327,16 @@ def test_eval_command_compares_smart_with_a_baseline(tmp_path, capsys):
     common = ["--dataset", "interaction_multi", "--data-dir", str(root), "--case-length", "91", "--cache-dir",
               str(tmp_path / "cache")]
     assert main(["train", "bc", *common, "--out", str(tmp_path / "run"), "--max-steps", "2", "--val-scenes",
-                 "0"]) == 0
+                 "0", "--model-arg", "k_m2a=4", "--model-arg", "m2a_radius=25"]) == 0
     capsys.readouterr()
     ckpt = str(tmp_path / "run" / "last.safetensors")
+    from agents.smart.agent import SmartAgent
+
+    cfg = SmartAgent.from_checkpoint(ckpt).model.cfg  # --model-arg overrides land in the saved configuration
+    assert (cfg.k_m2a, cfg.m2a_radius, cfg.k_map) == (4, 25.0, 8)
+    assert main(["train", "bc", *common, "--out", str(tmp_path / "bad"), "--max-steps", "1", "--val-scenes", "0",
+                 "--model-arg", "k_m2a"]) == 2
+    assert "--model-arg expects KEY=VALUE" in capsys.readouterr().err
     assert main(["eval", "--agent", "smart", "--agent", "constant_velocity", "--checkpoint", ckpt, *common,
                  "--split", "val", "--rollouts", "2", "--metric", "min_ade"]) == 0
     out = capsys.readouterr().out

@@ -42,19 +42,36 @@ class TokenSample:
     map_nbr: np.ndarray  # (M, K_MAP) each cropped piece's neighbours on the whole map (map piece indices, -1: none)
     m2a_nbr: np.ndarray  # (A, S, K_M2A) map pieces each agent-step attends to (map piece indices, -1: none)
     scene_id: str = ""
+    next_pose: np.ndarray | None = None  # (A, S, 3) the logged pose 0.5 s ahead in the input pose's frame
+    next_pose_valid: np.ndarray | None = None  # (A, S) the agent-steps with a pose target
+
+    @property
+    def num_pose_targets(self) -> int:
+        return 0 if self.next_pose_valid is None else int(self.next_pose_valid.sum())
 
     @property
     def num_targets(self) -> int:
         return int((self.target >= 0).sum())
 
 
-def scene_sample(scene, vocab: MotionVocabulary, cfg, token_noise: int = 1, seed: int = 0) -> TokenSample:
+POSE_TARGETS = ("ego", "vehicles")  # whose next poses a pose-predicting model (gmm_ego) is trained on
+
+
+def scene_sample(scene, vocab: MotionVocabulary, cfg, token_noise: int = 1, seed: int = 0,
+                 pose_targets: str | None = None) -> TokenSample:
     """Tokenize one scene (every agent of a type the vocabulary has) and crop its map for ``cfg`` (a
     ``SmartConfig``): the pieces the agent-steps attend to (their ``k_m2a`` nearest within ``m2a_radius``), grown
     by the map neighbours of every map-encoder layer, so those pieces encode exactly as on the whole map (the
     rollouts encode the whole map). ``token_noise`` > 1: the inputs follow a roll-out that applies one of the
     ``token_noise`` nearest tokens at random (``tokenizer.tokenize``; drawn from ``seed`` and the scene id), and
-    the targets are the corrections back to the log. ``VocabularyError`` for agent types the vocabulary lacks."""
+    the targets are the corrections back to the log. ``pose_targets`` (``"ego"`` or ``"vehicles"``; for
+    ``agents.gmm_ego``) adds the logged pose 0.5 s ahead of each input pose of the scene's ego or of every vehicle,
+    in that input pose's frame (``TokenSample.next_pose``). ``VocabularyError`` for agent types the vocabulary
+    lacks."""
+    if pose_targets is not None and pose_targets not in POSE_TARGETS:
+        from envs.errors import UnknownNameError
+
+        raise UnknownNameError("pose-target set", pose_targets, POSE_TARGETS)
     kinds = scene.agent_type.astype(np.int64)
     missing = sorted({int(k) for k in kinds} - {int(k) for k, n in TYPE_NAMES.items() if n in vocab.poses})
     if missing:
@@ -74,7 +91,21 @@ def scene_sample(scene, vocab: MotionVocabulary, cfg, token_noise: int = 1, seed
 
     b_valid = valid[:, ::TOKEN_STEPS][:, :s + 1]
     in_token = torch.cat([torch.full((len(kinds), 1), -1, dtype=torch.long), applied[:, :-1]], dim=1)
-    return token_sample(scene, matched[:, :s].numpy(), b_valid[:, :s].numpy(), in_token.numpy(), tokens.numpy(), cfg)
+    sample = token_sample(scene, matched[:, :s].numpy(), b_valid[:, :s].numpy(), in_token.numpy(), tokens.numpy(),
+                          cfg)
+    if pose_targets is not None:
+        from envs.geometry import pose_in_frame
+        from envs.types import AgentType
+
+        who = np.zeros(len(kinds), bool)
+        if pose_targets == "vehicles":
+            who[:] = kinds == int(AgentType.VEHICLE)
+        elif scene.ego_index >= 0:
+            who[scene.ego_index] = True
+        ahead = traj[:, ::TOKEN_STEPS][:, 1:s + 1, :3].double()
+        sample.next_pose = pose_in_frame(ahead, matched[:, :s].double()).float().numpy()
+        sample.next_pose_valid = (b_valid[:, :s] & b_valid[:, 1:s + 1]).numpy() & who[:, None]
+    return sample
 
 
 def token_sample(scene, pose: np.ndarray, ok: np.ndarray, in_token: np.ndarray, target: np.ndarray,
@@ -152,6 +183,13 @@ def collate(samples: list[TokenSample]) -> TokenBatch:
         out["agent_type"][i, :na] = torch.from_numpy(x.agent_type)
         out["extent"][i, :na] = torch.from_numpy(x.extent)
         out["m2a_nbr"][i, :na, :ns] = torch.from_numpy(_positions(unions[rows[i]][0], x.m2a_nbr))
+    if any(x.next_pose is not None for x in samples):
+        out["next_pose"], out["next_pose_valid"] = torch.zeros(b, a, s, 3), torch.zeros(b, a, s, dtype=torch.bool)
+        for i, x in enumerate(samples):
+            if x.next_pose is not None:
+                na, ns = x.next_pose.shape[:2]
+                out["next_pose"][i, :na, :ns] = torch.from_numpy(x.next_pose)
+                out["next_pose_valid"][i, :na, :ns] = torch.from_numpy(x.next_pose_valid)
     return TokenBatch(**out)
 
 

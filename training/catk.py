@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.gmm_ego import GmmCatKRollout, GmmEgoModel
 from agents.nn.attention import RadiusGrid, relative_pose
 from agents.nn.map_pieces import cached_map_pieces, map_piece_grid_table
 from agents.smart.agent import TOKEN_BOX_OF, CatKRollout
 from agents.smart.catk import corrective_targets
 from agents.smart.model import MAP_GRID_CELL, SmartModel, TokenBatch, type_of
-from agents.smart.tokenizer import TOKEN_STEPS, MotionVocabulary, nearest_final
+from agents.smart.tokenizer import TOKEN_STEPS, nearest_final
 from envs import sim
 from envs.errors import CheckpointError, TrafficGymError, UnknownNameError
 from envs.fileio import atomic_write
@@ -39,22 +40,53 @@ def catk_sample(agent: CatKRollout, scene, map_index=None, start_step: int = 10,
 
 
 @torch.no_grad()
-def catk_samples(agent: CatKRollout, scenes, map_indices=None, start_step: int = 10, seed: int = 0
-                 ) -> list[TokenSample]:
+def catk_samples(agent: CatKRollout | GmmCatKRollout, scenes, map_indices=None, start_step: int = 10,
+                 seed: int = 0) -> list[TokenSample]:
     """One CAT-K rollout of ``scenes``, batched (every agent valid at ``start_step`` driven by ``agent``, the
     others replay their log; map exits remove agents as in evaluation), as one ``TokenSample`` per scene over the
     boundaries ``0, 5, 10, ...`` of the whole scene: poses and validity of the rollout, input tokens (the chosen
     ones where the policy drove the agent through the last 0.5 s, else the token nearest to the actual motion, -1
     at the first boundary or after a gap), targets where the policy chose a token (-1 elsewhere and where the log
-    0.5 s later is invalid). ``map_indices``: each scene's ``MapIndex`` (e.g. ``SceneDataset.map_index``)."""
+    0.5 s later is invalid). ``map_indices``: each scene's ``MapIndex`` (e.g. ``SceneDataset.map_index``).
+
+    With a ``GmmCatKRollout`` (the ego policy) only the ego is driven, and the samples' targets are its poses:
+    ``next_pose`` is the logged pose 0.5 s after each boundary it drove from, in the frame of its rollout pose
+    there."""
     distinct = {}  # map id -> (map, its index or None), in order of first use
     for i, scene in enumerate(scenes):
         distinct.setdefault(scene.map_id, (scene.map, None if map_indices is None else map_indices[i]))
     maps, indices = zip(*distinct.values(), strict=True)
     batch = sim.stack_maps(list(maps), indices=None if map_indices is None else list(indices))
-    state = sim.reset(list(scenes), start_step=start_step, controlled="all", maps=batch)
+    ego = isinstance(agent, GmmCatKRollout)
+    state = sim.reset(list(scenes), start_step=start_step, controlled="ego" if ego else "all", maps=batch)
     state = drive(state, agent, None, seed)
+    if ego:
+        return [_ego_sample(agent, scene, state, b, start_step) for b, scene in enumerate(scenes)]
     return [_scene_sample(agent, scene, state, b) for b, scene in enumerate(scenes)]
+
+
+def _rollout_inputs(model, scene, state, b: int, drove: torch.Tensor | None, chosen: torch.Tensor | None):
+    """The teacher-forcing inputs of row ``b`` of a finished rollout: poses ``(A, S, 3)`` and validity at the
+    boundaries, and input tokens: ``chosen`` where the policy drove the agent into the boundary (``drove``
+    ``(A, S)``: it chose a token at the boundary before), else the token nearest to the actual motion (as the
+    rollout tokenized it), -1 at the first boundary or after a gap."""
+    a = scene.num_agents
+    n_b = (scene.num_steps - 1) // TOKEN_STEPS
+    steps = torch.arange(n_b) * TOKEN_STEPS
+    pose = state.traj[b, :a][:, steps, :3].float()  # (A, S, 3)
+    ok = state.valid[b, :a][:, steps]
+    kinds = torch.as_tensor(scene.agent_type).long()
+    in_token = torch.full((a, n_b), -1, dtype=torch.long) if chosen is None else chosen
+    drove = torch.zeros((a, n_b), dtype=torch.bool) if drove is None else drove
+    prev_ok = torch.zeros_like(ok)
+    prev_ok[:, 1:] = ok[:, 1:] & ok[:, :-1]
+    for name in model.types:
+        fill = prev_ok & (kinds == type_of(name))[:, None] & ~(torch.roll(drove, 1, dims=1) & (torch.arange(n_b) > 0))
+        if fill.any():
+            prev = torch.roll(pose, 1, dims=1)
+            idx, _ = nearest_final(model.vocab(name), relative_pose(prev[fill], pose[fill]), TOKEN_BOX_OF[name])
+            in_token[fill] = idx
+    return pose, ok, in_token
 
 
 def _scene_sample(agent: CatKRollout, scene, state, b: int) -> TokenSample:
@@ -62,11 +94,8 @@ def _scene_sample(agent: CatKRollout, scene, state, b: int) -> TokenSample:
     model = agent.model
     a = scene.num_agents
     n_b = (scene.num_steps - 1) // TOKEN_STEPS
-    steps = torch.arange(n_b) * TOKEN_STEPS
-    pose = state.traj[b, :a][:, steps, :3].float()  # (A, S, 3)
-    ok = state.valid[b, :a][:, steps]
     kinds = torch.as_tensor(scene.agent_type).long()
-    in_token = torch.full((a, n_b), -1, dtype=torch.long)
+    chosen = torch.full((a, n_b), -1, dtype=torch.long)
     target = torch.full((a, n_b), -1, dtype=torch.long)
     drove = torch.zeros((a, n_b), dtype=torch.bool)
     log = torch.as_tensor(scene.trajectory)[..., :3].float()
@@ -78,30 +107,46 @@ def _scene_sample(agent: CatKRollout, scene, state, b: int) -> TokenSample:
             continue
         drove[rows, s] = True
         if s + 1 < n_b:
-            in_token[rows, s + 1] = tok.cpu()
+            chosen[rows, s + 1] = tok.cpu()
+    pose, ok, in_token = _rollout_inputs(model, scene, state, b, drove, chosen)
     for name in model.types:
-        of_type = kinds == type_of(name)
-        vocab = model.vocab(name)
-        # inputs of the boundaries the policy did not drive into: the token nearest to the actual motion
-        prev_ok = torch.zeros_like(ok)
-        prev_ok[:, 1:] = ok[:, 1:] & ok[:, :-1]
-        fill = prev_ok & of_type[:, None] & ~(torch.roll(drove, 1, dims=1) & (torch.arange(n_b) > 0))
-        if fill.any():
-            prev = torch.roll(pose, 1, dims=1)
-            idx, _ = nearest_final(vocab, relative_pose(prev[fill], pose[fill]), TOKEN_BOX_OF[name])
-            in_token[fill] = idx
         # targets: back to the log 0.5 s later, from where the rollout is
-        sel = drove & of_type[:, None]
+        sel = drove & (kinds == type_of(name))[:, None]
         if sel.any():
             agent_i, s_i = sel.nonzero(as_tuple=True)
             t_next = (s_i + 1) * TOKEN_STEPS
             inside = t_next < scene.num_steps
             next_ok = inside & log_valid[agent_i, t_next.clamp(max=scene.num_steps - 1)]
             log_next = log[agent_i, t_next.clamp(max=scene.num_steps - 1)]
-            target[agent_i, s_i] = corrective_targets(vocab, pose[agent_i, s_i], log_next, next_ok,
+            target[agent_i, s_i] = corrective_targets(model.vocab(name), pose[agent_i, s_i], log_next, next_ok,
                                                       TOKEN_BOX_OF[name])
     return token_sample(scene, pose.numpy(), ok.numpy(), in_token.numpy(), target.numpy(), model.cfg,
                         m2a=_rollout_m2a(scene.map, pose, model.cfg))
+
+
+def _ego_sample(agent: GmmCatKRollout, scene, state, b: int, start_step: int) -> TokenSample:
+    """Row ``b`` of a finished ego rollout as a ``TokenSample`` with the ego's pose targets: at every boundary
+    from ``start_step`` on where the ego is in the rollout and its log 0.5 s later is valid, that logged pose in
+    the frame of the rollout pose."""
+    from envs.geometry import pose_in_frame
+
+    model = agent.model
+    pose, ok, in_token = _rollout_inputs(model, scene, state, b, None, None)
+    a, n_b = ok.shape
+    e = int(state.ego[b])
+    log = torch.as_tensor(scene.trajectory)[..., :3].float()
+    log_valid = torch.as_tensor(scene.valid)
+    s = torch.arange(n_b)
+    t_next = ((s + 1) * TOKEN_STEPS).clamp(max=scene.num_steps - 1)
+    has = ok[e] & (s * TOKEN_STEPS >= start_step) & ((s + 1) * TOKEN_STEPS < scene.num_steps) & log_valid[e, t_next]
+    next_pose = torch.zeros(a, n_b, 3)
+    next_pose[e] = pose_in_frame(log[e, t_next], pose[e])
+    next_valid = torch.zeros(a, n_b, dtype=torch.bool)
+    next_valid[e] = has
+    sample = token_sample(scene, pose.numpy(), ok.numpy(), in_token.numpy(), np.full((a, n_b), -1, np.int64),
+                          model.cfg, m2a=_rollout_m2a(scene.map, pose, model.cfg))
+    sample.next_pose, sample.next_pose_valid = next_pose.numpy(), next_valid.numpy()
+    return sample
 
 
 def _rollout_m2a(m, pose: torch.Tensor, cfg) -> np.ndarray | None:
@@ -122,9 +167,10 @@ def _rollout_m2a(m, pose: torch.Tensor, cfg) -> np.ndarray | None:
 # What trains in each frozen-set option (parameter name prefixes of SmartModel); everything else is frozen.
 # "catk" follows CAT-K: the prediction head and the agent decoder's temporal, map->agent and agent<->agent
 # attention (with their relative-pose encodings) train; the map encoder and every embedding stay as they were.
+# The ego policy (``agents.gmm_ego``) has the same backbone; its mixture head (``gmm_head.``) trains with it.
 TRAINABLE = {
-    "catk": ("temporal.", "m2a.", "a2a.", "t_rel.", "m2a_rel.", "a2a_rel.", "head_norm.", "heads."),
-    "decoder": ("temporal.", "m2a.", "a2a.", "t_rel.", "m2a_rel.", "a2a_rel.", "head_norm.", "heads.",
+    "catk": ("temporal.", "m2a.", "a2a.", "t_rel.", "m2a_rel.", "a2a_rel.", "head_norm.", "heads.", "gmm_head."),
+    "decoder": ("temporal.", "m2a.", "a2a.", "t_rel.", "m2a_rel.", "a2a_rel.", "head_norm.", "heads.", "gmm_head.",
                 "token_mlp.", "bos", "agent_type.", "size_mlp."),
     "none": ("",),  # every parameter trains
 }
@@ -158,14 +204,21 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
     the cross-entropy without label smoothing. ``frozen`` picks what trains (``TRAINABLE``). ``OUT/catk.json``
     records the run's options (``init``: where the weights came from); resuming a folder without it (e.g. a BC
     run) is refused. ``callbacks``: more ``training.trainer.Callback`` objects. Returns the model and the per-step
-    history."""
+    history.
+
+    A ``GmmEgoModel`` (the ego policy) is fine-tuned the same way on its ego: the rollout drives the ego alone
+    (``GmmCatKRollout``: closest of the top-k components to the log; the others replay the log), and the loss is
+    the mixture NLL of the logged pose 0.5 s ahead in the frame of the rollout pose; only scenes with an ego
+    are used."""
     if rollout not in ROLLOUTS:
         raise UnknownNameError("CAT-K rollout", rollout, ROLLOUTS)
     if frozen not in TRAINABLE:
         raise UnknownNameError("frozen set", frozen, TRAINABLE)
-    v = min(len(model.vocab(n)) for n in model.types)
+    ego = isinstance(model, GmmEgoModel)
+    v, what = (model.components, "mixture components") if ego else \
+        (min(len(model.vocab(n)) for n in model.types), "the vocabulary size")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= v:
-        raise ValueError(f"top_k must be an integer in [1, {v}] (the vocabulary size), got {top_k!r}.")
+        raise ValueError(f"top_k must be an integer in [1, {v}] ({what}), got {top_k!r}.")
     out = Path(out)
     if resume and not (out / RUN_FILE).exists():
         weights = out / "model.safetensors"
@@ -174,22 +227,28 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
     n = len(ds) if scenes is None else min(scenes, len(ds))
     if n == 0:
         raise TrafficGymError("The training split has no scenes.")
+    usable = [i for i in range(n) if ds.entry(i).ego_index >= 0] if ego else list(range(n))
+    if not usable:
+        raise TrafficGymError(f"None of the {n} scenes has an ego to fine-tune the ego policy on.")
     if not resume and rank_and_world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / RUN_FILE) as tmp:
-            tmp.write_text(json.dumps({"init": init, "rollout": rollout, "frozen": frozen, "top_k": top_k, "lr": lr,
-                                       "scenes": n, "seed": seed}, indent=1))
+            tmp.write_text(json.dumps({"agent": "gmm_ego" if ego else "smart", "init": init, "rollout": rollout,
+                                       "frozen": frozen, "top_k": top_k, "lr": lr, "scenes": n, "seed": seed},
+                                      indent=1))
     torch.manual_seed(seed)
     model.cfg = replace(model.cfg, label_smoothing=0.0)
     freeze(model, frozen)
-    vocab = MotionVocabulary({name: model.vocab(name) for name in model.types}, model.tol)
-    agent = None if rollout == "log" else CatKRollout(model, top_k=top_k, choice=rollout)
+    vocab = model.motion_vocabulary()
+    rollout_cls = GmmCatKRollout if ego else CatKRollout
+    agent = None if rollout == "log" else rollout_cls(model, top_k=top_k, choice=rollout)
     maps = {}
 
     def make_batch(indices: list[int]) -> TokenBatch:
         scenes = [ds[i] for i in indices]
         if agent is None:
-            return collate([scene_sample(scene, vocab, model.cfg, seed=seed) for scene in scenes])
+            return collate([scene_sample(scene, vocab, model.cfg, seed=seed, pose_targets="ego" if ego else None)
+                            for scene in scenes])
         for scene in scenes:
             if scene.map_id not in maps:
                 maps[scene.map_id] = ds.map_index(scene.map_id)
@@ -201,9 +260,9 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
         model.train(was_training)
         return collate(samples)
 
-    data = SampleBatches(list(range(n)), make_batch, batch_size, seed=seed,
+    data = SampleBatches(usable, make_batch, batch_size, seed=seed,
                          group_fn=(lambda i: ds.entry(i).map_id)
-                         if batches_fill_by_map([ds.entry(i).map_id for i in range(n)], batch_size) else None)
+                         if batches_fill_by_map([ds.entry(i).map_id for i in usable], batch_size) else None)
     cfg = TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr,
                       final_lr_fraction=final_lr_fraction, seed=seed, resume=resume, progress=progress,
                       ckpt_every=ckpt_every)

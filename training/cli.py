@@ -98,16 +98,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agent_args(pairs: list[str] | None) -> dict:
-    """``--agent-arg KEY=VALUE`` options as constructor config (values read as JSON where they parse: numbers,
-    booleans; otherwise kept as strings)."""
+def _agent_args(pairs: list[str] | None, option: str = "--agent-arg", example: str = "top_k=48") -> dict:
+    """``--agent-arg KEY=VALUE`` (or another ``option``'s) pairs as a config dict (values read as JSON where they
+    parse: numbers, booleans; otherwise kept as strings)."""
     from envs.errors import TrafficGymError
 
     config = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise TrafficGymError(f"--agent-arg expects KEY=VALUE (e.g. top_k=48), got {pair!r}.")
+            raise TrafficGymError(f"{option} expects KEY=VALUE (e.g. {example}), got {pair!r}.")
         try:
             config[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -194,19 +194,21 @@ def _train_vocab(args: argparse.Namespace) -> int:
 
 
 def _train_bc(args: argparse.Namespace) -> int:
-    from training.bc import train_bc
+    from training.bc import BC_AGENTS, train_bc
     from training.distributed import init_from_env
     from training.vocab import build_motion_vocabulary, load_vocabulary, save_vocabulary
 
-    if args.agent != "smart":
+    if args.agent not in BC_AGENTS:
         from envs.errors import UnknownNameError
 
-        raise UnknownNameError("agent trainable by behaviour cloning", args.agent, ["smart"])
+        raise UnknownNameError("agent trainable by behaviour cloning", args.agent, BC_AGENTS)
     rank, world = init_from_env()
     out = Path(args.out)
     ds = _open(args, args.split)
     vocab_path = Path(args.vocab) if args.vocab else out / "vocab.safetensors"
-    if vocab_path.exists():
+    if args.init is not None:
+        vocab = None  # the init checkpoint's
+    elif vocab_path.exists():
         vocab = load_vocabulary(vocab_path)
     else:
         if world > 1:
@@ -220,17 +222,21 @@ def _train_bc(args: argparse.Namespace) -> int:
     if args.val_scenes > 0 and rank == 0:
         from training.bc import closed_loop_validation
 
-        validate = closed_loop_validation(_open(args, "val"), scenes=args.val_scenes, seed=args.seed)
+        validate = closed_loop_validation(_open(args, "val"), scenes=args.val_scenes, seed=args.seed,
+                                          agent=args.agent)
     model, history = train_bc(ds, vocab, args.size, out, args.max_steps, batch_size=args.batch_size, lr=args.lr,
                               resume=args.resume, seed=args.seed, scenes=args.scenes, progress=rank == 0,
                               ckpt_every=args.ckpt_every, validate_fn=validate, val_every=args.val_every,
-                              workers=args.workers, token_noise=args.token_noise, dropout=args.dropout)
+                              workers=args.workers, token_noise=args.token_noise, agent=args.agent,
+                              init=args.init, pose_targets=args.pose_targets,
+                              **{"dropout": args.dropout, **_agent_args(args.model_arg, "--model-arg", "k_m2a=32")})
     if rank == 0:
         last = [h for h in history if "loss" in h][-1]
         val = [h for h in history if any(k.startswith("val/") for k in h)]
         print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
                           "steps": last["step"],
-                          "loss": round(last["loss"], 4), "accuracy": round(last.get("accuracy", 0.0), 4),
+                          "loss": round(last["loss"], 4),
+                          **{k: round(last[k], 4) for k in ("accuracy", "top1_error") if k in last},
                           "tokens_per_s": round(last["tokens_per_s"]), "processes": world,
                           "wall_s": round(history[-1].get("wall_s", 0.0), 1),
                           "validation": val[-1] if val else None}, indent=1))
@@ -238,24 +244,30 @@ def _train_bc(args: argparse.Namespace) -> int:
 
 
 def _train_catk(args: argparse.Namespace) -> int:
+    from agents.gmm_ego import GmmEgoAgent
     from agents.smart import SmartAgent
     from training.catk import train_catk
     from training.distributed import init_from_env
 
-    if args.agent != "smart":
+    classes = {"smart": SmartAgent, "gmm_ego": GmmEgoAgent}
+    if args.agent not in classes:
         from envs.errors import UnknownNameError
 
-        raise UnknownNameError("agent trainable by CAT-K", args.agent, ["smart"])
+        raise UnknownNameError("agent trainable by CAT-K", args.agent, classes)
     rank, world = init_from_env()
     out = Path(args.out)
-    model = SmartAgent.from_checkpoint(args.init).model  # a checkpoint of another agent raises CheckpointError
+    # a checkpoint of another agent raises CheckpointError naming it
+    model = classes[args.agent].from_checkpoint(args.init).model
+    lr, top_k = CATK_DEFAULTS[args.agent]
+    lr, top_k = args.lr if args.lr is not None else lr, args.top_k if args.top_k is not None else top_k
     validate = None
     if args.val_scenes > 0 and rank == 0:
         from training.bc import closed_loop_validation
 
-        validate = closed_loop_validation(_open(args, "val"), scenes=args.val_scenes, seed=args.seed)
+        validate = closed_loop_validation(_open(args, "val"), scenes=args.val_scenes, seed=args.seed,
+                                          agent=args.agent)
     model, history = train_catk(model, _open(args, args.split), out, args.max_steps, batch_size=args.batch_size,
-                                lr=args.lr, top_k=args.top_k, rollout=args.rollout, frozen=args.frozen,
+                                lr=lr, top_k=top_k, rollout=args.rollout, frozen=args.frozen,
                                 scenes=args.scenes, seed=args.seed, resume=args.resume, progress=rank == 0,
                                 ckpt_every=args.ckpt_every, validate_fn=validate, val_every=args.val_every,
                                 init=str(args.init))
@@ -264,9 +276,13 @@ def _train_catk(args: argparse.Namespace) -> int:
         val = [h for h in history if any(k.startswith("val/") for k in h)]
         print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
                           "steps": last["step"], "loss": round(last["loss"], 4),
-                          "accuracy": round(last.get("accuracy", 0.0), 4), "rollout": args.rollout,
+                          **{k: round(last[k], 4) for k in ("accuracy", "top1_error") if k in last},
+                          "rollout": args.rollout,
                           "processes": world, "validation": val[-1] if val else None}, indent=1))
     return 0
+
+
+CATK_DEFAULTS = {"smart": (5e-5, 32), "gmm_ego": (1e-4, 3)}  # (lr, top-k) of CAT-K's two variants
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None, split_help: str) -> None:
@@ -349,7 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--out", default="runs/vocab.safetensors", help="output file (safetensors)")
     voc.set_defaults(func=_train_vocab)
     bc = train_sub.add_parser("bc", help="behaviour cloning of the tokenized policy (also under torchrun)")
-    bc.add_argument("--agent", default="smart", help="the model to train (smart)")
+    bc.add_argument("--agent", default="smart", help="the model to train: smart (the tokenized policy) or gmm_ego "
+                                                     "(the Gaussian-mixture ego policy)")
+    bc.add_argument("--init", default=None,
+                    help="gmm_ego: start the map encoder and agent decoder from these smart weights (a file or a "
+                         "bundled name, e.g. towns-nano; their size and vocabulary are used)")
+    bc.add_argument("--pose-targets", default="vehicles", choices=["vehicles", "ego"],
+                    help="gmm_ego: train on the next pose of every vehicle (default) or of the scene's ego only")
     bc.add_argument("--size", default="nano",
                     help="nano (~1.0 M params), mini (~3.6 M) or tiny (~5.3 M), with a 2,048-token vehicle vocabulary")
     _add_dataset_args(bc, split_default="train", split_help="split to train on")
@@ -360,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--batch-size", type=int, default=4, help="scenes per global batch")
     bc.add_argument("--lr", type=float, default=5e-4)
     bc.add_argument("--dropout", type=float, default=0.1, help="dropout of every attention block (SMART: 0.1)")
+    bc.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                    help="override a field of the size's configuration (repeatable), e.g. k_m2a=32 m2a_radius=30: "
+                         "the map pieces each agent attends to and their radius (m)")
     bc.add_argument("--token-noise", type=int, default=1,
                     help="tokenize the training tracks drawing each applied token from the K nearest (1: none)")
     bc.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
@@ -374,15 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     bc.set_defaults(func=_train_bc)
 
     catk = train_sub.add_parser("catk", help="CAT-K closed-loop fine-tuning of the tokenized policy")
-    catk.add_argument("--agent", default="smart", help="the model to fine-tune (smart)")
+    catk.add_argument("--agent", default="smart", help="the model to fine-tune: smart or gmm_ego")
     catk.add_argument("--init", required=True, help="the BC weights to start from: a bundled name (towns-nano) or "
                                                    "a checkpoint file")
     _add_dataset_args(catk, split_default="train", split_help="split to fine-tune on")
     catk.add_argument("--out", required=True, help="run folder: checkpoint, TensorBoard logs")
     catk.add_argument("--max-steps", type=int, default=200)
     catk.add_argument("--batch-size", type=int, default=4, help="scenes per global batch")
-    catk.add_argument("--lr", type=float, default=5e-5)
-    catk.add_argument("--top-k", type=int, default=32, help="candidates of the closest-among-top-k choice")
+    catk.add_argument("--lr", type=float, default=None, help="default: 5e-5 (smart), 1e-4 (gmm_ego), as CAT-K")
+    catk.add_argument("--top-k", type=int, default=None,
+                      help="candidates of the closest-among-top-k choice: tokens (smart, default 32) or mixture "
+                           "components (gmm_ego, default 3)")
     catk.add_argument("--rollout", default="catk", help="catk (closest among top-k to the log), topk (sampling: "
                                                       "the ablation) or log (BC samples: the control)")
     catk.add_argument("--frozen", default="catk", help="what stays frozen: catk (map encoder and embeddings, as the "

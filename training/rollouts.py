@@ -99,7 +99,8 @@ def simulate_scene(agent, ds, scene_index: int, num_rollouts: int, setting: str 
     ``agent`` / ``traffic``: ``agents.base.Agent`` objects (``traffic`` None: log replay). The rollouts run as one
     batch of R copies of the scene; stochastic agents draw different samples per row; ``seed`` makes the whole
     call reproducible. In the ``sim_agents`` setting the rollouts are completed to the WOSAC protocol
-    (``complete_rollouts``).
+    (``complete_rollouts``). In the ``ego`` setting every agent is evaluated (the others as the ego's simulated
+    interaction partners) and the ego alone is scored (``Rollouts.scored``): realism is the ego's, minADE the ego's.
     """
     from envs import sim as simulator
     from envs.metrics.episode import Rollouts
@@ -135,6 +136,7 @@ def simulate_scene(agent, ds, scene_index: int, num_rollouts: int, setting: str 
         context=log[others] if has_context else None, context_valid=log_valid[others] if has_context else None,
         context_extent=torch.as_tensor(scene.extent)[others] if has_context else None,
         traffic_lights=TrafficLights.from_scene(scene),
+        scored=None if setting == "sim_agents" else torch.as_tensor(np.arange(len(idx)) == ego),
     )
 
 

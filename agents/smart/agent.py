@@ -68,24 +68,39 @@ class SmartAgent(PlanningAgent):
         from agents.checkpoint import load_checkpoint, load_state_dict_strict
         from envs.errors import CheckpointError
 
-        if str(path) in PRETRAINED:
-            path = PRETRAINED[str(path)]
+        bundled = cls.bundled_weights()
+        if str(path) in bundled:
+            path = bundled[str(path)]
         elif not Path(path).exists():
             import difflib
 
-            near = difflib.get_close_matches(str(path), PRETRAINED, n=1)
-            raise CheckpointError(f"No checkpoint file {path} and no bundled smart weights of that name (bundled: "
-                                  f"{sorted(PRETRAINED)})" + (f". Did you mean {near[0]!r}?" if near else "."))
-        cfg_json, tensors, _ = load_checkpoint(path, expected_agent="smart")
+            from agents.registry import AGENTS
+
+            for other, factory in AGENTS.items():
+                if other != cls.name and str(path) in getattr(factory, "bundled_weights", dict)():
+                    raise CheckpointError(f"{path!s} is a bundled {other!r} checkpoint, not {cls.name!r}: load it "
+                                          f"with make_agent({other!r}, checkpoint={str(path)!r}).")
+            near = difflib.get_close_matches(str(path), bundled, n=1)
+            raise CheckpointError(f"No checkpoint file {path} and no bundled {cls.name} weights of that name "
+                                  f"(bundled: {sorted(bundled)})" + (f". Did you mean {near[0]!r}?" if near else "."))
+        cfg_json, tensors, _ = load_checkpoint(path, expected_agent=cls.name)
         try:
             tol = float(cfg_json.pop("tol"))
-            cfg = SmartConfig(**cfg_json)
+            model = cls.model_from_config(cfg_json, MotionVocabulary.from_tensors(tensors, tol, prefix="vocab_"))
         except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a smart model configuration ({e}).") from e
-        vocab = MotionVocabulary.from_tensors(tensors, tol, prefix="vocab_")
-        model = SmartModel(cfg, vocab)
+            raise CheckpointError(f"{path}: not a {cls.name} model configuration ({e}).") from e
         load_state_dict_strict(model, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, path)
         return cls(model, **config)
+
+    @staticmethod
+    def bundled_weights() -> dict:
+        """The weights that ship with the package, by name."""
+        return PRETRAINED
+
+    @staticmethod
+    def model_from_config(cfg_json: dict, vocab: MotionVocabulary) -> SmartModel:
+        """The model of a checkpoint's configuration (``TypeError`` / ``KeyError`` if it is not one)."""
+        return SmartModel(SmartConfig(**cfg_json), vocab)
 
     # ---- episode set-up ------------------------------------------------------------------------------------
     def reset(self, state, mask, seed=None, slots=None):
@@ -168,17 +183,8 @@ class SmartAgent(PlanningAgent):
     # ---- planning ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def plan(self, state, mask):
-        b = torch.arange(state.batch_size, device=state.device)
         live = state.current_valid & state.agent_mask
-        stale = (self._age >= self.replan_every).to(state.device)  # the rows that replan now
-        fresh = self._fresh.to(state.device) & stale
-        if fresh.any():  # feed the logged history, 0.5 s at a time, into the rows that just started
-            for back in range(min(int(state.t.max()), (TEMPORAL_WINDOW - 1) * TOKEN_STEPS), 0, -TOKEN_STEPS):
-                t_hist = (state.t - back).clamp(min=0)
-                ok = state.valid[b, :, t_hist] & state.agent_mask & (state.t >= back)[:, None]
-                self._advance(state, t_hist, ok, fresh)
-            self._fresh[fresh.cpu()] = False
-        logits = self._advance(state, state.t, live, stale)
+        logits = self._encode_now(state)
         pose = state.current[..., :3]
         out = pose[:, :, None, :].expand(-1, -1, self.horizon, -1).clone()  # standing, for agents not driven
         for name in self.model.types:
@@ -189,6 +195,20 @@ class SmartAgent(PlanningAgent):
             out[sel] = token_poses(self.model.vocab(name), tok, pose[sel].float()).to(out.dtype)
             self._token[sel], self._token_t[sel] = tok, state.t[:, None].expand_as(sel)[sel]
         return out
+
+    def _encode_now(self, state):
+        """One decoder step at the current step in the rows that replan now (after feeding the logged history,
+        0.5 s at a time, into the rows that just started); the model's ``step`` output."""
+        b = torch.arange(state.batch_size, device=state.device)
+        stale = (self._age >= self.replan_every).to(state.device)
+        fresh = self._fresh.to(state.device) & stale
+        if fresh.any():
+            for back in range(min(int(state.t.max()), (TEMPORAL_WINDOW - 1) * TOKEN_STEPS), 0, -TOKEN_STEPS):
+                t_hist = (state.t - back).clamp(min=0)
+                ok = state.valid[b, :, t_hist] & state.agent_mask & (state.t >= back)[:, None]
+                self._advance(state, t_hist, ok, fresh)
+            self._fresh[fresh.cpu()] = False
+        return self._advance(state, state.t, state.current_valid & state.agent_mask, stale)
 
     def _advance(self, state, t: torch.Tensor, ok: torch.Tensor, rows: torch.Tensor) -> dict:
         """One decoder step at steps ``t`` ``(B,)``; the cache advances only in ``rows``."""

@@ -77,10 +77,22 @@ class SmartConfig:
 
     @classmethod
     def of_size(cls, size: str, vocab_sizes: dict, **overrides) -> SmartConfig:
-        if size not in SIZES:
-            from envs.errors import UnknownNameError
+        """The preset ``size`` (``SIZES``) with ``overrides`` of its fields (e.g. ``k_m2a=32``), checked by name
+        and type."""
+        from envs.errors import InvalidOptionError, UnknownNameError
 
+        if size not in SIZES:
             raise UnknownNameError("SMART size", size, SIZES)
+        tunable = [f for f in cls.__dataclass_fields__ if f not in ("size", "vocab_sizes")]
+        for key, value in overrides.items():
+            if key not in tunable:
+                raise UnknownNameError("SMART configuration field", key, tunable)
+            kind = int if isinstance(SIZES["nano"].get(key), int) else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                    (kind is int and (value != int(value) or value < 1)):
+                need = "a positive integer" if kind is int else "a number >= 0"
+                raise InvalidOptionError(f"SMART configuration field {key} needs {need}, got {value!r}.")
+            overrides[key] = kind(value)
         return cls(size=size, vocab_sizes=dict(vocab_sizes), **{**SIZES[size], **overrides})
 
     def to_json(self) -> dict:
@@ -106,6 +118,9 @@ class TokenBatch:
     map_nbr: torch.Tensor | None = None  # (U, M, k_map) long: each piece's map neighbours (-1: none)
     map_rows: torch.Tensor | None = None  # (B,) long: the map of each scene (None: scene b uses map b)
     m2a_nbr: torch.Tensor | None = None  # (B, A, S, k_m2a) long: the pieces each agent-step attends to (-1: none)
+    # pose targets (``agents.gmm_ego``): the logged pose 0.5 s ahead in the frame of the input pose
+    next_pose: torch.Tensor | None = None  # (B, A, S, 3) float: x, y, heading
+    next_pose_valid: torch.Tensor | None = None  # (B, A, S) bool: the agent-steps trained on
 
     def to(self, device: torch.device | str) -> TokenBatch:
         """The batch with every tensor on ``device``."""
@@ -160,6 +175,10 @@ class SmartModel(nn.Module):
 
     def vocab(self, name: str) -> torch.Tensor:
         return getattr(self, f"vocab_{name}")
+
+    def motion_vocabulary(self) -> MotionVocabulary:
+        """The vocabulary the model was built with (its tensors, no copy)."""
+        return MotionVocabulary({name: self.vocab(name) for name in self.types}, self.tol)
 
     # ---- map -------------------------------------------------------------------------------------------------
     def encode_map(self, points: torch.Tensor, pose: torch.Tensor, kind: torch.Tensor, valid: torch.Tensor,
@@ -226,6 +245,12 @@ class SmartModel(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """Teacher forcing over all steps. pose ``(B, A, S, 3)`` at step boundaries, valid ``(B, A, S)``,
         in_token ``(B, A, S)``. Returns logits per type name ``(B, A, S, V_type)``."""
+        return self.logits(self.decode(map_enc, pose, valid, in_token, agent_type, extent, m2a_nbr))
+
+    def decode(self, map_enc: MapEncoding, pose: torch.Tensor, valid: torch.Tensor, in_token: torch.Tensor,
+               agent_type: torch.Tensor, extent: torch.Tensor, m2a_nbr: torch.Tensor | None = None) -> torch.Tensor:
+        """The agent decoder over all steps (the inputs of ``forward``): features ``(B, A, S, D)`` before the
+        head, shared by every head on this backbone (e.g. ``agents.gmm_ego``)."""
         b, a, s, _ = pose.shape
         x = self.embed_agents(in_token, agent_type, extent)
         w = torch.arange(TEMPORAL_WINDOW, device=pose.device)
@@ -237,7 +262,7 @@ class SmartModel(nn.Module):
         idx_t = flat_index(src.clamp(min=0).expand(b * a, s, -1), s).reshape(b * a * s, -1)
         for i in range(self.cfg.agent_layers):
             x = self._layer(i, x, x.reshape(b * a * s, -1), idx_t, rel_t, t_ok, map_enc, *spatial)
-        return self.logits(x)
+        return x
 
     def loss(self, batch: TokenBatch) -> tuple[torch.Tensor, int, dict]:
         """Teacher-forced next-token cross-entropy (label smoothing ``cfg.label_smoothing``) *summed*
@@ -277,6 +302,12 @@ class SmartModel(nn.Module):
              in_token: torch.Tensor, agent_type: torch.Tensor, extent: torch.Tensor) -> dict[str, torch.Tensor]:
         """One new step from ``cache`` (a dict, empty at the start of an episode; updated in place): pose
         ``(B, A, 3)``, valid ``(B, A)``, in_token ``(B, A)``. Returns logits ``(B, A, V)`` per type name."""
+        x = self.decode_step(cache, map_enc, pose, valid, in_token, agent_type, extent)
+        return {name: v[:, :, 0] for name, v in self.logits(x).items()}
+
+    def decode_step(self, cache: dict, map_enc: MapEncoding, pose: torch.Tensor, valid: torch.Tensor,
+                    in_token: torch.Tensor, agent_type: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+        """``step``'s decoder features ``(B, A, 1, D)`` (equal to ``decode``'s at that step; ``cache`` updated)."""
         pose, valid, in_token = pose[:, :, None], valid[:, :, None], in_token[:, :, None]
         x = self.embed_agents(in_token, agent_type, extent)
         past_pose = cache.get("pose", pose[:, :, :0])  # (B, A, W', 3)
@@ -299,7 +330,7 @@ class SmartModel(nn.Module):
             new_layers.append(hist)
             x = self._layer(i, x, hist.reshape(b * a * n, -1), idx_t, rel_t, t_ok, map_enc, *spatial)
         cache.update(pose=all_pose, valid=all_valid, x=new_layers)
-        return {name: v[:, :, 0] for name, v in self.logits(x).items()}
+        return x
 
 
 def type_of(name: str) -> int:

@@ -50,6 +50,9 @@ class Rollouts:
         context: optional ``(A2, T, 5)`` states of other agents in the scene (not evaluated, e.g. log-replayed),
             with ``context_valid`` ``(A2, T)`` and ``context_extent`` ``(A2, 2)``, for interaction features.
         traffic_lights: the scene's signals (``envs.metrics.traffic_lights.TrafficLights``), or None.
+        scored: optional ``(A,)`` bool, the agents the realism likelihoods and displacement errors score (None:
+            every evaluated agent). The ego setting scores the ego alone while the others stay simulated agents
+            (interaction partners with their own rollouts).
 
     Invalid steps may hold anything finite (the simulator and the datasets store zeros); like the official WOSAC
     code, the realism features difference the stored values where the logged history is invalid.
@@ -71,6 +74,14 @@ class Rollouts:
     context_valid: torch.Tensor | None = None
     context_extent: torch.Tensor | None = None
     traffic_lights: object = None
+    scored: torch.Tensor | None = None
+
+    @property
+    def wosac_objects(self) -> torch.Tensor:
+        """``(A,)`` bool: the agents the realism and displacement metrics score, WOSAC's objects: valid at the
+        current step (the last history step), and in ``scored`` if given."""
+        objs = self.log_valid[:, self.history_steps - 1]
+        return objs if self.scored is None else objs & self.scored.to(objs.device)
 
     @property
     def num_rollouts(self) -> int:
@@ -116,6 +127,9 @@ class Rollouts:
             raise RolloutError(f"Rollouts {self.scene_id}: extent must be finite and > 0 m.")
         if not -1 <= self.ego_index < a:
             raise RolloutError(f"Rollouts {self.scene_id}: ego_index {self.ego_index} outside [-1, {a}).")
+        if self.scored is not None and (tuple(self.scored.shape) != (a,) or self.scored.dtype != torch.bool):
+            raise RolloutError(f"Rollouts {self.scene_id}: scored must be an (A,) = ({a},) bool mask, got "
+                               f"{tuple(self.scored.shape)} {self.scored.dtype}.")
         # The history is the log, so agents in another order than agent_ids / the log show up here.
         h = self.history_steps - 1
         both = self.sim_valid[:, :, h] & self.log_valid[None, :, h]

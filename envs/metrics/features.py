@@ -282,7 +282,7 @@ def _features(traj: torch.Tensor, valid: torch.Tensor, r: Rollouts) -> tuple[dic
         ctx, ctx_valid, ctx_extent = r.context[None, :, h:].float(), r.context_valid[None, :, h:], \
             r.context_extent.float()
     out.update(interaction_features(fut, fut_valid, extent, ctx, ctx_valid, ctx_extent, speed=w[0, :, :],
-                                    wosac_objects=r.log_valid[:, h - 1]))
+                                    wosac_objects=r.wosac_objects))
     out.update(road_edge_features(fut, fut_valid, extent, r.agent_type, r.map_index))
     if r.traffic_lights is not None:
         tl = r.traffic_lights.violations(cpu_numpy(traj[..., :2].double()), cpu_numpy(valid))[:, :, h:]

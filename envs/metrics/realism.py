@@ -70,8 +70,9 @@ META_WEIGHTS: dict[str, dict[str, float]] = {
 
 
 def wosac_objects(rollouts: Rollouts) -> torch.Tensor:
-    """``(A,)`` bool: the evaluated agents that are WOSAC objects (valid at the current step)."""
-    return rollouts.log_valid[:, rollouts.history_steps - 1]
+    """``(A,)`` bool: the evaluated agents that are WOSAC objects (``Rollouts.wosac_objects``: valid at the current
+    step, and scored)."""
+    return rollouts.wosac_objects
 
 
 def realism_features(rollouts: Rollouts) -> dict[str, Feature]:
