@@ -135,8 +135,11 @@ def _sinc(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, torch.ones_like(x), torch.sin(x) / torch.where(small, torch.ones_like(x), x))
 
 
-def bicycle_toward(state: torch.Tensor, local: torch.Tensor, seconds: float, steps: int = TOKEN_STEPS
-                   ) -> torch.Tensor:
+TRACKING = ("pose", "speed")  # how the bicycle follows a target pose (bicycle_toward)
+
+
+def bicycle_toward(state: torch.Tensor, local: torch.Tensor, seconds: float, steps: int = TOKEN_STEPS,
+                   tracking: str = "pose") -> torch.Tensor:
     """The constant bicycle action (acceleration m/s², curvature 1/m) that drives ``state`` ``(N, 5)`` in
     ``steps`` steps of ``seconds / steps`` to the pose ``local`` ``(N, 3)`` (given in the frame of ``state``),
     within the bicycle's bounds.
@@ -145,13 +148,24 @@ def bicycle_toward(state: torch.Tensor, local: torch.Tensor, seconds: float, ste
     shortened by ``sinc(turn / (2 steps))`` because each bicycle step moves along its mean heading (a chord of its
     piece of arc); the acceleration covers that length from the current speed (distance = v0 t + a t² / 2), the
     curvature is ``turn / length``. Exact for targets the bicycle reaches at constant speed, and within
-    centimetres otherwise (tested). A target behind the vehicle means stopping (the bicycle does not reverse)."""
+    centimetres otherwise (tested). A target behind the vehicle means stopping (the bicycle does not reverse).
+
+    ``tracking="speed"`` instead ends the 0.5 s at the target's mean speed (``length / seconds``): it reaches the
+    pose only when that is the current speed too, but a speed that disagrees with the target is corrected in one
+    step instead of alternating above and below it, as hitting every pose exactly makes it do."""
     turn = wrap_angle(local[..., 2])
     chord = local[..., :2].norm(dim=-1)
     length = chord / _sinc(0.5 * turn).clamp(min=0.5) * _sinc(0.5 * turn / steps)
     length = torch.where(local[..., 0] > 0, length, torch.zeros_like(length))
     v0 = speed_along_heading(state).clamp(min=0)
-    accel = 2.0 * (length - v0 * seconds) / seconds ** 2
+    if tracking == "pose":
+        accel = 2.0 * (length - v0 * seconds) / seconds ** 2
+    elif tracking == "speed":
+        accel = (length / seconds - v0) / seconds
+    else:
+        from envs.errors import UnknownNameError
+
+        raise UnknownNameError("tracking", tracking, TRACKING)
     curvature = torch.where(length > 1e-3, turn / length.clamp(min=1e-3), torch.zeros_like(turn))
     low, high = InvertibleBicycle().bounds(state.device, state.dtype)
     return torch.stack([accel, curvature], dim=-1).clamp(low, high)
@@ -170,7 +184,8 @@ class GmmEgoAgent(SmartAgent):
     horizon = TOKEN_STEPS
     replan_every = TOKEN_STEPS
 
-    def __init__(self, model: GmmEgoModel | None = None, top_k: int = TOP_COMPONENTS, temperature: float = 0.1):
+    def __init__(self, model: GmmEgoModel | None = None, top_k: int = TOP_COMPONENTS, temperature: float = 0.1,
+                 tracking: str = "pose"):
         if model is not None and not isinstance(model, GmmEgoModel):
             from envs.errors import CheckpointError
 
@@ -182,6 +197,11 @@ class GmmEgoAgent(SmartAgent):
                                   "(train one with `trafficgym train bc --agent gmm_ego`)"
                                   + (f", or one of the bundled {sorted(PRETRAINED)}." if PRETRAINED else "."))
         super().__init__(model, top_k=top_k, temperature=temperature)
+        if tracking not in TRACKING:
+            from envs.errors import UnknownNameError
+
+            raise UnknownNameError("tracking", tracking, TRACKING)
+        self.tracking = tracking
 
     @staticmethod
     def bundled_weights() -> dict:
@@ -221,7 +241,8 @@ class GmmEgoAgent(SmartAgent):
         if sel.any():
             comp = self._component(logits[sel], mean[sel], state, sel)
             local = mean[sel][torch.arange(len(comp)), comp]
-            act = bicycle_toward(state.current[sel].float(), local.float(), TOKEN_STEPS * float(state.dt))
+            act = bicycle_toward(state.current[sel].float(), local.float(), TOKEN_STEPS * float(state.dt),
+                                 tracking=self.tracking)
             out[sel] = act[:, None].to(out.dtype).expand(-1, self.horizon, -1)
         return out
 

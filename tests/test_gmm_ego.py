@@ -95,6 +95,17 @@ def test_bicycle_toward_stops_for_a_target_behind_and_stays_in_bounds():
     assert act[0, 0] == 6.0 and act[0, 1] <= 0.3
 
 
+def test_speed_tracking_ends_at_the_targets_mean_speed():
+    # 7 m/s, a target 4 m straight ahead in 0.5 s (mean speed 8 m/s): hitting the pose needs 4 m/s² (and ends at
+    # 9 m/s); tracking the speed needs 2 m/s² (and ends at 8 m/s)
+    state = torch.tensor([[0.0, 0.0, 0.0, 7.0, 0.0]])
+    target = torch.tensor([[4.0, 0.0, 0.0]])
+    assert bicycle_toward(state, target, 0.5)[0, 0].item() == pytest.approx(4.0)
+    assert bicycle_toward(state, target, 0.5, tracking="speed")[0, 0].item() == pytest.approx(2.0)
+    with pytest.raises(UnknownNameError, match="tracking 'position'"):
+        bicycle_toward(state, target, 0.5, tracking="position")
+
+
 def test_pose_targets_are_the_logged_next_pose_in_the_input_frame():
     data = scenes(1)
     vocab = vocab_of(data)
@@ -348,3 +359,75 @@ def test_train_commands_for_the_ego_policy_and_their_bad_input(tmp_path, capsys)
     assert "'gmm_ego' checkpoint, not 'smart'" in capsys.readouterr().err
     assert main(["train", "bc", "--init", "towns-nano", "--out", str(tmp_path / "z"), "--val-scenes", "0"]) == 2
     assert "--init starts a gmm_ego model" in capsys.readouterr().err
+
+
+def test_a_scene_without_an_ego_and_an_unknown_size_are_named():
+    from envs.errors import NoEgoError
+    from tests.scenes import make_scene, straight_road
+    from training.bc import train_bc
+
+    scene = make_scene([dict(x0=0, y0=-1.75, speed=5.0)], map_data=straight_road(), ego_index=-1)
+    from envs import sim
+
+    with pytest.raises(NoEgoError):
+        sim.reset([scene], start_step=10, controlled="ego")
+    data = scenes(1)
+    vocab = vocab_of(data)
+    with pytest.raises(UnknownNameError, match="SMART size 'huge'"):
+        train_bc(data, vocab, "huge", "/tmp/unused", 1, agent="gmm_ego")
+    with pytest.raises(UnknownNameError, match="agent trainable by behaviour cloning 'gmm'"):
+        train_bc(data, vocab, "nano", "/tmp/unused", 1, agent="gmm")
+    # no pose target at all (no ego in any scene, ego targets asked for): refused, not an empty run
+    from envs.errors import TrafficGymError
+
+    with pytest.raises(TrafficGymError, match="No training samples"):
+        train_bc([scene], vocab, "nano", "/tmp/unused", 1, agent="gmm_ego", pose_targets="ego", progress=False,
+                 **MICRO)
+
+
+def test_it_drives_the_ego_in_eval_render_and_the_ego_env(tmp_path, capsys):
+    # trained on a tiny dataset by the command; then the evaluation (ego setting, IDM traffic), the renderer and
+    # the Gymnasium env (through AgentPolicy, whose episode equals the simulator's rollout) all drive with it
+    import gymnasium as gym
+    import imageio.v3 as iio
+
+    import envs  # noqa: F401
+    from agents.env_policy import AgentPolicy
+    from agents.registry import make_agent
+    from envs import sim
+    from tests import interaction_fixture as fixture
+    from training.cli import main
+    from training.rollouts import drive
+
+    root = fixture.write_dataset(tmp_path / "data", cases=2, case_length=91)
+    common = ["--dataset", "interaction_multi", "--data-dir", str(root), "--case-length", "91", "--cache-dir",
+              str(tmp_path / "cache")]
+    assert main(["train", "bc", "--agent", "gmm_ego", *common, "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--val-scenes", "0", "--workers", "0"]) == 0
+    ckpt = str(tmp_path / "run" / "model.safetensors")
+    assert main(["eval", "--setting", "ego", "--agent", "gmm_ego", "--checkpoint", ckpt, "--traffic", "idm", *common,
+                 "--split", "val", "--rollouts", "2", "--metric", "planning", "--metric", "min_ade"]) == 0
+    assert "planning_min_ade" in capsys.readouterr().out
+    out = tmp_path / "gmm.gif"
+    assert main(["render", "--setting", "ego", "--agent", "gmm_ego", "--checkpoint", ckpt, "--traffic", "idm",
+                 *common, "--split", "val", "--scene", "DR_USA_Tiny_Road_val_0", "--out", str(out), "--size",
+                 "96"]) == 0
+    assert iio.imread(out, index=None).shape[0] == 81
+    assert main(["eval", "--agent", "gmm_ego", "--checkpoint", ckpt, *common, "--split", "val", "--rollouts",
+                 "2", "--metric", "min_ade"]) == 2  # the sim-agents setting: every agent, not the ego alone
+    assert "ego policy" in capsys.readouterr().err
+    env = gym.make("trafficgym/Ego-v0", dataset="interaction_multi", data_dir=str(root), case_length=91,
+                   split="val", cache_dir=str(tmp_path / "cache"), terminate_on_collision=False,
+                   terminate_on_offroad=False)
+    policy = AgentPolicy(env, make_agent("gmm_ego", checkpoint=ckpt), seed=4)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, terminated, truncated, _ = env.step(policy(None))
+        done = terminated or truncated
+    eng = env.unwrapped.engine
+    st = eng.state
+    scene = eng.dataset[eng.scene_indices[int(eng.slot_scene[0])]]
+    ref = drive(sim.reset([scene], start_step=10, controlled="ego"), make_agent("gmm_ego", checkpoint=ckpt), seed=4)
+    e = int(st.ego[0])
+    torch.testing.assert_close(st.traj[0, e, :, :3], ref.traj[0, e, :, :3], atol=1e-3, rtol=0)

@@ -203,6 +203,9 @@ class Validation(Callback):
             f.write(json.dumps({"step": trainer.step, **result}) + "\n")
 
 
+_NOT_SHOWN = ("loss", "grad_norm", "lr", "targets", "tokens_per_s", "step", "wall_s")
+
+
 class _ProgressBar(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         from tqdm import tqdm
@@ -212,8 +215,8 @@ class _ProgressBar(Callback):
 
     def on_step_end(self, trainer: Trainer, out: dict) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out.get('accuracy', float('nan')):.3f}",
-                             tok_s=f"{out['tokens_per_s']:.0f}")
+        shown = {k: f"{v:.3f}" for k, v in out.items() if k not in _NOT_SHOWN}  # the model's own metrics
+        self.bar.set_postfix(loss=f"{out['loss']:.3f}", **shown, tok_s=f"{out['tokens_per_s']:.0f}")
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.bar.close()
