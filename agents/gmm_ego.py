@@ -5,19 +5,21 @@ Model (``GmmEgoModel``). The map encoder and agent decoder of ``agents.smart.Sma
 subclass only swaps the head), so every agent's motion tokens are the context and the ego attends to its
 neighbours and the map as the sim agents do. The head reads the decoder's feature of an agent-step ``(D,)`` and
 gives ``components`` (16) mixture logits and per-component means of the pose 0.5 s ahead ``(x, y, heading)`` in
-the agent's own frame. Each component is a diagonal Gaussian over ``(x, y, cos h, sin h)`` with the fixed
+the agent's own frame, each an offset from the component's anchor (k-means of the training targets,
+``set_anchors``). Each component is a diagonal Gaussian over ``(x, y, cos h, sin h)`` with the fixed
 standard deviations ``GMM_STD`` = (1 m, 1 m, 0.1, 0.1); the loss is the negative log-likelihood of the logged next
 pose in the frame of the input pose (``gmm_nll``).
 
-Acting (``GmmEgoAgent``). Every 0.5 s it encodes the new step of every agent (one incremental decoder step, as
-the tokenized policy), takes the ego's top-3 components and draws one with ``softmax(logit / temperature)``
+Acting (``GmmEgoAgent``). Every 0.5 s it encodes the new step of every agent (one incremental decoder step, as the
+tokenized policy), takes the ego's top-3 components and draws one with ``softmax(logit / temperature)``
 (``temperature`` 0.1 by default: near-deterministic), and drives toward that component's pose with the kinematic
-bicycle (``envs.dynamics.InvertibleBicycle``): one constant acceleration and curvature for the next 5 steps, the
-pair that covers the arc to the target pose in 0.5 s (``bicycle_toward``). The bicycle, not pose interpolation,
-because its motion is feasible by construction (bounded acceleration and curvature, no turning on the spot, no
-reversing) and because it is the ego env's own action space: the same actions drive ``trafficgym/Ego-v0``
-(``agents.env_policy.AgentPolicy``). The other agents are driven by whatever drives them (log, IDM, the tokenized
-policy); their motion is tokenized on the fly as the tokenized policy does for agents it does not drive.
+bicycle (``envs.dynamics.InvertibleBicycle``): one constant acceleration and curvature for the next 5 steps along
+the arc to the target pose, ending at its mean speed (``bicycle_toward``, ``tracking="speed"``). The bicycle, not
+pose interpolation, because its motion is feasible by construction (bounded acceleration and curvature, no turning
+on the spot, no reversing) and because it is the ego env's own action space: the same actions drive
+``trafficgym/Ego-v0`` (``agents.env_policy.AgentPolicy``). The other agents are driven by whatever drives them
+(log, IDM, the tokenized policy); their motion is tokenized on the fly as the tokenized policy does for agents it
+does not drive.
 """
 
 from __future__ import annotations
@@ -73,11 +75,37 @@ class GmmEgoModel(SmartModel):
         self.components = components
         d = cfg.hidden
         self.gmm_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, components * 4))
+        # each component's mean is its anchor plus the head's offset (set_anchors; zeros until then)
+        self.register_buffer("anchors", torch.zeros(components, 3))
 
     def mixture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder features ``(..., D)`` -> logits ``(..., K)``, means ``(..., K, 3)``."""
+        """Decoder features ``(..., D)`` -> logits ``(..., K)``, means ``(..., K, 3)`` (anchor + offset)."""
         out = self.gmm_head(self.head_norm(x)).unflatten(-1, (self.components, 4))
-        return out[..., 0], out[..., 1:]
+        return out[..., 0], self.anchors + out[..., 1:]
+
+    @torch.no_grad()
+    def set_anchors(self, targets: torch.Tensor, seed: int = 0, iterations: int = 25) -> torch.Tensor:
+        """Spread the components over the motions of ``targets`` ``(N, 3)`` (next poses x, y, heading): k-means
+        (k-means++ seeding, ``seed``) of the targets, one anchor per component. With every mean starting at the
+        same place, the mixture NLL lets the first component that fits take every target, and the others never
+        learn (measured: one component with probability 1.0 at every step); anchored means start where the
+        data is, each nearest to its own share of it (MultiPath's anchors, Chai et al., arXiv 1910.05449)."""
+        x = targets.double()
+        x = torch.cat([x[:, :2], 5.0 * x[:, 2:3]], dim=-1)  # heading in metres-equivalent: 0.2 rad ~ 1 m
+        g = torch.Generator().manual_seed(seed)
+        centres = x[torch.randint(len(x), (1,), generator=g)]
+        while len(centres) < self.components:  # k-means++ seeding
+            d2 = torch.cdist(x, centres).min(dim=1).values ** 2
+            weights = d2 if d2.sum() > 0 else torch.ones_like(d2)  # fewer distinct targets than components
+            centres = torch.cat([centres, x[torch.multinomial(weights / weights.sum(), 1, generator=g)]])
+        for _ in range(iterations):
+            assign = torch.cdist(x, centres).argmin(dim=1)
+            for k in range(self.components):
+                if (assign == k).any():
+                    centres[k] = x[assign == k].mean(dim=0)
+        anchors = torch.cat([centres[:, :2], centres[:, 2:3] / 5.0], dim=-1)
+        self.anchors.copy_(anchors.to(self.anchors))
+        return self.anchors
 
     def forward(self, map_enc, pose, valid, in_token, agent_type, extent, m2a_nbr=None):
         return self.mixture(self.decode(map_enc, pose, valid, in_token, agent_type, extent, m2a_nbr))
@@ -178,14 +206,14 @@ class GmmEgoAgent(SmartAgent):
 
     ``make_agent("gmm_ego", checkpoint=DIR/model.safetensors)`` (train one with ``trafficgym train bc --agent
     gmm_ego``) or a bundled name; ``top_k`` (3) components to choose among, ``temperature`` (0.1: nearly the
-    most likely) of the draw."""
+    most likely) of the draw, ``tracking`` (``"speed"``, or ``"pose"``: see ``bicycle_toward``)."""
 
     dynamics = InvertibleBicycle()
     horizon = TOKEN_STEPS
     replan_every = TOKEN_STEPS
 
     def __init__(self, model: GmmEgoModel | None = None, top_k: int = TOP_COMPONENTS, temperature: float = 0.1,
-                 tracking: str = "pose"):
+                 tracking: str = "speed"):
         if model is not None and not isinstance(model, GmmEgoModel):
             from envs.errors import CheckpointError
 

@@ -106,6 +106,24 @@ def test_speed_tracking_ends_at_the_targets_mean_speed():
         bicycle_toward(state, target, 0.5, tracking="position")
 
 
+def test_anchors_spread_the_components_over_the_targets():
+    # three clusters of next poses (standing, 5 m ahead, 5 m ahead turning left): k-means puts an anchor on each,
+    # and the means start at the anchors (offsets of an untrained head are small)
+    data = scenes(1)
+    vocab = vocab_of(data)
+    model = micro_gmm(vocab)
+    model.components = 3
+    model.anchors = torch.zeros(3, 3)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0], [4.5, 1.0, 0.4]])
+    targets = torch.cat([c + 0.05 * torch.randn(50, 3, generator=g) for c in centres])
+    anchors = model.set_anchors(targets)
+    assert (torch.cdist(centres, anchors).min(dim=1).values < 0.05).all()  # an anchor on every cluster
+    assert torch.equal(model.anchors, anchors)  # a buffer: saved and loaded with the weights
+    same = model.set_anchors(torch.ones(5, 3))  # fewer distinct targets than components: every anchor there
+    torch.testing.assert_close(same, torch.ones(3, 3))
+
+
 def test_pose_targets_are_the_logged_next_pose_in_the_input_frame():
     data = scenes(1)
     vocab = vocab_of(data)

@@ -92,7 +92,7 @@ def train_bc(ds, vocab: MotionVocabulary | None, size: str, out: str | Path, max
         model = GmmEgoModel(cfg, vocab)
         if backbone is not None:
             missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
-            assert all(k.startswith("gmm_head.") for k in missing), missing
+            assert all(k.startswith(("gmm_head.", "anchors")) for k in missing), missing
             assert all(k.startswith("heads.") for k in unexpected), unexpected
         targets = pose_targets
     else:
@@ -102,6 +102,11 @@ def train_bc(ds, vocab: MotionVocabulary | None, size: str, out: str | Path, max
     if not samples:
         raise TrafficGymError(f"No training samples: none of the {len(ds)} scenes has a {agent} target"
                               + (f" ({pose_targets})." if targets else "."))
+    if targets and not resume:  # the mixture's anchors: k-means of the training targets (resume: from the file)
+        import numpy as np
+
+        poses = np.concatenate([x.next_pose[x.next_pose_valid] for x in samples])
+        model.set_anchors(torch.from_numpy(poses), seed=seed)
     data = SampleBatches(samples, collate, batch_size, seed=seed,
                          group_fn=_map_of if batches_fill_by_map([x.map_id for x in samples], batch_size) else None)
     trainer = Trainer(model, data, TrainConfig(out=str(out), max_steps=max_steps, batch_size=batch_size, lr=lr,
