@@ -12,19 +12,20 @@ pose in the frame of the input pose (``gmm_nll``).
 
 Acting (``GmmEgoAgent``). Every 0.5 s it encodes the new step of every agent (one incremental decoder step, as the
 tokenized policy), takes the ego's top-3 components and draws one with ``softmax(logit / temperature)``
-(``temperature`` 0.1 by default: near-deterministic), and drives toward that component's pose with the kinematic
-bicycle (``envs.dynamics.InvertibleBicycle``): one constant acceleration and curvature for the next 5 steps along
-the arc to the target pose, ending at its mean speed (``bicycle_toward``, ``tracking="speed"``). The bicycle, not
-pose interpolation, because its motion is feasible by construction (bounded acceleration and curvature, no turning
-on the spot, no reversing) and because it is the ego env's own action space: the same actions drive
-``trafficgym/Ego-v0`` (``agents.env_policy.AgentPolicy``). The other agents are driven by whatever drives them
-(log, IDM, the tokenized policy); their motion is tokenized on the fly as the tokenized policy does for agents it
-does not drive.
+(``temperature`` 1 by default; 0.1 is nearly the most likely), and drives toward that component's pose with the
+kinematic bicycle (``envs.dynamics.InvertibleBicycle``): one constant acceleration and curvature for the next 5
+steps along the arc to the target pose, ending at its mean speed (``bicycle_toward``, ``tracking="speed"``). The
+bicycle, not pose interpolation, because its motion is feasible by construction (bounded acceleration and
+curvature, no turning on the spot, no reversing) and because it is the ego env's own action space: the same actions
+drive ``trafficgym/Ego-v0`` (``agents.env_policy.AgentPolicy``). The other agents are driven by whatever drives
+them (log, IDM, the tokenized policy); their motion is tokenized on the fly as the tokenized policy does for agents
+it does not drive.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,8 @@ from envs.types import AgentType
 N_COMPONENTS = 16  # mixture components (CAT-K's ego policy)
 GMM_STD = (1.0, 1.0, 0.1, 0.1)  # fixed standard deviations over (x m, y m, cos h, sin h)
 TOP_COMPONENTS = 3  # the components the agent (and CAT-K's rollout) chooses among
-PRETRAINED: dict = {}  # bundled weights by name (filled in below when the files ship)
+# Bundled weights by name (``make_agent("gmm_ego", checkpoint="towns-gmm")``), each made by the README command.
+PRETRAINED = {"towns-gmm": Path(__file__).parent / "weights" / "gmm_nano_towns.safetensors"}
 
 
 def gmm_nll(logits: torch.Tensor, mean: torch.Tensor, target: torch.Tensor,
@@ -205,14 +207,14 @@ class GmmEgoAgent(SmartAgent):
     component of its predicted pose 0.5 s ahead, replanning every 0.5 s.
 
     ``make_agent("gmm_ego", checkpoint=DIR/model.safetensors)`` (train one with ``trafficgym train bc --agent
-    gmm_ego``) or a bundled name; ``top_k`` (3) components to choose among, ``temperature`` (0.1: nearly the
+    gmm_ego``) or a bundled name; ``top_k`` (3) components to choose among, ``temperature`` (1; 0.1: nearly the
     most likely) of the draw, ``tracking`` (``"speed"``, or ``"pose"``: see ``bicycle_toward``)."""
 
     dynamics = InvertibleBicycle()
     horizon = TOKEN_STEPS
     replan_every = TOKEN_STEPS
 
-    def __init__(self, model: GmmEgoModel | None = None, top_k: int = TOP_COMPONENTS, temperature: float = 0.1,
+    def __init__(self, model: GmmEgoModel | None = None, top_k: int = TOP_COMPONENTS, temperature: float = 1.0,
                  tracking: str = "speed"):
         if model is not None and not isinstance(model, GmmEgoModel):
             from envs.errors import CheckpointError

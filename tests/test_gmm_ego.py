@@ -449,3 +449,30 @@ def test_it_drives_the_ego_in_eval_render_and_the_ego_env(tmp_path, capsys):
     ref = drive(sim.reset([scene], start_step=10, controlled="ego"), make_agent("gmm_ego", checkpoint=ckpt), seed=4)
     e = int(st.ego[0])
     torch.testing.assert_close(st.traj[0, e, :, :3], ref.traj[0, e, :, :3], atol=1e-3, rtol=0)
+
+
+def test_bundled_towns_weights_load_and_drive_the_ego_closer_to_the_log_than_constant_velocity():
+    # the shipped checkpoint (README: the gmm_ego section) is a nano backbone with anchored components, and it
+    # drives: on towns val scenes its ego stays closer to the log than constant velocity's
+    from agents.gmm_ego import PRETRAINED
+    from agents.registry import make_agent
+    from envs.data import open_dataset
+    from envs.metrics.episode import compute_episode_metrics
+    from training.rollouts import simulate_scene
+
+    assert PRETRAINED["towns-gmm"].is_file()
+    agent = make_agent("gmm_ego", checkpoint="towns-gmm")
+    assert agent.model.cfg.size == "nano" and agent.model.components == 16
+    assert float(agent.model.anchors.std(0)[0]) > 1.0  # spread components, not one collapsed mean
+    val = open_dataset("towns", "val")
+    cv = make_agent("constant_velocity")
+    ours, theirs = [], []
+    for i in (0, 32, 64, 96, 127):  # spread over the split's towns; the mean over them
+        ours.append(compute_episode_metrics(simulate_scene(agent, val, i, 4, setting="ego", seed=i),
+                                            ["planning"])["planning_min_ade"])
+        theirs.append(compute_episode_metrics(simulate_scene(cv, val, i, 4, setting="ego", seed=i),
+                                              ["planning"])["planning_min_ade"])
+    print(ours, theirs)
+    assert np.mean(ours) < 0.8 * np.mean(theirs)
+    with pytest.raises(CheckpointError, match="Did you mean 'towns-gmm'"):
+        make_agent("gmm_ego", checkpoint="towns-gm")
