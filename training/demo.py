@@ -5,7 +5,8 @@
    off-road rates, minADE, distance travelled (``trafficgym eval --rollouts 8`` with those metrics; the README's
    tables use all 128 scenes and 32 rollouts);
 2. ego: the ``trafficgym/Ego-v0`` vector env with reactive traffic (IDM, then the learned policy), driven by two
-   reference controllers;
+   reference controllers and by the learned ego policy (the bundled ``towns-gmm`` weights, through
+   ``agents.env_policy.AgentPolicy``);
 3. a video: the learned policy driving every agent of one val scene, next to the log.
 """
 
@@ -20,6 +21,7 @@ import torch
 
 # the best bundled learned policy (chosen on towns val; the README's tables compare them on test)
 DEMO_POLICY = "towns-nano"
+DEMO_EGO_POLICY = "towns-gmm"  # the learned ego of the ego-env rows
 # (agent, checkpoint): the learned policy with its bundled weights, then the baselines
 DEMO_AGENTS = (("smart", DEMO_POLICY), ("log_replay", None), ("idm", None), ("constant_velocity", None),
                ("random", None))
@@ -42,7 +44,8 @@ def log_following_actions(engine) -> np.ndarray:
 
 
 def ego_rollouts(num_scenes: int, traffic="idm") -> list[dict]:
-    """Both reference ego controllers on the first ``num_scenes`` val scenes; one summary row each."""
+    """The reference ego controllers and the learned ego policy (through ``agents.env_policy.AgentPolicy``) on
+    the first ``num_scenes`` val scenes; one summary row each."""
     import gymnasium as gym
 
     import envs  # noqa: F401  (registers the env ids)
@@ -50,8 +53,13 @@ def ego_rollouts(num_scenes: int, traffic="idm") -> list[dict]:
     n = num_scenes
     venv = gym.make_vec("trafficgym/Ego-v0", num_envs=n, vectorization_mode="vector_entry_point", split="val",
                         action_bounds="clip", traffic=traffic)
+    from agents.env_policy import AgentPolicy
+    from agents.registry import make_agent
+
+    learned = AgentPolicy(venv, make_agent("gmm_ego", checkpoint=DEMO_EGO_POLICY))
     controllers = {"log-following": lambda: log_following_actions(venv.unwrapped.engine),
-                   "coasting (zero action)": lambda: np.zeros((n, 2), np.float32)}
+                   "coasting (zero action)": lambda: np.zeros((n, 2), np.float32),
+                   f"learned ego (gmm_ego {DEMO_EGO_POLICY})": lambda: learned(None)}
     rows = []
     for name, policy in controllers.items():
         venv.reset(seed=0, options={"scene_index": list(range(n))})
@@ -95,9 +103,9 @@ def run_demo(num_scenes: int = 32, out_dir: Path = Path("runs/demo")) -> dict:
     for label, traffic in (("IDM", "idm"), ("learned (smart)", make_agent("smart", checkpoint=DEMO_POLICY))):
         print(f"\nego (trafficgym/Ego-v0, vector env): {num_scenes} val scenes, reactive {label} traffic")
         rows = ego_rollouts(num_scenes, traffic)
-        print(f"{'controller':<26}{'return':>8}{'collided':>10}{'off-road':>10}{'progress m':>12}{'env steps/s':>13}")
+        print(f"{'controller':<34}{'return':>8}{'collided':>10}{'off-road':>10}{'progress m':>12}{'env steps/s':>13}")
         for r in rows:
-            print(f"{r['controller']:<26}{r['return']:>8.2f}{r['collided']:>10.2f}{r['offroad']:>10.2f}"
+            print(f"{r['controller']:<34}{r['return']:>8.2f}{r['collided']:>10.2f}{r['offroad']:>10.2f}"
                   f"{r['progress_m']:>12.1f}{r['env_steps_per_s']:>13,.0f}")
         ego_rows += [{"traffic": label, **r} for r in rows]
     from training.record import record_agent_video
