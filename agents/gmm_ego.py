@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.registry import register_agent
-from agents.smart.agent import SmartAgent
+from agents.smart.agent import SmartAgent, logged_pose_ahead
 from agents.smart.model import SmartConfig, SmartModel, TokenBatch
 from agents.smart.tokenizer import TOKEN_STEPS, MotionVocabulary
 from envs.dynamics import InvertibleBicycle, speed_along_heading
@@ -216,13 +216,11 @@ class GmmEgoAgent(SmartAgent):
 
     def __init__(self, model: GmmEgoModel | None = None, top_k: int = TOP_COMPONENTS, temperature: float = 1.0,
                  tracking: str = "speed"):
-        if model is not None and not isinstance(model, GmmEgoModel):
-            from envs.errors import CheckpointError
+        from envs.errors import CheckpointError
 
+        if model is not None and not isinstance(model, GmmEgoModel):
             raise CheckpointError("gmm_ego needs a GmmEgoModel (the tokenized policy's model is the smart agent's).")
         if model is None:
-            from envs.errors import CheckpointError
-
             raise CheckpointError("The gmm_ego agent needs trained weights: make_agent('gmm_ego', checkpoint=PATH) "
                                   "(train one with `trafficgym train bc --agent gmm_ego`)"
                                   + (f", or one of the bundled {sorted(PRETRAINED)}." if PRETRAINED else "."))
@@ -308,10 +306,6 @@ class GmmCatKRollout(GmmEgoAgent):
             return super()._component(logits, mean, state, sel)
         from envs.geometry import pose_in_frame
 
-        b = torch.arange(state.batch_size, device=state.device)
-        t_next = (state.t + TOKEN_STEPS).clamp(max=state.log.shape[2] - 1)
-        ok = (state.log_valid[b, :, t_next] & (state.t + TOKEN_STEPS <= state.end)[:, None])[sel]
-        target = pose_in_frame(state.log[b, :, t_next][..., :3][sel].float(), state.current[..., :3][sel].float())
-        best = closest_component(mean, logits, target, self.top_k)
-        likely = logits.argmax(-1)
-        return torch.where(ok, best, likely)
+        log_next, ok = logged_pose_ahead(state)
+        target = pose_in_frame(log_next[sel].float(), state.current[..., :3][sel].float())
+        return torch.where(ok[sel], closest_component(mean, logits, target, self.top_k), logits.argmax(-1))

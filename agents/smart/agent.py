@@ -255,6 +255,15 @@ class SmartAgent(PlanningAgent):
 TOKEN_BOX_OF = {name: TOKEN_BOX[k] for k, name in TYPE_NAMES.items()}
 
 
+def logged_pose_ahead(state) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every agent's logged pose one token (0.5 s) after the current step, ``(B, A, 3)``, and whether it is there
+    to compare with ``(B, A)``: valid in the log, and the episode does not end first (CAT-K's rollouts)."""
+    b = torch.arange(state.batch_size, device=state.device)
+    t_next = (state.t + TOKEN_STEPS).clamp(max=state.log.shape[2] - 1)
+    ok = state.log_valid[b, :, t_next] & (state.t + TOKEN_STEPS <= state.end)[:, None]
+    return state.log[b, :, t_next][..., :3], ok
+
+
 class CatKRollout(SmartAgent):
     """The rollout of CAT-K fine-tuning (``agents/smart/catk.py``): instead of sampling, each driven agent takes
     the closest among its ``top_k`` most likely tokens to its logged box 0.5 s later (the most likely where the
@@ -297,10 +306,7 @@ class CatKRollout(SmartAgent):
             self.chosen.append((state.t.clone(), sel.clone(), tok,
                                 logits.float().clone() if self.record_logits else None))
             return tok
-        b = torch.arange(state.batch_size, device=state.device)
-        t_next = (state.t + TOKEN_STEPS).clamp(max=state.log.shape[2] - 1)
-        ok = state.log_valid[b, :, t_next] & (state.t + TOKEN_STEPS <= state.end)[:, None]
-        log_next = state.log[b, :, t_next][..., :3]
+        log_next, ok = logged_pose_ahead(state)
         tok = closest_among_top_k(logits.float(), self.model.vocab(name), state.current[..., :3][sel].float(),
                                   log_next[sel].float(), ok[sel], TOKEN_BOX_OF[name], min(self.top_k, logits.shape[-1]))
         self.chosen.append((state.t.clone(), sel.clone(), tok, logits.float().clone() if self.record_logits else None))
