@@ -476,3 +476,31 @@ def test_bundled_towns_weights_load_and_drive_the_ego_closer_to_the_log_than_con
     assert np.mean(ours) < 0.8 * np.mean(theirs)
     with pytest.raises(CheckpointError, match="Did you mean 'towns-gmm'"):
         make_agent("gmm_ego", checkpoint="towns-gm")
+
+
+def test_more_bad_options_are_named(tmp_path):
+    from agents.gmm_ego import GmmCatKRollout
+    from envs import sim
+    from envs.types import AgentType
+    from tests.scenes import make_scene, straight_road
+    from training.catk import train_catk
+
+    data = scenes(1)
+    vocab = vocab_of(data)
+    with pytest.raises(UnknownNameError, match="tracking 'exact'"):
+        GmmEgoAgent(micro_gmm(vocab), tracking="exact")
+    with pytest.raises(UnknownNameError, match="CAT-K rollout choice 'greedy'"):
+        GmmCatKRollout(micro_gmm(vocab), choice="greedy")
+    walker = make_scene([dict(x0=0, y0=0, speed=1.2, type=AgentType.PEDESTRIAN)], map_data=straight_road())
+    state = sim.reset([walker], start_step=10, controlled="ego")
+    with pytest.raises(InvalidOptionError, match="drives vehicles only"):
+        GmmEgoAgent(micro_gmm(vocab)).reset(state, state.controlled)
+
+    class NoEgo(list):
+        def entry(self, i):
+            return type("E", (), {"ego_index": -1, "map_id": "m"})()
+
+    from envs.errors import TrafficGymError
+
+    with pytest.raises(TrafficGymError, match="has an ego to fine-tune the ego policy on"):
+        train_catk(micro_gmm(vocab), NoEgo(data), tmp_path, max_steps=1, top_k=3, progress=False)
