@@ -178,6 +178,10 @@ def test_catk_bad_options_are_named(tmp_path):
         train_catk(_bundled_model(), ds, tmp_path, max_steps=1, frozen="encoder")
     with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 2048\]"):
         train_catk(_bundled_model(), ds, tmp_path, max_steps=1, top_k=5000)
+    with pytest.raises(UnknownNameError, match="tracking 'position'"):
+        train_catk(_bundled_model(), ds, tmp_path, max_steps=1, tracking="position")
+    with pytest.raises(UnknownNameError, match="pose-target set 'all'"):
+        train_catk(_bundled_model(), ds, tmp_path, max_steps=1, pose_targets="all")
     from agents.smart.agent import CatKRollout
 
     with pytest.raises(UnknownNameError, match="choice"):

@@ -19,6 +19,7 @@ from agents.gmm_ego import (
     choose_component,
     closest_component,
     gmm_nll,
+    reachable_target,
 )
 from agents.smart import SmartConfig
 from envs.dynamics import InvertibleBicycle
@@ -93,6 +94,23 @@ def test_bicycle_toward_stops_for_a_target_behind_and_stays_in_bounds():
     assert act[0, 0] == -10.0 and act[0, 1] == 0.0  # the hardest braking; no turn on the spot
     act = bicycle_toward(state, torch.tensor([[40.0, 10.0, 1.0]]), 0.5)
     assert act[0, 0] == 6.0 and act[0, 1] <= 0.3
+
+
+def test_reachable_target_is_the_log_where_reachable_and_bounded_where_not():
+    # 12 m/s heading along +y, 0.1 s steps: a logged pose 6 m ahead is reached exactly (zero acceleration)
+    state = torch.tensor([[3.0, 4.0, math.pi / 2, 0.0, 12.0], [0.0, 0.0, 0.0, 10.0, 0.0]])
+    local = torch.tensor([[6.0, 0.0, 0.0], [20.0, 0.0, 0.0]])
+    got = reachable_target(state, local, 0.1)
+    torch.testing.assert_close(got[0], local[0], atol=1e-5, rtol=0)
+    # 20 m ahead at 10 m/s is out of reach: the most the bicycle's 6 m/s² covers, 10 * 0.5 + 6 * 0.5**2 / 2
+    torch.testing.assert_close(got[1], torch.tensor([5.75, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # a turn within the curvature bound is reached to centimetres; one beyond it is not
+    arc = torch.tensor([[5.0 * math.sin(0.5), 5.0 * (1 - math.cos(0.5)), 0.5]])  # radius 5 m, 2.5 m of arc
+    moving = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0]])
+    torch.testing.assert_close(reachable_target(moving, arc, 0.1), arc, atol=0.02, rtol=0)
+    sharp = reachable_target(moving, torch.tensor([[0.5, 2.0, 1.5]]), 0.1)
+    assert sharp[0, 2].abs() < 1.5 and sharp[0, 1] < 2.0
+    assert reachable_target(moving[:0], arc[:0], 0.1).shape == (0, 3)
 
 
 def test_speed_tracking_ends_at_the_targets_mean_speed():
@@ -325,10 +343,38 @@ def test_teacher_forcing_on_the_ego_rollout_gives_the_rollout_mixtures():
     assert has[e, 2:].sum() > 10 and not has[e, :2].any() and has.sum() == has[e].sum()
     from envs.geometry import pose_in_frame
 
-    s = int(has[e].nonzero()[3])
-    want = pose_in_frame(torch.as_tensor(scene.trajectory[e, 5 * (s + 1), :3]).double(),
-                         torch.as_tensor(sample.pose[e, s]).double())
-    np.testing.assert_allclose(sample.next_pose[e, s], want.numpy(), atol=1e-4)
+    # the first target: the rollout is still on the log, which the bicycle reaches (reachable_target)
+    s = int(has[e].nonzero()[0])
+    logged = pose_in_frame(torch.as_tensor(scene.trajectory[e, 5 * (s + 1), :3]).double(),
+                           torch.as_tensor(sample.pose[e, s]).double())
+    np.testing.assert_allclose(sample.next_pose[e, s], logged.numpy(), atol=0.1)
+
+
+def test_ego_rollout_samples_add_the_other_vehicles_log_targets_on_request():
+    from agents.gmm_ego import GmmCatKRollout
+    from envs.data import open_dataset
+    from envs.geometry import pose_in_frame
+    from envs.types import AgentType
+    from training.catk import catk_samples
+
+    ds = open_dataset("towns", "val")
+    scene = ds[5]
+    agent = GmmCatKRollout(_gmm_on_nano().eval())
+    ego_only, every = (catk_samples(agent, [scene], [ds.map_index(scene.map_id)], pose_targets=t)[0]
+                       for t in ("ego", "vehicles"))
+    e = scene.ego_index
+    np.testing.assert_array_equal(every.next_pose_valid[e], ego_only.next_pose_valid[e])
+    np.testing.assert_allclose(every.next_pose[e][every.next_pose_valid[e]],
+                               ego_only.next_pose[e][ego_only.next_pose_valid[e]], atol=1e-5)
+    others = every.next_pose_valid.copy()
+    others[e] = False
+    vehicles = scene.agent_type == int(AgentType.VEHICLE)
+    assert others.sum() > 50 and not others[~vehicles].any()
+    # the others replay the log: their targets are the logged pose 0.5 s later in the logged pose's frame
+    a, s = np.argwhere(others)[len(np.argwhere(others)) // 2]
+    want = pose_in_frame(torch.as_tensor(scene.trajectory[a, 5 * (s + 1), :3]).double(),
+                         torch.as_tensor(scene.trajectory[a, 5 * s, :3]).double())
+    np.testing.assert_allclose(every.next_pose[a, s], want.numpy(), atol=1e-4)
 
 
 def test_ego_catk_step_trains_the_head_and_decoder_and_leaves_the_frozen_set(tmp_path):
@@ -451,17 +497,18 @@ def test_it_drives_the_ego_in_eval_render_and_the_ego_env(tmp_path, capsys):
     torch.testing.assert_close(st.traj[0, e, :, :3], ref.traj[0, e, :, :3], atol=1e-3, rtol=0)
 
 
-def test_bundled_towns_weights_load_and_drive_the_ego_closer_to_the_log_than_constant_velocity():
-    # the shipped checkpoint (README: the gmm_ego section) is a nano backbone with anchored components, and it
-    # drives: on towns val scenes its ego stays closer to the log than constant velocity's
+@pytest.mark.parametrize("name", ["towns-gmm", "towns-gmm-catk"])
+def test_bundled_towns_weights_load_and_drive_the_ego_closer_to_the_log_than_constant_velocity(name):
+    # the shipped checkpoints (README: the gmm_ego section) are nano backbones with anchored components, and they
+    # drive: on towns val scenes the ego stays closer to the log than constant velocity's
     from agents.gmm_ego import PRETRAINED
     from agents.registry import make_agent
     from envs.data import open_dataset
     from envs.metrics.episode import compute_episode_metrics
     from training.rollouts import simulate_scene
 
-    assert PRETRAINED["towns-gmm"].is_file()
-    agent = make_agent("gmm_ego", checkpoint="towns-gmm")
+    assert PRETRAINED[name].is_file() and PRETRAINED[name].stat().st_size < 8e6
+    agent = make_agent("gmm_ego", checkpoint=name)
     assert agent.model.cfg.size == "nano" and agent.model.components == 16
     assert float(agent.model.anchors.std(0)[0]) > 1.0  # spread components, not one collapsed mean
     val = open_dataset("towns", "val")

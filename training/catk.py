@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.gmm_ego import GmmCatKRollout, GmmEgoModel
+from agents.gmm_ego import TRACKING, GmmCatKRollout, GmmEgoModel, reachable_target
 from agents.nn.attention import RadiusGrid, relative_pose
 from agents.nn.map_pieces import cached_map_pieces, map_piece_grid_table
 from agents.smart.agent import TOKEN_BOX_OF, CatKRollout
@@ -28,7 +28,7 @@ from envs import sim
 from envs.errors import CheckpointError, TrafficGymError, UnknownNameError
 from envs.fileio import atomic_write
 from training.bc import batches_fill_by_map, save_smart
-from training.bc_data import TokenSample, collate, scene_sample, token_sample
+from training.bc_data import POSE_TARGETS, TokenSample, collate, scene_sample, token_sample
 from training.rollouts import drive
 from training.trainer import SampleBatches, TrainConfig, Trainer, Validation, rank_and_world
 
@@ -41,7 +41,7 @@ def catk_sample(agent: CatKRollout, scene, map_index=None, start_step: int = 10,
 
 @torch.no_grad()
 def catk_samples(agent: CatKRollout | GmmCatKRollout, scenes, map_indices=None, start_step: int = 10,
-                 seed: int = 0) -> list[TokenSample]:
+                 seed: int = 0, pose_targets: str = "ego") -> list[TokenSample]:
     """One CAT-K rollout of ``scenes``, batched (every agent valid at ``start_step`` driven by ``agent``, the
     others replay their log; map exits remove agents as in evaluation), as one ``TokenSample`` per scene over the
     boundaries ``0, 5, 10, ...`` of the whole scene: poses and validity of the rollout, input tokens (the chosen
@@ -51,7 +51,7 @@ def catk_samples(agent: CatKRollout | GmmCatKRollout, scenes, map_indices=None, 
 
     With a ``GmmCatKRollout`` (the ego policy) only the ego is driven, and the samples' targets are its poses:
     ``next_pose`` is the logged pose 0.5 s after each boundary it drove from, in the frame of its rollout pose
-    there."""
+    there, made reachable (``_ego_sample``; ``pose_targets="vehicles"`` adds the other vehicles' logged poses)."""
     distinct = {}  # map id -> (map, its index or None), in order of first use
     for i, scene in enumerate(scenes):
         distinct.setdefault(scene.map_id, (scene.map, None if map_indices is None else map_indices[i]))
@@ -61,7 +61,7 @@ def catk_samples(agent: CatKRollout | GmmCatKRollout, scenes, map_indices=None, 
     state = sim.reset(list(scenes), start_step=start_step, controlled="ego" if ego else "all", maps=batch)
     state = drive(state, agent, None, seed)
     if ego:
-        return [_ego_sample(agent, scene, state, b, start_step) for b, scene in enumerate(scenes)]
+        return [_ego_sample(agent, scene, state, b, start_step, pose_targets) for b, scene in enumerate(scenes)]
     return [_scene_sample(agent, scene, state, b) for b, scene in enumerate(scenes)]
 
 
@@ -124,11 +124,15 @@ def _scene_sample(agent: CatKRollout, scene, state, b: int) -> TokenSample:
                         m2a=_rollout_m2a(scene.map, pose, model.cfg))
 
 
-def _ego_sample(agent: GmmCatKRollout, scene, state, b: int, start_step: int) -> TokenSample:
+def _ego_sample(agent: GmmCatKRollout, scene, state, b: int, start_step: int, pose_targets: str = "ego"
+                ) -> TokenSample:
     """Row ``b`` of a finished ego rollout as a ``TokenSample`` with the ego's pose targets: at every boundary
-    from ``start_step`` on where the ego is in the rollout and its log 0.5 s later is valid, that logged pose in
-    the frame of the rollout pose."""
+    from ``start_step`` on where the ego is in the rollout and its log 0.5 s later is valid, the pose toward that
+    logged pose which the bicycle reaches in 0.5 s from the rollout state (``reachable_target``), in the frame of
+    the rollout pose. ``pose_targets="vehicles"`` adds every other vehicle's logged pose 0.5 s after each boundary
+    it is in the scene (they replay the log: behaviour-cloning targets, as ``bc_data.scene_sample`` makes them)."""
     from envs.geometry import pose_in_frame
+    from envs.types import AgentType
 
     model = agent.model
     pose, ok, in_token = _rollout_inputs(model, scene, state, b, None, None)
@@ -138,11 +142,15 @@ def _ego_sample(agent: GmmCatKRollout, scene, state, b: int, start_step: int) ->
     log_valid = torch.as_tensor(scene.valid)
     s = torch.arange(n_b)
     t_next = ((s + 1) * TOKEN_STEPS).clamp(max=scene.num_steps - 1)
-    has = ok[e] & (s * TOKEN_STEPS >= start_step) & ((s + 1) * TOKEN_STEPS < scene.num_steps) & log_valid[e, t_next]
-    next_pose = torch.zeros(a, n_b, 3)
-    next_pose[e] = pose_in_frame(log[e, t_next], pose[e])
+    inside = (s + 1) * TOKEN_STEPS < scene.num_steps
     next_valid = torch.zeros(a, n_b, dtype=torch.bool)
-    next_valid[e] = has
+    next_pose = pose_in_frame(log[:, t_next], pose)
+    if pose_targets == "vehicles":
+        others = torch.as_tensor(scene.agent_type) == int(AgentType.VEHICLE)
+        others[e] = False
+        next_valid[others] = (ok & inside & log_valid[:, t_next])[others]
+    next_valid[e] = ok[e] & (s * TOKEN_STEPS >= start_step) & inside & log_valid[e, t_next]
+    next_pose[e] = reachable_target(state.traj[b, e, s * TOKEN_STEPS].float(), next_pose[e], float(state.dt))
     sample = token_sample(scene, pose.numpy(), ok.numpy(), in_token.numpy(), np.full((a, n_b), -1, np.int64),
                           model.cfg, m2a=_rollout_m2a(scene.map, pose, model.cfg))
     sample.next_pose, sample.next_pose_valid = next_pose.numpy(), next_valid.numpy()
@@ -195,7 +203,7 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
                final_lr_fraction: float = 0.05, top_k: int = 32, rollout: str = "catk", frozen: str = "catk",
                scenes: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True,
                ckpt_every: int = 200, validate_fn=None, val_every: int = 0, start_step: int = 10,
-               init: str = "", callbacks=()):
+               init: str = "", callbacks=(), tracking: str = "pose", pose_targets: str = "ego"):
     """Fine-tune ``model`` (a BC-trained ``SmartModel``) on ``ds``'s first ``scenes`` scenes by CAT-K.
 
     Each step rolls the next batch of scenes out with the current model (``rollout``: ``"catk"`` closest among
@@ -208,12 +216,19 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
 
     A ``GmmEgoModel`` (the ego policy) is fine-tuned the same way on its ego: the rollout drives the ego alone
     (``GmmCatKRollout``: closest of the top-k components to the log; the others replay the log), and the loss is
-    the mixture NLL of the logged pose 0.5 s ahead in the frame of the rollout pose; only scenes with an ego
-    are used."""
+    the mixture NLL of the pose toward the logged pose 0.5 s ahead that the bicycle reaches from the rollout state
+    (``agents.gmm_ego.reachable_target``), in the frame of the rollout pose; only scenes with an ego are used.
+    ``tracking``: how the rollout's bicycle follows the chosen component (``"pose"``: lands on it; ``"speed"``:
+    as the agent drives in evaluation; see ``agents.gmm_ego.bicycle_toward``). ``pose_targets="vehicles"`` also
+    trains on every other vehicle's logged next pose (they replay the log), as the BC of ``towns-gmm`` did."""
     if rollout not in ROLLOUTS:
         raise UnknownNameError("CAT-K rollout", rollout, ROLLOUTS)
     if frozen not in TRAINABLE:
         raise UnknownNameError("frozen set", frozen, TRAINABLE)
+    if tracking not in TRACKING:
+        raise UnknownNameError("tracking", tracking, TRACKING)
+    if pose_targets not in POSE_TARGETS:
+        raise UnknownNameError("pose-target set", pose_targets, POSE_TARGETS)
     ego = isinstance(model, GmmEgoModel)
     v, what = (model.components, "mixture components") if ego else \
         (min(len(model.vocab(n)) for n in model.types), "the vocabulary size")
@@ -234,20 +249,22 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"agent": "gmm_ego" if ego else "smart", "init": init, "rollout": rollout,
-                                       "frozen": frozen, "top_k": top_k, "lr": lr, "scenes": n, "seed": seed},
+                                       "frozen": frozen, "top_k": top_k, "lr": lr, "scenes": n, "seed": seed,
+                                       **({"tracking": tracking, "pose_targets": pose_targets} if ego else {})},
                                       indent=1))
     torch.manual_seed(seed)
     model.cfg = replace(model.cfg, label_smoothing=0.0)
     freeze(model, frozen)
     vocab = model.motion_vocabulary()
     rollout_cls = GmmCatKRollout if ego else CatKRollout
-    agent = None if rollout == "log" else rollout_cls(model, top_k=top_k, choice=rollout)
+    agent = None if rollout == "log" else rollout_cls(model, top_k=top_k, choice=rollout,
+                                                      **({"tracking": tracking} if ego else {}))
     maps = {}
 
     def make_batch(indices: list[int]) -> TokenBatch:
         scenes = [ds[i] for i in indices]
         if agent is None:
-            return collate([scene_sample(scene, vocab, model.cfg, seed=seed, pose_targets="ego" if ego else None)
+            return collate([scene_sample(scene, vocab, model.cfg, seed=seed, pose_targets=pose_targets if ego else None)
                             for scene in scenes])
         for scene in scenes:
             if scene.map_id not in maps:
@@ -256,7 +273,7 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
         model.eval()
         # one batched rollout of this process's scenes; its seed follows the batch's first scene
         samples = catk_samples(agent, scenes, [maps[scene.map_id] for scene in scenes], start_step=start_step,
-                               seed=seed + 7919 * indices[0])
+                               seed=seed + 7919 * indices[0], pose_targets=pose_targets)
         model.train(was_training)
         return collate(samples)
 

@@ -270,7 +270,8 @@ def _train_catk(args: argparse.Namespace) -> int:
                                 lr=lr, top_k=top_k, rollout=args.rollout, frozen=args.frozen,
                                 scenes=args.scenes, seed=args.seed, resume=args.resume, progress=rank == 0,
                                 ckpt_every=args.ckpt_every, validate_fn=validate, val_every=args.val_every,
-                                init=str(args.init))
+                                init=str(args.init), tracking=args.tracking,
+                                pose_targets=args.pose_targets)
     if rank == 0:
         last = [h for h in history if "loss" in h][-1]
         val = [h for h in history if any(k.startswith("val/") for k in h)]
@@ -414,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "the ablation) or log (BC samples: the control)")
     catk.add_argument("--frozen", default="catk", help="what stays frozen: catk (map encoder and embeddings, as the "
                                                      "paper), decoder (the map encoder) or none")
+    catk.add_argument("--tracking", default="pose", help="gmm_ego: how the rollout's bicycle follows the chosen "
+                                                       "component, pose (lands on it) or speed (as in evaluation)")
+    catk.add_argument("--pose-targets", default="ego", help="gmm_ego: train on the ego's rollout only (ego) or "
+                                                           "also on every other vehicle's logged next pose (vehicles)")
     catk.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
     catk.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints")
     catk.add_argument("--val-scenes", type=int, default=4, help="closed-loop validation scenes (0: none)")
