@@ -9,6 +9,10 @@ Importing this package registers the environment ids::
 
 from gymnasium.envs.registration import register, registry
 
+from envs.parallel import register_fork_safety
+
+register_fork_safety()  # forked children (async vector envs, multiprocessing) start single-threaded
+
 ENV_IDS = ("trafficgym/Ego-v0", "trafficgym/SimAgents-v0")
 
 if "trafficgym/Ego-v0" not in registry:

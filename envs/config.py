@@ -29,7 +29,8 @@ class EnvConfig:
             "no acceleration, no steering"; ``"physical"``: actions in the dynamics' own units and bounds.
         action_bounds: ``"raise"`` (default: an out-of-bounds action is an ``InvalidActionError``) or
             ``"clip"`` (clipped to the bounds, and the step's ``infeasible`` metric is set).
-        obs, reward: observation sizes and reward weights.
+        obs, reward: observation sizes and options (``ObsConfig``) and reward weights (``RewardConfig``); a dict
+            of their fields works too (``obs={"flat": True, "normalize": True}``).
         terminate_on_collision / terminate_on_offroad: end the episode when the ego collides / leaves the road
             (the sim-agents env never terminates early).
         controlled: who the sim-agents env controls: ``"all"`` (default: every agent valid at the start step),
@@ -87,6 +88,10 @@ class EnvConfig:
     def from_kwargs(cls, config: EnvConfig | None = None, **overrides) -> EnvConfig:
         """``config`` (or the defaults) with ``overrides`` applied; unknown keys raise with a suggestion."""
         check_kwargs("env keyword argument", overrides, [f.name for f in fields(cls)])
+        for key, kind in (("obs", ObsConfig), ("reward", RewardConfig)):
+            if isinstance(overrides.get(key), dict):
+                check_kwargs(f"{kind.__name__} field", overrides[key], [f.name for f in fields(kind)])
+                overrides[key] = kind(**overrides[key])
         for key in ("scenes", "controlled"):
             value = overrides.get(key)
             if value is not None and not isinstance(value, str):

@@ -54,9 +54,8 @@ class TrafficEngine:
                              f"raise max_agents or select smaller scenes.")
         self.num_agents = cfg.max_agents or largest
         self.num_steps = max(e.num_steps for e in entries)
-        map_ids = sorted({e.map_id for e in entries})
-        self.maps = sim.stack_maps([self.dataset.map(m) for m in map_ids], cfg.device,
-                                   indices=[self.dataset.map_index(m) for m in map_ids])
+        self._map_ids = sorted({e.map_id for e in entries})
+        self.maps = self._stack_maps()
         self.dynamics = make_dynamics(cfg.dynamics)
         self.traffic = resolve_traffic(cfg.traffic)
         self._assignment: torch.Tensor | None = None
@@ -70,6 +69,35 @@ class TrafficEngine:
         self.done = np.ones(num_slots, bool)
         self.slot_scene = np.full(num_slots, -1, np.int64)
         self._prev_progress: torch.Tensor | None = None
+        self._episode: dict[str, np.ndarray] | None = None  # per-slot running episode statistics
+
+    def _stack_maps(self):
+        return sim.stack_maps([self.dataset.map(m) for m in self._map_ids], self.cfg.device,
+                              indices=[self.dataset.map_index(m) for m in self._map_ids])
+
+    # Pickling (and copy.deepcopy) leaves out the dataset and the stacked maps (hundreds of MB for the towns,
+    # rasters included) and re-opens them from the on-disk scene cache, as a subprocess worker would: what travels
+    # is the config, the running episodes, the traffic policies and the RNG-driven bookkeeping (a few MB at most).
+    def __getstate__(self):
+        from dataclasses import replace
+
+        state = {k: v for k, v in self.__dict__.items() if k not in ("dataset", "maps")}
+        if self.state is not None:
+            state["state"] = replace(self.state, maps=None)
+        return state
+
+    def __setstate__(self, state):
+        from dataclasses import replace
+
+        from envs.data import open_dataset
+
+        self.__dict__.update(state)
+        cfg = self.cfg
+        self.dataset = open_dataset(cfg.dataset, cfg.split, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
+                                    case_length=cfg.case_length)
+        self.maps = self._stack_maps()
+        if self.state is not None:
+            self.state = replace(self.state, maps=self.maps)
 
     @property
     def mode(self) -> str:
@@ -138,13 +166,38 @@ class TrafficEngine:
                                   slots=None if len(slots) == self.num_slots else slots_t)
         self.done[slots] = False
         self.slot_scene[slots] = scene_positions
+        self._start_episodes(slots, progress)
+
+    def _start_episodes(self, slots: np.ndarray, progress: torch.Tensor) -> None:
+        """Zero the running episode statistics of ``slots`` (what ``episode_stats`` reports at the end)."""
+        shape = tuple(progress.shape)
+        if self._episode is None or self._episode["collision"].shape != shape:
+            self._episode = {"return": np.zeros(self.num_slots), "length": np.zeros(self.num_slots, np.int64),
+                             "collision": np.zeros(shape, bool), "offroad": np.zeros(shape, bool),
+                             "start_progress": np.zeros(shape)}
+        ep = self._episode
+        ep["return"][slots], ep["length"][slots] = 0.0, 0
+        ep["collision"][slots], ep["offroad"][slots] = False, False
+        ep["start_progress"][slots] = progress.cpu().numpy()[slots]
 
     # ---- observations ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def observe(self) -> dict[str, np.ndarray]:
-        """Observations of every slot, numpy, leading axis B."""
+    def observe(self) -> dict[str, np.ndarray] | np.ndarray:
+        """Observations of every slot, numpy, leading axis B (a dict of arrays, or one ``(B, F)`` array with
+        ``ObsConfig(flat=True)``)."""
         out = self.task.observe(self.state, self.cfg)
+        if isinstance(out, torch.Tensor):
+            return out.detach().cpu().numpy().astype(np.float32, copy=False)
         return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in out.items()}
+
+    def dict_observation_space(self):
+        """The ``Dict`` space of one slot's observation before ``ObsConfig(flat=True)`` flattens it (for
+        ``gymnasium.spaces.unflatten``); the observation space itself when it is not flat."""
+        from envs.observation import observation_space
+
+        if not self.cfg.obs.flat:
+            return self.observation_space()
+        return observation_space(self.cfg.obs, self.maps.chunks.shape[2])
 
     # ---- stepping ----------------------------------------------------------------------------------------
     def check_action(self, action, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +280,31 @@ class TrafficEngine:
         truncated &= active & ~terminated
         self.done |= terminated | truncated
         infos = self._infos(st, metrics, pairs.cpu().numpy(), per_agent)
+        ended = self._record_episodes(st, metrics, reward, active, terminated | truncated)
+        for b, stats in ended.items():
+            infos[b]["episode_stats"] = stats
         return reward.astype(np.float64), terminated, truncated, infos
+
+    def _record_episodes(self, st: SimState, metrics, reward, active, ended) -> dict[int, dict]:
+        """Accumulate the step into the running episode statistics; ``{slot: episode_stats}`` of the slots whose
+        episode ended this step (see ``Task.episode_stats`` for the keys)."""
+        ep = self._episode
+        act = np.asarray(active, bool)
+        ep["return"][act] += reward[act]
+        ep["length"][act] += 1
+        ep["collision"][act] |= metrics["collision"].cpu().numpy()[act]
+        ep["offroad"][act] |= metrics["offroad"].cpu().numpy()[act]
+        out = {}
+        if ended.any():
+            progress = metrics["progress"].cpu().numpy()
+            controlled = (st.controlled & st.agent_mask).cpu().numpy()
+            ego = st.ego.cpu().numpy()
+            for b in np.flatnonzero(ended):
+                out[int(b)] = {"return": float(ep["return"][b]), "length": int(ep["length"][b]),
+                               **self.task.episode_stats(ep["collision"][b], ep["offroad"][b],
+                                                         progress[b] - ep["start_progress"][b], controlled[b],
+                                                         int(ego[b]))}
+        return out
 
     def _infos(self, st: SimState, metrics, pairs: np.ndarray, per_agent) -> list[dict]:
         ids = st.scene_ids

@@ -9,6 +9,15 @@ For each observing agent (its own frame: x forward, y left, origin at its box ce
     route   (R, 2)      points every ``route_spacing`` m ahead along the agent's logged path; route_mask (R,)
 Masks are float 0/1. Everything is float32 and finite; masked entries are 0. Features are clamped to the
 finite range of ``observation_space``: [-1000, 1000] (reached only by glitches in logged data).
+
+Two options make the observation ready for generic RL code (``ObsConfig``):
+    normalize   divide every feature by a fixed, documented scale (``SCALES``: lengths by 20 m, velocities by
+                10 m/s, ...) so typical values are O(1); cosines, sines, one-hots and masks are left as they are.
+                The space's bounds are the clamp range divided by the same scales. Fixed scales, not running
+                statistics: the same observation means the same thing in every run and in every process.
+    flat        (ego env) one ``Box (F,)`` vector instead of the ``Dict``: the Dict's entries flattened and
+                concatenated in the Dict's key order, exactly ``gymnasium.spaces.flatten(dict_space, obs)``, so
+                ``gymnasium.spaces.unflatten(dict_observation_space(...), x)`` gives the Dict back.
 """
 
 from __future__ import annotations
@@ -31,6 +40,19 @@ AGENT_FEATURES = ("x", "y", "cos_dheading", "sin_dheading", "vx", "vy", "length"
 
 FEATURE_LIMIT = 1000.0  # every feature lies in [-FEATURE_LIMIT, FEATURE_LIMIT] (observe() clamps)
 
+LENGTH_SCALE = 20.0  # m: positions of agents, map points and route points
+SPEED_SCALE = 10.0  # m/s: speeds and velocities
+# Per-feature divisors of ``ObsConfig(normalize=True)`` (1 where a feature is already O(1)); the last axis of each
+# key. self: speed 10 m/s, acceleration 3 m/s², yaw rate 0.5 rad/s, length 5 m, width 2 m. agents: x, y 20 m,
+# cos/sin 1, vx, vy 10 m/s, length 5 m, width 2 m, type one-hot 1. map and route: 20 m. Masks and map types: 1.
+SCALES: dict[str, tuple[float, ...]] = {
+    "self": (SPEED_SCALE, 3.0, 0.5, 5.0, 2.0),
+    "agents": (LENGTH_SCALE, LENGTH_SCALE, 1.0, 1.0, SPEED_SCALE, SPEED_SCALE, 5.0, 2.0,
+               *(1.0 for _ in AgentType)),
+    "map": (LENGTH_SCALE, LENGTH_SCALE),
+    "route": (LENGTH_SCALE, LENGTH_SCALE),
+}
+
 
 @dataclass(frozen=True)
 class ObsConfig:
@@ -41,34 +63,55 @@ class ObsConfig:
     route_points: int = 10
     route_spacing: float = 2.0
     radius: float = 80.0
+    normalize: bool = False
+    flat: bool = False
 
     def __post_init__(self):
         for name in ("num_agents", "num_map_chunks", "route_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ObsConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("normalize", "flat"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise ValueError(f"ObsConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.route_spacing <= 0 or self.radius <= 0:
             raise ValueError(f"ObsConfig.route_spacing and radius must be > 0, got {self.route_spacing}, "
                              f"{self.radius}.")
 
 
 def observation_space(cfg: ObsConfig, chunk_points: int, prefix: tuple[int, ...] = ()) -> spaces.Dict:
-    """The Dict space of one observer (``prefix=()``) or of ``prefix`` observers stacked in front."""
+    """The Dict space of one observer (``prefix=()``) or of ``prefix`` observers stacked in front (``cfg.flat``
+    is the task's business: ``flat_space`` of this)."""
 
-    def box(*shape, low=None, high=None):
-        low = -FEATURE_LIMIT if low is None else low
-        high = FEATURE_LIMIT if high is None else high
-        return spaces.Box(low, high, shape=(*prefix, *shape), dtype=np.float32)
+    def box(key, *shape):
+        shape = (*prefix, *shape)
+        if key not in SCALES:  # masks and one-hot map types
+            return spaces.Box(0.0, 1.0, shape=shape, dtype=np.float32)
+        bound = FEATURE_LIMIT / (np.asarray(SCALES[key], np.float32) if cfg.normalize else np.float32(1.0))
+        high = np.broadcast_to(bound, shape).astype(np.float32)
+        return spaces.Box(-high, high, dtype=np.float32)
 
     return spaces.Dict({
-        "self": box(len(SELF_FEATURES)),
-        "agents": box(cfg.num_agents, len(AGENT_FEATURES)),
-        "agents_mask": box(cfg.num_agents, low=0.0, high=1.0),
-        "map": box(cfg.num_map_chunks, chunk_points, 2),
-        "map_mask": box(cfg.num_map_chunks, chunk_points, low=0.0, high=1.0),
-        "map_type": box(cfg.num_map_chunks, len(MAP_TYPES), low=0.0, high=1.0),
-        "route": box(cfg.route_points, 2),
-        "route_mask": box(cfg.route_points, low=0.0, high=1.0),
+        "self": box("self", len(SELF_FEATURES)),
+        "agents": box("agents", cfg.num_agents, len(AGENT_FEATURES)),
+        "agents_mask": box("agents_mask", cfg.num_agents),
+        "map": box("map", cfg.num_map_chunks, chunk_points, 2),
+        "map_mask": box("map_mask", cfg.num_map_chunks, chunk_points),
+        "map_type": box("map_type", cfg.num_map_chunks, len(MAP_TYPES)),
+        "route": box("route", cfg.route_points, 2),
+        "route_mask": box("route_mask", cfg.route_points),
     })
+
+
+def flat_space(space: spaces.Dict) -> spaces.Box:
+    """The ``Box (F,)`` of ``ObsConfig(flat=True)``: ``gymnasium.spaces.flatten_space`` of the Dict."""
+    return spaces.flatten_space(space)
+
+
+def flatten(obs: dict[str, torch.Tensor], space: spaces.Dict, batch_dims: int = 1) -> torch.Tensor:
+    """Batched ``gymnasium.spaces.flatten``: the entries of ``obs`` (leading ``batch_dims`` axes, then the
+    space's shapes) concatenated in the space's key order -> ``(*batch, F)``."""
+    parts = [obs[k].reshape(*obs[k].shape[:batch_dims], -1) for k in space.spaces]
+    return torch.cat(parts, dim=-1)
 
 
 def _take(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -143,7 +186,10 @@ def observe(state: SimState, observers: torch.Tensor, cfg: ObsConfig) -> dict[st
 
     out = {"self": self_feat, "agents": agents_out, "agents_mask": agents_mask, "map": map_out,
            "map_mask": map_mask, "map_type": map_type, "route": route, "route_mask": route_mask}
-    return {k: v.clamp(-FEATURE_LIMIT, FEATURE_LIMIT) for k, v in out.items()}
+    out = {k: v.clamp(-FEATURE_LIMIT, FEATURE_LIMIT) for k, v in out.items()}
+    if cfg.normalize:
+        out = {k: v / v.new_tensor(SCALES[k]) if k in SCALES else v for k, v in out.items()}
+    return out
 
 
 # MapBatch map ids -> (weak reference to the chunks tensor the centres were computed from, the centres). Keyed by
@@ -177,6 +223,11 @@ def _route(state: SimState, observers: torch.Tensor, cfg: ObsConfig, my_xy, my_h
     world = routes.gather(2, idx[..., None].expand(*idx.shape, 2))
     local = to_local(world, my_xy, my_h) * ok[..., None]
     return local, ok.float()
+
+
+def take_slot(obs, index):
+    """One slot (or a selection of slots) of a batched observation: a dict of arrays or one flat array."""
+    return {k: v[index] for k, v in obs.items()} if isinstance(obs, dict) else obs[index]
 
 
 def to_numpy(obs: dict[str, torch.Tensor], index=None) -> dict[str, np.ndarray]:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from envs.config import EnvConfig
-from envs.errors import NoEgoError, UnknownNameError
-from envs.observation import observation_space, observe
+from envs.errors import InvalidOptionError, NoEgoError, UnknownNameError
+from envs.observation import flat_space, flatten, observation_space, observe
 from envs.types import AgentType, SimState
 
 
@@ -82,6 +82,15 @@ class Task(ABC):
         """``(B,)`` bool: the episode ends before its last step."""
 
     @abstractmethod
+    def episode_stats(self, collided: np.ndarray, offroad: np.ndarray, progress: np.ndarray, controlled: np.ndarray,
+                      ego: int) -> dict:
+        """The task's part of ``info["episode_stats"]`` at an episode's last step, from one slot's ``(A,)`` per-agent
+        values over the episode: ``collided`` / ``offroad`` (ever), ``progress`` (m along the logged route since
+        the start), ``controlled`` (the caller's agents); ``ego`` is the scene's ego index. Keys ``collision``,
+        ``offroad`` (0/1 for the ego; the fraction of controlled agents for the sim-agents env) and ``progress``
+        (m; the mean over controlled agents)."""
+
+    @abstractmethod
     def info(self, b: int, state: SimState, host: dict, pairs: np.ndarray, per_agent: torch.Tensor) -> dict:
         """The task's part of slot ``b``'s info: ``metrics`` and what the caller's agents collided with. ``host``:
         the info metrics as ``(B, A)`` numpy arrays; ``pairs``: ``(K, 3)`` colliding ``(b, i, j)``."""
@@ -104,7 +113,8 @@ class EgoTask(Task):
         return "ego"
 
     def observation_space(self, cfg, chunk_points, num_agents):
-        return observation_space(cfg.obs, chunk_points)
+        space = observation_space(cfg.obs, chunk_points)
+        return flat_space(space) if cfg.obs.flat else space
 
     def action_shape(self, num_agents, action_dim):
         return (action_dim,)
@@ -118,7 +128,10 @@ class EgoTask(Task):
 
     def observe(self, state, cfg):
         obs = observe(state, state.ego[:, None], cfg.obs)
-        return {k: v[:, 0] for k, v in obs.items()}
+        obs = {k: v[:, 0] for k, v in obs.items()}
+        if cfg.obs.flat:  # the space only fixes the key order; its point count is the map's
+            return flatten(obs, observation_space(cfg.obs, state.maps.chunks.shape[2]))
+        return obs
 
     def reward(self, per_agent, state):
         return per_agent[torch.arange(state.batch_size, device=per_agent.device), state.ego]
@@ -131,6 +144,9 @@ class EgoTask(Task):
         if cfg.terminate_on_offroad:
             term |= metrics["offroad"][b, state.ego]
         return term
+
+    def episode_stats(self, collided, offroad, progress, controlled, ego):
+        return {"collision": float(collided[ego]), "offroad": float(offroad[ego]), "progress": float(progress[ego])}
 
     def info(self, b, state, host, pairs, per_agent):
         e = int(state.ego[b])
@@ -154,6 +170,11 @@ class SimAgentsTask(Task):
     def observation_space(self, cfg, chunk_points, num_agents):
         from gymnasium import spaces
 
+        if cfg.obs.flat:
+            raise InvalidOptionError(
+                "ObsConfig(flat=True) is the ego env's layout (one vector per observation); the sim-agents env "
+                "observes every agent slot, so it keeps the Dict. Flatten each agent's entries yourself "
+                "(gymnasium.spaces.flatten on one slot), or use trafficgym/Ego-v0.")
         space = observation_space(cfg.obs, chunk_points, prefix=(num_agents,))
         space.spaces["controlled"] = spaces.Box(0.0, 1.0, shape=(num_agents,), dtype=np.float32)
         return space
@@ -186,6 +207,11 @@ class SimAgentsTask(Task):
 
     def terminated(self, metrics, state, cfg):
         return torch.zeros(state.batch_size, dtype=torch.bool, device=state.device)
+
+    def episode_stats(self, collided, offroad, progress, controlled, ego):
+        n = max(int(controlled.sum()), 1)
+        return {"collision": float(collided[controlled].sum() / n), "offroad": float(offroad[controlled].sum() / n),
+                "progress": float(progress[controlled].sum() / n)}
 
     def info(self, b, state, host, pairs, per_agent):
         return {"metrics": {k: v[b].copy() for k, v in host.items()},

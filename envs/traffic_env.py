@@ -15,11 +15,38 @@ import numpy as np
 from envs.config import EnvConfig
 from envs.engine import TrafficEngine
 from envs.errors import EnvClosedError, InvalidOptionError, ResetNeededError, SceneIndexError, UnknownNameError
+from envs.observation import take_slot
 
 RESET_OPTIONS = ("scene_id", "scene_index")
 
 
-class _TrafficEnv(gym.Env):
+class HorizonSpec:
+    """``spec.max_episode_steps`` is the env's real horizon: the most steps an episode can last (the longest
+    selected scene's log after ``start_step``). The env truncates itself at the end of each scene's log, so no
+    ``TimeLimit`` is registered or needed; the spec only tells generic code (and ``TimeAwareObservation``)
+    the horizon. Needs ``self.engine``."""
+
+    _spec = None
+
+    @property
+    def spec(self):
+        return self._spec
+
+    @spec.setter
+    def spec(self, value):
+        if value is not None and value.max_episode_steps is None:
+            from dataclasses import replace
+
+            value = replace(value, max_episode_steps=self.max_episode_steps)
+        self._spec = value
+
+    @property
+    def max_episode_steps(self) -> int:
+        """The most steps an episode can last (``spec.max_episode_steps``)."""
+        return int(self.engine.num_steps - 1 - self.config.start_step)
+
+
+class _TrafficEnv(HorizonSpec, gym.Env):
     # "human" is offered where a display exists: the instance's metadata drops it on headless machines, so
     # Gymnasium's env checker (which tries every declared mode) and wrappers see only what can work here.
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 10}
@@ -41,6 +68,7 @@ class _TrafficEnv(gym.Env):
         self.closed = False  # set by close(); a closed env refuses reset() and step() (as Gymnasium's vector envs)
         self.engine = TrafficEngine(self.config, num_slots=1, task=self._mode, single=True)
         self.observation_space = self.engine.observation_space()
+        self.dict_observation_space = self.engine.dict_observation_space()  # before ObsConfig(flat=True)
         self.action_space = self.engine.action_space()
         from render.display import display_available
 
@@ -71,7 +99,7 @@ class _TrafficEnv(gym.Env):
         super().reset(seed=seed)
         position = self._pick_scene(options)
         self.engine.reset_slots(np.array([0]), np.array([position]))
-        obs = {k: v[0] for k, v in self.engine.observe().items()}
+        obs = take_slot(self.engine.observe(), 0)
         return obs, {"scene_id": self.engine.state.scene_ids[0], "t": int(self.engine.state.t[0])}
 
     def step(self, action):
@@ -82,7 +110,7 @@ class _TrafficEnv(gym.Env):
         if self.engine.done[0]:
             raise ResetNeededError("The episode has ended (terminated or truncated); call reset() before step().")
         reward, terminated, truncated, infos = self.engine.step(_add_batch_axis(action))
-        obs = {k: v[0] for k, v in self.engine.observe().items()}
+        obs = take_slot(self.engine.observe(), 0)
         return obs, float(reward[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
 
     def render(self):

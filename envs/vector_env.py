@@ -19,13 +19,14 @@ from gymnasium.vector.utils import batch_space
 from envs.config import EnvConfig
 from envs.engine import TrafficEngine
 from envs.errors import EnvClosedError, InvalidOptionError, ResetNeededError, UnknownNameError
-from envs.traffic_env import check_scene_index, scene_position
+from envs.observation import take_slot
+from envs.traffic_env import HorizonSpec, check_scene_index, scene_position
 
 VECTOR_RESET_OPTIONS = ("scene_index", "scene_id")
 RAGGED_INFOS = ("collision_pairs",)  # per-env info arrays whose shape differs between envs
 
 
-class _TrafficVectorEnv(VectorEnv):
+class _TrafficVectorEnv(HorizonSpec, VectorEnv):
     _mode: str
     # Like SyncVectorEnv: render() returns one frame per sub-env (a tuple). No window mode for the batch.
     metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -50,6 +51,7 @@ class _TrafficVectorEnv(VectorEnv):
         self.render_config = render_config
         self.engine = TrafficEngine(self.config, num_slots=num_envs, task=self._mode)
         self.single_observation_space = self.engine.observation_space()
+        self.dict_observation_space = self.engine.dict_observation_space()  # one env's, before flattening
         self.single_action_space = self.engine.action_space()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -123,7 +125,7 @@ class _TrafficVectorEnv(VectorEnv):
         if self.autoreset_mode == AutoresetMode.SAME_STEP and ended.any():
             final = self.engine.observe()
             for i in np.flatnonzero(ended):
-                infos = self._add_info(infos, {"final_obs": {k: v[i] for k, v in final.items()},
+                infos = self._add_info(infos, {"final_obs": take_slot(final, i),
                                                "final_info": {"scene_id": self.engine.state.scene_ids[i]}}, i)
             self.engine.reset_slots(np.flatnonzero(ended), self._scene_positions(None, int(ended.sum())))
             self._needs_reset[:] = False
@@ -181,20 +183,34 @@ def SB3VecEnv(env: _TrafficVectorEnv):  # noqa: N802 (a factory that reads like 
     """Wrap a trafficgym vector env (``SAME_STEP`` autoreset) as a stable-baselines3 ``VecEnv``.
 
     >>> venv = SB3VecEnv(gym.make_vec("trafficgym/Ego-v0", num_envs=8, vectorization_mode="vector_entry_point",
-    ...                               autoreset_mode="SameStep"))
-    >>> PPO("MultiInputPolicy", venv).learn(10_000)
+    ...                               autoreset_mode="SameStep", obs={"flat": True, "normalize": True}))
+    >>> PPO("MlpPolicy", venv).learn(10_000)
+
+    Episode statistics come built in, as SB3's ``Monitor`` / ``VecMonitor`` write them: the info of an episode's
+    last step holds ``"episode": {"r": return, "l": length, "t": seconds since the adapter was made}`` plus the
+    env's own ``collision``, ``offroad`` (0/1) and ``progress`` (m) of that episode, so SB3 logs
+    ``ep_rew_mean`` / ``ep_len_mean`` without a wrapper, and ``env_is_wrapped(Monitor)`` answers True (which
+    tells ``evaluate_policy`` to trust those returns). ``get_images`` returns one frame per env from a vector env
+    made with ``render_mode="rgb_array"``.
     """
+    import time
+
+    from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import VecEnv
 
     class _Adapter(VecEnv):
         def __init__(self, venv: _TrafficVectorEnv):
             inner = venv.unwrapped
+            if not isinstance(inner, _TrafficVectorEnv):
+                raise InvalidOptionError(f"SB3VecEnv wraps a trafficgym vector env (gym.make_vec(..., vectorization_"
+                                         f"mode='vector_entry_point')), got {venv!r}.")
             if inner.autoreset_mode != AutoresetMode.SAME_STEP:
                 raise ValueError("SB3VecEnv needs a vector env made with autoreset_mode='SameStep' (SB3 resets "
                                  "finished envs inside the same step).")
-            self.venv = inner
+            self.venv, self.wrapped = inner, venv
             super().__init__(inner.num_envs, inner.single_observation_space, inner.single_action_space)
             self._actions = None
+            self._t0 = time.time()
 
         def reset(self):
             obs, _ = self.venv.reset(seed=self._seeds[0] if any(s is not None for s in self._seeds) else None)
@@ -208,10 +224,14 @@ def SB3VecEnv(env: _TrafficVectorEnv):  # noqa: N802 (a factory that reads like 
             obs, reward, terminated, truncated, infos = self.venv.step(self._actions)
             done = terminated | truncated
             out = [{} for _ in range(self.num_envs)]
+            stats = infos.get("episode_stats", {})
             for i in range(self.num_envs):
                 out[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
                 if done[i]:
-                    out[i]["terminal_observation"] = infos["final_obs"][i]
+                    out[i]["terminal_observation"] = take_slot(infos["final_obs"], i)
+                    out[i]["episode"] = {"r": float(stats["return"][i]), "l": int(stats["length"][i]),
+                                         "t": round(time.time() - self._t0, 6),
+                                         **{k: float(stats[k][i]) for k in ("collision", "offroad", "progress")}}
                 if "metrics" in infos and infos.get("_metrics", np.zeros(self.num_envs, bool))[i]:
                     out[i]["metrics"] = {k: v[i] for k, v in infos["metrics"].items() if not k.startswith("_")}
             return obs, reward.astype(np.float32), done, out
@@ -229,9 +249,18 @@ def SB3VecEnv(env: _TrafficVectorEnv):  # noqa: N802 (a factory that reads like 
             return [getattr(self.venv, method_name)(*args, **kwargs)] * len(self._get_indices(indices))
 
         def env_is_wrapped(self, wrapper_class, indices=None):
-            return [False] * len(self._get_indices(indices))
+            """True for ``Monitor`` (the adapter records episodes as it does) and for any Gymnasium vector wrapper
+            class around the wrapped env; else False."""
+            wrapped, env = issubclass(wrapper_class, Monitor), self.wrapped
+            while not wrapped and env is not self.venv and hasattr(env, "env"):
+                wrapped, env = isinstance(env, wrapper_class), env.env
+            return [wrapped] * len(self._get_indices(indices))
 
         def get_images(self):
-            raise NotImplementedError("Rendering arrives with the renderer.")
+            if self.venv.render_mode != "rgb_array":
+                raise InvalidOptionError(
+                    f"get_images needs frames: make the vector env with render_mode='rgb_array' (it has "
+                    f"render_mode={self.venv.render_mode!r}), e.g. gym.make_vec(..., render_mode='rgb_array').")
+            return list(self.venv.render())
 
     return _Adapter(env)
