@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from envs.dynamics import to_normalized
 from envs.errors import ResetNeededError
 
 
@@ -66,7 +67,7 @@ class AgentPolicy:
         arr = phys.cpu().numpy().astype(np.float32)
         arr = np.clip(arr, eng.physical_low, eng.physical_high)
         if eng.cfg.action_scale == "normalized":
-            arr = np.where(arr >= 0, arr / eng.physical_high, -arr / eng.physical_low).astype(np.float32)
+            arr = to_normalized(arr, eng.physical_low, eng.physical_high)
         return arr[0] if eng.single else arr
 
     def __repr__(self) -> str:

@@ -14,7 +14,7 @@ from agents.base import Agent
 from envs.errors import CheckpointError, TrafficGymError, UnknownNameError
 
 AGENTS: dict[str, Callable[..., Agent]] = {}
-_BUILTIN_MODULES = ("agents.baselines", "agents.idm", "agents.smart", "agents.gmm_ego")
+_BUILTIN_MODULES = ("agents.baselines", "agents.idm", "agents.smart", "agents.gmm_ego", "agents.ppo_mlp")
 
 
 def register_agent(name: str):

@@ -160,3 +160,24 @@ def make_dynamics(name: str | Dynamics) -> Dynamics:
     if name not in DYNAMICS:
         raise UnknownNameError("dynamics model", name, DYNAMICS)
     return DYNAMICS[name]()
+
+
+def from_normalized(action, low, high):
+    """``action_scale="normalized"`` -> physical units: [-1, 0, 1] maps piecewise-linearly onto [low, 0, high]
+    (so 0 stays "no acceleration, no steering"). numpy arrays or torch tensors; ``low``/``high`` broadcast."""
+    if isinstance(action, torch.Tensor):
+        low, high = torch.as_tensor(low, dtype=action.dtype), torch.as_tensor(high, dtype=action.dtype)
+        return torch.where(action >= 0, action * high, -action * low)
+    import numpy as np
+
+    return np.where(action >= 0, action * high, -action * low).astype(np.float32)
+
+
+def to_normalized(action, low, high):
+    """The inverse of ``from_normalized`` (physical units -> [-1, 1] for actions within [low, high])."""
+    if isinstance(action, torch.Tensor):
+        low, high = torch.as_tensor(low, dtype=action.dtype), torch.as_tensor(high, dtype=action.dtype)
+        return torch.where(action >= 0, action / high, -action / low)
+    import numpy as np
+
+    return np.where(action >= 0, action / high, -action / low).astype(np.float32)

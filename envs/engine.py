@@ -13,7 +13,7 @@ import torch
 
 from envs import sim
 from envs.config import EnvConfig
-from envs.dynamics import make_dynamics
+from envs.dynamics import from_normalized, make_dynamics
 from envs.errors import InvalidActionError, NoEgoError, ResetNeededError
 from envs.metrics import compute_step_metrics, compute_step_metrics_and_pairs
 from envs.policy import check_policy_action
@@ -233,7 +233,7 @@ class TrafficEngine:
                     f"the env with action_bounds='clip' to clip and flag it as infeasible.")
             arr = np.clip(arr, self.action_low, self.action_high)
         if self.cfg.action_scale == "normalized":  # [-1, 0, 1] -> [low, 0, high], piecewise linear
-            arr = np.where(arr >= 0, arr * self.physical_high, -arr * self.physical_low).astype(np.float32)
+            arr = from_normalized(arr, self.physical_low, self.physical_high)
         return arr, out_of_bounds
 
     def _checked_rows(self, active: np.ndarray) -> np.ndarray:

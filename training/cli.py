@@ -284,6 +284,37 @@ def _train_catk(args: argparse.Namespace) -> int:
 
 
 CATK_DEFAULTS = {"smart": (5e-5, 32), "gmm_ego": (1e-4, 3)}  # (lr, top-k) of CAT-K's two variants
+PPO_POLICIES = ("mlp",)
+
+
+def _train_ppo(args: argparse.Namespace) -> int:
+    from envs.errors import UnknownNameError
+    from envs.observation import ObsConfig
+    from training.sb3_ppo import PpoMlpConfig, train_ppo_mlp
+
+    if args.policy not in PPO_POLICIES:
+        raise UnknownNameError("PPO policy", args.policy, PPO_POLICIES)
+    try:
+        net_arch = tuple(int(w) for w in args.net_arch.split(","))
+    except ValueError as e:
+        raise UnknownNameError("--net-arch (comma-separated layer widths, e.g. 256,256)", args.net_arch,
+                               ["256,256"]) from e
+    cfg = PpoMlpConfig(total_steps=args.steps, num_envs=args.num_envs, n_steps=args.n_steps,
+                       batch_size=args.batch_size, n_epochs=args.epochs, lr=args.lr, gamma=args.gamma,
+                       ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, net_arch=net_arch,
+                       log_std_init=args.log_std_init, traffic=args.traffic,
+                       obs=ObsConfig(flat=True, normalize=True), eval_every=args.eval_every,
+                       eval_scenes=args.eval_scenes, seed=args.seed)
+    data = {"dataset": args.dataset, "data_dir": args.data_dir, "cache_dir": args.cache_dir,
+            "case_length": args.case_length}
+    start = time.time()
+    history = train_ppo_mlp(args.out, cfg, data=data, resume=args.resume, progress=not args.quiet,
+                            split=args.split, val_split=args.val_split)
+    wall = time.time() - start
+    print(json.dumps({"weights": str(Path(args.out) / "model.safetensors"),
+                      "checkpoint": str(Path(args.out) / "last.safetensors"), "steps": history[-1]["step"],
+                      "wall_s": round(wall, 1), "validation": history[-1]}, indent=1))
+    return 0
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None, split_help: str) -> None:
@@ -355,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--seed", type=int, default=0)
     ren.set_defaults(func=_render)
 
-    train = sub.add_parser("train", help="training: the motion vocabulary of the tokenized policies (more to come)")
+    train = sub.add_parser("train", help="training: motion vocabulary, BC, CAT-K, PPO")
     train_sub = train.add_subparsers(dest="train_command", required=True)
     voc = train_sub.add_parser("vocab", help="k-disk motion vocabulary per agent type from the training scenes")
     _add_dataset_args(voc, split_default="train", split_help="split to cluster")
@@ -426,6 +457,36 @@ def build_parser() -> argparse.ArgumentParser:
     catk.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors (a CAT-K run)")
     catk.add_argument("--seed", type=int, default=0)
     catk.set_defaults(func=_train_catk)
+
+    ppo = train_sub.add_parser("ppo", help="PPO in the ego env: an MLP policy by stable-baselines3 (--policy mlp)")
+    ppo.add_argument("--policy", default="mlp", help="the policy to train: mlp (SB3's MlpPolicy on the flat, "
+                                                    "normalised ego observation)")
+    ppo.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
+    ppo.add_argument("--data-dir", default=None, help="dataset files (not needed for towns)")
+    ppo.add_argument("--split", default="train", help="split to train on")
+    ppo.add_argument("--cache-dir", default=None, help="cache root (default $TRAFFICGYM_HOME/cache)")
+    ppo.add_argument("--case-length", type=int, default=None,
+                     help="frames per case for INTERACTION-layout data (default: towns.json, else 40)")
+    ppo.add_argument("--val-split", default="val", help="split of the periodic evaluation")
+    ppo.add_argument("--out", required=True, help="run folder: weights, checkpoint, TensorBoard logs, val.jsonl")
+    ppo.add_argument("--traffic", default="log", help="who drives the other agents: log, idm or smart")
+    ppo.add_argument("--steps", type=int, default=1_000_000, help="env steps in all")
+    ppo.add_argument("--num-envs", type=int, default=16, help="scenes stepped in one batch")
+    ppo.add_argument("--n-steps", type=int, default=256, help="steps per env and rollout")
+    ppo.add_argument("--batch-size", type=int, default=512, help="minibatch of each gradient step")
+    ppo.add_argument("--epochs", type=int, default=5, help="passes over each rollout")
+    ppo.add_argument("--lr", type=float, default=3e-4)
+    ppo.add_argument("--gamma", type=float, default=0.99)
+    ppo.add_argument("--ent-coef", type=float, default=0.0)
+    ppo.add_argument("--max-grad-norm", type=float, default=0.5)
+    ppo.add_argument("--net-arch", default="256,256", help="hidden layer widths of actor and critic")
+    ppo.add_argument("--log-std-init", type=float, default=-2.0, help="initial log std of the action noise")
+    ppo.add_argument("--eval-every", type=int, default=100_000, help="env steps between evaluations on val")
+    ppo.add_argument("--eval-scenes", type=int, default=32, help="val scenes per evaluation (spread over the split)")
+    ppo.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    ppo.add_argument("--quiet", action="store_true", help="no progress bar or per-evaluation lines")
+    ppo.add_argument("--seed", type=int, default=0)
+    ppo.set_defaults(func=_train_ppo)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
