@@ -83,8 +83,7 @@ class IDM(Agent):
                 n = int(route_len[b, a])
                 base = route[b, a, :max(n, 1)]
                 # Only agents this IDM drives need the lane-graph continuation (the rest never move by it).
-                paths[(b, a)] = _resample(lanes.extend(base, self.continuation, float(heading[b, a]))
-                                          if n and driven[b, a] else base)
+                paths[(b, a)] = lanes.path(base, self.continuation, float(heading[b, a]), bool(n and driven[b, a]))
         longest = max([len(p) for p in paths.values()] + [2])
         if full:
             path = np.zeros((b_size, a_size, longest, 2), np.float32)
@@ -129,6 +128,9 @@ class IDM(Agent):
         return Action(torch.from_numpy(pose).to(dev), mask.clone(), remove=torch.from_numpy(gone).to(dev))
 
 
+PATH_CACHE_SIZE = 50_000  # memoised IDM paths per map (a towns map's scenes hold ~10,000 agents per split)
+
+
 class _LaneIndex:
     """Lane centre polylines of one map with a point lookup, for extending paths along the lane graph."""
 
@@ -156,6 +158,16 @@ class _LaneIndex:
         from scipy.spatial import cKDTree
 
         self.tree = cKDTree(self.flat if len(self.flat) else np.zeros((1, 2)))
+        # Per lane, once: segment lengths, total length and the straightest successor (what extend() chains), so
+        # a path continuation costs one point lookup and a walk over lane ids, not geometry per lane and agent.
+        self.seg_length = [np.linalg.norm(np.diff(p, axis=0), axis=1) for p in self.points]
+        self.lane_length = [_length(p) for p in self.points]
+        self.next_lane = {lane: self._straightest(lane, succ) for lane, succ in self.successors.items()}
+        self._paths: dict[tuple, np.ndarray] = {}
+
+    def _straightest(self, lane: int, successors: list[int]) -> int:
+        heading = _end_direction(self.points[lane])
+        return max(successors, key=lambda s: float(_start_direction(self.points[s]) @ heading))
 
     @classmethod
     def of(cls, m: MapData) -> _LaneIndex:
@@ -165,6 +177,18 @@ class _LaneIndex:
                 cls._cache.clear()
             hit = cls._cache[m.map_id] = (weakref.ref(m), cls(m))
         return hit[1]
+
+    def path(self, base: np.ndarray, length: float, heading: float, extend: bool) -> np.ndarray:
+        """The IDM path of an agent whose logged path is ``base``: continued by ``extend`` (if asked) and resampled
+        every ``ROUTE_SPACING`` m. Memoised per map: an RL run resets the same scenes again and again, and the
+        path depends only on these arguments (the result is shared: callers copy it, never write into it)."""
+        key = (base.tobytes(), base.shape, float(length), float(heading) if extend else 0.0, extend)
+        hit = self._paths.get(key)
+        if hit is None:
+            if len(self._paths) >= PATH_CACHE_SIZE:
+                self._paths.clear()
+            hit = self._paths[key] = _resample(self.extend(base, length, heading) if extend else base)
+        return hit
 
     def extend(self, path: np.ndarray, length: float, heading: float) -> np.ndarray:
         """``path`` continued along the lane graph for about ``length`` m past its end (``heading``: the agent's
@@ -189,17 +213,15 @@ class _LaneIndex:
         best = near[int(np.argmax(score))] if np.isfinite(score).any() else None
         if best is None:
             return path
-        lane, off = self.owner[best], self.offset[best]
+        lane, off = int(self.owner[best]), int(self.offset[best])
         extra = [self.points[lane][off + 1:]]
-        total = _length(self.points[lane][off:])
-        heading = _end_direction(self.points[lane])
+        total = float(self.seg_length[lane][off:].sum())
         for _ in range(20):
-            if total >= length or lane not in self.successors:
+            if total >= length or lane not in self.next_lane:
                 break
-            lane = max(self.successors[lane], key=lambda s: float(_start_direction(self.points[s]) @ heading))
+            lane = self.next_lane[lane]  # the successor whose start runs straightest on from this lane's end
             extra.append(self.points[lane][1:])
-            total += _length(self.points[lane])
-            heading = _end_direction(self.points[lane])
+            total += self.lane_length[lane]
         return np.concatenate([path, *[e for e in extra if len(e)]], axis=0)
 
 

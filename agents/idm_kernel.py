@@ -14,6 +14,8 @@ import math
 import numba
 import numpy as np
 
+from envs.parallel import parallel_kernel
+
 _NONE = 1e30  # "nothing found": finite, since idm_step is compiled with fastmath (which assumes no inf / nan)
 
 
@@ -59,7 +61,7 @@ def _window_locate(path, b, a, last, pos_idx, x, y):
     return best_s
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True, parallel=True)
+@parallel_kernel(fastmath=True)  # keeps torch's thread count (a bare parallel njit reset it to all cores)
 def idm_step(path, length, pos, placed, was_live, cur, live, driven, width, half_len_of, v0, dt, spacing,
              params, pose, gone):
     """One IDM step for every scene, in place (scenes in parallel threads).

@@ -39,13 +39,16 @@ def register_fork_safety() -> None:
         _REGISTERED.append(True)
 
 
-def parallel_kernel(fn):
-    """``numba.njit(cache=True, nogil=True, parallel=True)`` of ``fn``, called (from Python only) with as many
-    threads as torch uses now. The compiled dispatcher is ``.kernel``."""
+def parallel_kernel(fn=None, **options):
+    """``numba.njit(cache=True, nogil=True, parallel=True, **options)`` of ``fn``, called (from Python only) with
+    as many threads as torch uses now. The compiled dispatcher is ``.kernel``. Every numba kernel with
+    ``parallel=True`` in the project goes through here (``@parallel_kernel`` or ``@parallel_kernel(fastmath=True)``)."""
+    if fn is None:
+        return lambda f: parallel_kernel(f, **options)
     import numba
     import torch
 
-    kernel = numba.njit(cache=True, nogil=True, parallel=True)(fn)
+    kernel = numba.njit(cache=True, nogil=True, parallel=True, **options)(fn)
 
     @functools.wraps(fn)
     def call(*args):

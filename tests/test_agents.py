@@ -165,6 +165,18 @@ def test_idm_continues_along_successor_lanes_past_the_log():
     assert y > 20
     assert heading == pytest.approx(math.pi / 2, abs=0.05)
 
+    # the continuation chains the straightest successors (precomputed per lane) and is memoised per map
+    from agents.idm import _LaneIndex, _resample
+
+    index = _LaneIndex.of(lanes)
+    assert index.next_lane == {0: 1, 1: 2}
+    base = np.array([[0.0, 0.0], [40.0, 0.0]], np.float32)
+    first = index.path(base, 120.0, 0.0, extend=True)
+    assert index.path(base, 120.0, 0.0, extend=True) is first
+    np.testing.assert_array_equal(first, _resample(index.extend(base, 120.0, 0.0)))
+    assert first[-1, 0] == pytest.approx(60.0) and first[-1, 1] > 100  # up the northbound lane
+    np.testing.assert_array_equal(index.path(base, 120.0, 0.0, extend=False), _resample(base))
+
 
 # ---- planning agents and output checks ---------------------------------------------------------------------
 
@@ -307,3 +319,42 @@ def test_ego_env_brake_test_idm_follower_reacts(tmp_path, traffic, expect_collis
         assert info["driven_by"].tolist() == ["env", "idm"]
     else:
         assert min(speeds) > 11.9
+
+
+def test_idm_leaves_torch_thread_count_as_it_was(tiny_root, tmp_path):
+    # IDM's compiled step is a parallel numba kernel: a bare one reset a 1-thread process to all cores on its
+    # first launch (16-env IDM traffic then ran 4x slower on a busy 2-core machine). Checked in a fresh process
+    # whose first numba launch is IDM's (the map cache is built here, so the child builds no road-edge rasters).
+    import os
+    import subprocess
+    import sys
+
+    import gymnasium as gym
+
+    gym.make("trafficgym/Ego-v0", dataset="interaction_multi", data_dir=str(tiny_root), case_length=91,
+             split="val", cache_dir=str(tmp_path))
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "import numpy as np, gymnasium as gym, envs\n"
+            f"env = gym.make_vec('trafficgym/Ego-v0', 3, 'vector_entry_point', traffic='idm', "
+            f"dataset='interaction_multi', data_dir={str(tiny_root)!r}, case_length=91, split='val', "
+            f"cache_dir={str(tmp_path)!r})\n"
+            "env.reset(seed=0)\n"
+            "for _ in range(3): env.step(np.zeros((3, 2), np.float32))\n"
+            "print(torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user's shell has it
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "NUMBA_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "1"
+
+
+def test_every_parallel_numba_kernel_goes_through_parallel_kernel():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    bare = [f"{p.relative_to(root)}:{n}" for folder in ("envs", "agents", "training", "render")
+            for p in (root / folder).rglob("*.py") if p.name != "parallel.py"
+            for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"njit\(.*parallel\s*=\s*True", line)]
+    assert bare == [], f"use envs.parallel.parallel_kernel for these kernels: {bare}"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from envs.parallel import parallel_kernel
 from envs.types import PolylineType, TrafficLightState
 
 
@@ -98,7 +99,7 @@ def _along(px, py, seg):
     return ((px - seg[0]) * ex + (py - seg[1]) * ey) / n2 if n2 > 0 else 0.0
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel
 def _violations(xy, valid, seg, seg_lane, signal_lane, stop_seg, stop_point, red):
     n_b, n_a, n_t = valid.shape
     n_k = signal_lane.shape[0]
