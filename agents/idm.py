@@ -37,7 +37,7 @@ from agents.base import Agent
 from agents.idm_kernel import full_search, idm_step
 from agents.registry import register_agent
 from envs.dynamics import StatePose
-from envs.geometry import resample_polyline
+from envs.geometry import resample_polyline, resample_polylines
 from envs.types import ROUTE_SPACING, Action, MapData, PolylineType, SimState
 
 
@@ -79,11 +79,11 @@ class IDM(Agent):
         paths: dict[tuple[int, int], np.ndarray] = {}
         for b in rows:
             lanes = _LaneIndex.of(state.maps.sources[int(state.map_idx[b])])
-            for a in range(a_size):
-                n = int(route_len[b, a])
-                base = route[b, a, :max(n, 1)]
-                # Only agents this IDM drives need the lane-graph continuation (the rest never move by it).
-                paths[(b, a)] = lanes.path(base, self.continuation, float(heading[b, a]), bool(n and driven[b, a]))
+            bases = [route[b, a, :max(int(route_len[b, a]), 1)] for a in range(a_size)]
+            # Only agents this IDM drives need the lane-graph continuation (the rest never move by it).
+            wanted = [bool(route_len[b, a] and driven[b, a]) for a in range(a_size)]
+            for a, p in enumerate(lanes.paths(bases, self.continuation, heading[b], wanted)):
+                paths[(b, a)] = p
         longest = max([len(p) for p in paths.values()] + [2])
         if full:
             path = np.zeros((b_size, a_size, longest, 2), np.float32)
@@ -129,6 +129,7 @@ class IDM(Agent):
 
 
 PATH_CACHE_SIZE = 50_000  # memoised IDM paths per map (a towns map's scenes hold ~10,000 agents per split)
+NEAR_POINTS = 64  # lane points looked up per path end by extend_many (more within 3 m: extend's exact lookup)
 
 
 class _LaneIndex:
@@ -178,17 +179,73 @@ class _LaneIndex:
             hit = cls._cache[m.map_id] = (weakref.ref(m), cls(m))
         return hit[1]
 
-    def path(self, base: np.ndarray, length: float, heading: float, extend: bool) -> np.ndarray:
-        """The IDM path of an agent whose logged path is ``base``: continued by ``extend`` (if asked) and resampled
-        every ``ROUTE_SPACING`` m. Memoised per map: an RL run resets the same scenes again and again, and the
-        path depends only on these arguments (the result is shared: callers copy it, never write into it)."""
-        key = (base.tobytes(), base.shape, float(length), float(heading) if extend else 0.0, extend)
-        hit = self._paths.get(key)
-        if hit is None:
-            if len(self._paths) >= PATH_CACHE_SIZE:
-                self._paths.clear()
-            hit = self._paths[key] = _resample(self.extend(base, length, heading) if extend else base)
-        return hit
+    def paths(self, bases: list[np.ndarray], length: float, headings: np.ndarray, extend: list[bool]) -> list:
+        """The IDM paths of agents whose logged paths are ``bases``: continued along the lane graph where
+        ``extend`` says (``extend_many``) and resampled every ``ROUTE_SPACING`` m. Memoised per map: an RL run
+        resets the same scenes again and again, and a path depends only on these arguments (results are shared:
+        callers copy them, never write into them)."""
+        keys = [(base.tobytes(), base.shape, float(length), float(h) if ext else 0.0, ext)
+                for base, h, ext in zip(bases, headings, extend, strict=True)]
+        missing = [k for k, key in enumerate(keys) if key not in self._paths]
+        if len(self._paths) + len(missing) > PATH_CACHE_SIZE:
+            self._paths.clear()
+            missing = list(range(len(keys)))
+        grow = [k for k in missing if extend[k]]
+        longer = dict(zip(grow, self.extend_many([bases[k] for k in grow], length, [headings[k] for k in grow]),
+                          strict=True))
+        for k, path in zip(missing, _resample_many([longer.get(k, bases[k]) for k in missing]), strict=True):
+            self._paths[keys[k]] = path
+        return [self._paths[key] for key in keys]
+
+    def extend_many(self, paths: list[np.ndarray], length: float, headings) -> list[np.ndarray]:
+        """``extend`` for many paths at once: the lane-point lookup and alignment scores run batched (the nearest
+        ``NEAR_POINTS`` points within 3 m of each end; a path with more points that close takes ``extend``'s own
+        lookup, so the result is always ``extend``'s)."""
+        if not paths:
+            return []
+        if len(self.flat) == 0 or length <= 0:
+            return list(paths)
+        ends = np.stack([p[-1] for p in paths])
+        step = ends - np.stack([p[-2] if len(p) >= 2 else p[-1] for p in paths])  # in the paths' dtype, as extend
+        norm = np.linalg.norm(step, axis=1)
+        h = np.asarray(headings, np.float64)
+        still = norm < 1e-6
+        direction = (step / np.maximum(norm, 1e-9)[:, None]).astype(np.float64)
+        direction[still] = np.stack([np.cos(h[still]), np.sin(h[still])], -1)
+        k = min(NEAR_POINTS, len(self.flat))
+        _, near = self.tree.query(ends, k=k, distance_upper_bound=3.0)
+        near = near.reshape(len(paths), k)
+        found = near < len(self.flat)
+        safe = np.where(found, near, 0)
+        lane = self.owner[safe]
+        ahead = self.flat[np.minimum(safe + 1, self.lane_end[lane])]
+        seg = ahead - self.flat[np.maximum(safe - 1, self.lane_start[lane])]
+        align = (seg * direction[:, None]).sum(-1) / np.maximum(np.linalg.norm(seg, axis=-1), 1e-9)
+        gap = np.linalg.norm(self.flat[safe] - ends[:, None], axis=-1)
+        score = np.where(found & (align > 0.7), align - 0.3 * gap, -np.inf)
+        best = safe[np.arange(len(paths)), np.argmax(score, axis=1)]
+        out = []
+        for i, path in enumerate(paths):
+            if found[i].all():  # more lane points within 3 m than were looked up: the exact lookup
+                out.append(self.extend(path, length, float(h[i])))
+            elif not np.isfinite(score[i]).any():
+                out.append(path)
+            else:
+                out.append(self._continue(path, int(best[i]), length))
+        return out
+
+    def _continue(self, path: np.ndarray, best: int, length: float) -> np.ndarray:
+        """``path`` continued from lane point ``best`` along the straightest successors for ``length`` m."""
+        lane, off = int(self.owner[best]), int(self.offset[best])
+        extra = [self.points[lane][off + 1:]]
+        total = float(self.seg_length[lane][off:].sum())
+        for _ in range(20):
+            if total >= length or lane not in self.next_lane:
+                break
+            lane = self.next_lane[lane]  # the successor whose start runs straightest on from this lane's end
+            extra.append(self.points[lane][1:])
+            total += self.lane_length[lane]
+        return np.concatenate([path, *[e for e in extra if len(e)]], axis=0)
 
     def extend(self, path: np.ndarray, length: float, heading: float) -> np.ndarray:
         """``path`` continued along the lane graph for about ``length`` m past its end (``heading``: the agent's
@@ -213,16 +270,7 @@ class _LaneIndex:
         best = near[int(np.argmax(score))] if np.isfinite(score).any() else None
         if best is None:
             return path
-        lane, off = int(self.owner[best]), int(self.offset[best])
-        extra = [self.points[lane][off + 1:]]
-        total = float(self.seg_length[lane][off:].sum())
-        for _ in range(20):
-            if total >= length or lane not in self.next_lane:
-                break
-            lane = self.next_lane[lane]  # the successor whose start runs straightest on from this lane's end
-            extra.append(self.points[lane][1:])
-            total += self.lane_length[lane]
-        return np.concatenate([path, *[e for e in extra if len(e)]], axis=0)
+        return self._continue(path, int(best), length)
 
 
 def _last_logged_heading(state: SimState) -> np.ndarray:
@@ -245,6 +293,12 @@ def _start_direction(p: np.ndarray) -> np.ndarray:
 def _end_direction(p: np.ndarray) -> np.ndarray:
     d = p[-1] - p[max(len(p) - 2, 0)]
     return d / max(np.linalg.norm(d), 1e-9)
+
+
+def _resample_many(paths: list[np.ndarray], spacing: float = ROUTE_SPACING) -> list[np.ndarray]:
+    """``_resample`` of many paths in one batched pass (``geometry.resample_polylines``)."""
+    out = resample_polylines([p.astype(np.float64) for p in paths], spacing)
+    return [r.astype(np.float32) if len(r) else np.zeros((1, 2), np.float32) for r in out]
 
 
 def _resample(path: np.ndarray, spacing: float = ROUTE_SPACING) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 core: agent-steps per second of the batched core when every agent is driven by a policy (64 scenes x up to
 64 agents), compared with log replay;
-env: env-steps per second of the 64-scene ``trafficgym/Ego-v0`` vector env with log-replay vs IDM traffic
-(observations, metrics, rewards and autoresets included) — what reactive traffic costs an RL user.
+env: what reactive traffic costs an RL user, at 16 and 64 scenes of the ``trafficgym/Ego-v0`` vector env with
+log-replay vs IDM traffic: env-steps per second (observations, metrics, rewards and autoresets included) and the
+time of a reset of every env, on scenes not seen before (``cold``) and on the same scenes again (``warm``, as
+an RL run revisits its training scenes; IDM memoises its paths).
 
     python benchmarks/traffic_throughput.py [--dataset towns --split val --batch 64 --steps 80]
 """
@@ -39,10 +41,25 @@ def throughput(ds, agent_name: str, batch: int, steps: int) -> dict:
             "agent_reset_s": round(reset_s, 3)}
 
 
-def env_throughput(traffic: str, kwargs: dict, num_envs: int = 64, steps: int = 100) -> int:
+def env_costs(traffic: str, kwargs: dict, num_envs: int, steps: int = 100, resets: int = 5) -> dict:
+    import gymnasium as gym
     from sim_throughput import vector_throughput  # the sibling benchmark script (benchmarks/ is on sys.path)
 
-    return vector_throughput({**kwargs, "traffic": traffic}, num_envs, steps)["env_steps_per_s"]
+    import envs  # noqa: F401
+
+    rate = vector_throughput({**kwargs, "traffic": traffic}, num_envs, steps)["env_steps_per_s"]
+    venv = gym.make_vec("trafficgym/Ego-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
+                        traffic=traffic, **kwargs)
+    total = len(venv.unwrapped.engine.scene_indices)
+    batches = [[(k * num_envs + i) % total for i in range(num_envs)] for k in range(resets)]
+    venv.reset(seed=0, options={"scene_index": [(resets * num_envs + i) % total for i in range(num_envs)]})
+    times = {}
+    for kind in ("cold", "warm"):  # the same scene batches twice: first visits, then revisits
+        start = time.perf_counter()
+        for batch in batches:
+            venv.reset(options={"scene_index": batch})
+        times[kind] = 1e3 * (time.perf_counter() - start) / resets
+    return {"env_steps_per_s": rate, "reset_ms_cold": round(times["cold"], 1), "reset_ms_warm": round(times["warm"], 1)}
 
 
 def main() -> None:
@@ -56,7 +73,8 @@ def main() -> None:
 
     ds = open_dataset(args.dataset, args.split, data_dir=args.data_dir)
     throughput(ds, args.agents[0], 4, 5)  # warm-up (imports, lazy caches)
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+                         f"({torch.get_num_threads()} threads)",
               "dataset": f"{args.dataset}/{args.split}", "batch": args.batch}
     for name in args.agents:
         result[name] = throughput(ds, name, args.batch, args.steps)
@@ -65,8 +83,14 @@ def main() -> None:
         for name in args.agents:
             result[name]["relative_to_log_replay"] = round(result[name]["agent_steps_per_s"] / base, 3)
     kwargs = {"dataset": args.dataset, "split": args.split, "data_dir": args.data_dir}
-    env = {name: env_throughput(name, kwargs) for name in ("log", "idm")}
-    result["env_steps_per_s"] = {**env, "idm_relative_to_log": round(env["idm"] / env["log"], 3)}
+    result["env"] = {}
+    for n in (16, 64):
+        env = {name: env_costs(name, kwargs, n) for name in ("log", "idm")}
+        env["idm_cost_relative_to_log"] = {
+            "step": round(env["log"]["env_steps_per_s"] / env["idm"]["env_steps_per_s"], 2),
+            **{f"reset_{k}": round(env["idm"][f"reset_ms_{k}"] / env["log"][f"reset_ms_{k}"], 2)
+               for k in ("cold", "warm")}}
+        result["env"][f"{n}_envs"] = env
     print(json.dumps(result, indent=1))
 
 

@@ -167,15 +167,24 @@ def test_idm_continues_along_successor_lanes_past_the_log():
 
     # the continuation chains the straightest successors (precomputed per lane) and is memoised per map
     from agents.idm import _LaneIndex, _resample
+    from envs.types import ROUTE_SPACING
 
     index = _LaneIndex.of(lanes)
     assert index.next_lane == {0: 1, 1: 2}
     base = np.array([[0.0, 0.0], [40.0, 0.0]], np.float32)
-    first = index.path(base, 120.0, 0.0, extend=True)
-    assert index.path(base, 120.0, 0.0, extend=True) is first
-    np.testing.assert_array_equal(first, _resample(index.extend(base, 120.0, 0.0)))
+    standing = np.array([[60.0, 12.0]], np.float32)  # one point: the heading (north) gives the direction
+    away = np.array([[200.0, 200.0], [201.0, 200.0]], np.float32)  # no lane within 3 m: left as it is
+    first, still, lost, plain = index.paths([base, standing, away, base], 120.0, np.array([0.0, math.pi / 2, 0, 0]),
+                                            [True, True, True, False])
+    again = index.paths([base], 120.0, np.array([0.0]), [True])[0]
+    assert again is first
+    # the batched resampling rounds differently from np.interp in the last digit only
+    np.testing.assert_allclose(first, _resample(index.extend(base, 120.0, 0.0)), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(still, _resample(index.extend(standing, 120.0, math.pi / 2)), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(lost, _resample(away), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(plain, _resample(base), rtol=0, atol=1e-5)
     assert first[-1, 0] == pytest.approx(60.0) and first[-1, 1] > 100  # up the northbound lane
-    np.testing.assert_array_equal(index.path(base, 120.0, 0.0, extend=False), _resample(base))
+    assert still[-1].tolist() == pytest.approx([60.0, 200.0], abs=ROUTE_SPACING)
 
 
 # ---- planning agents and output checks ---------------------------------------------------------------------

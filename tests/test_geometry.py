@@ -225,3 +225,17 @@ def test_split_polyline_exact_and_bad_size():
     assert [p.tolist() for p in split_polyline(np.arange(1), 3)] == [[0]]
     with pytest.raises(ValueError, match="points_per_piece must be >= 2"):
         split_polyline(np.arange(4), 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=6), st.integers(0, 10_000),
+       st.sampled_from([0.5, 1.0, 2.0]))
+def test_batched_resampling_matches_one_at_a_time(sizes, seed, spacing):
+    from envs.geometry import resample_polyline, resample_polylines
+
+    rng = np.random.default_rng(seed)
+    lines = [np.cumsum(rng.normal(size=(n, 2)) * 3, axis=0) for n in sizes]
+    for line, batched in zip(lines, resample_polylines(lines, spacing), strict=True):
+        single = resample_polyline(line, spacing)
+        assert batched.shape == single.shape
+        np.testing.assert_allclose(batched, single, rtol=0, atol=1e-9)
