@@ -27,13 +27,19 @@ from agents.registry import register_agent
 from envs.errors import CheckpointError, InvalidOptionError
 from envs.observation import ObsConfig
 
+OBS_EPS = 1e-8  # VecNormalize's epsilon
 PRETRAINED = {"towns-ppo-mlp": Path(__file__).parent / "weights" / "ppo_mlp_towns.safetensors"}
 
 
 class MlpActor(nn.Module):
-    """SB3 ``MlpPolicy``'s actor: ``(N, obs_dim)`` -> action means ``(N, action_dim)``; ``log_std (action_dim,)``."""
+    """SB3 ``MlpPolicy``'s actor: ``(N, obs_dim)`` -> action means ``(N, action_dim)``; ``log_std (action_dim,)``.
 
-    def __init__(self, obs_dim: int, action_dim: int, net_arch: tuple[int, ...] = (256, 256)):
+    ``standardize``: the policy was trained behind SB3's ``VecNormalize``; observations are standardised with its
+    running statistics (buffers ``obs_mean`` / ``obs_var``) and clipped to ``±obs_clip`` first, as it does.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, net_arch: tuple[int, ...] = (256, 256),
+                 standardize: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         width = obs_dim
@@ -44,21 +50,39 @@ class MlpActor(nn.Module):
         self.mlp_extractor.policy_net = nn.Sequential(*layers)
         self.action_net = nn.Linear(width, action_dim)
         self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_var", torch.ones(obs_dim))
         self.obs_dim, self.action_dim, self.net_arch = obs_dim, action_dim, tuple(net_arch)
+        self.obs_clip, self.standardize = 10.0, bool(standardize)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.standardize:  # as VecNormalize.normalize_obs
+            obs = ((obs - self.obs_mean) / torch.sqrt(self.obs_var + OBS_EPS)).clamp(-self.obs_clip, self.obs_clip)
         return self.action_net(self.mlp_extractor.policy_net(obs))
 
+    def upgrade_state_dict(self, tensors: dict) -> dict:
+        """Checkpoints without normalisation statistics load as unnormalised."""
+        tensors = dict(tensors)
+        tensors.setdefault("obs_mean", torch.zeros(self.obs_dim))
+        tensors.setdefault("obs_var", torch.ones(self.obs_dim))
+        return tensors
 
-def actor_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``MlpActor`` tensors of an SB3 ``ActorCriticPolicy`` state dict (the critic is left out)."""
+
+def actor_tensors(state_dict: dict[str, torch.Tensor], obs_rms=None) -> dict[str, torch.Tensor]:
+    """The ``MlpActor`` tensors of an SB3 ``ActorCriticPolicy`` state dict (the critic is left out), with the
+    observation statistics of a ``VecNormalize`` (``obs_rms``: its ``RunningMeanStd``) if it was trained behind one."""
     keep = ("mlp_extractor.policy_net.", "action_net.", "log_std")
-    return {k: v for k, v in state_dict.items() if k.startswith(keep)}
+    out = {k: v for k, v in state_dict.items() if k.startswith(keep)}
+    if obs_rms is not None:
+        out["obs_mean"] = torch.as_tensor(obs_rms.mean, dtype=torch.float32)
+        out["obs_var"] = torch.as_tensor(obs_rms.var, dtype=torch.float32)
+    return out
 
 
 def checkpoint_config(actor: MlpActor, obs: ObsConfig, dynamics: str = "bicycle",
                       action_scale: str = "normalized") -> dict:
     return {"obs_dim": actor.obs_dim, "action_dim": actor.action_dim, "net_arch": list(actor.net_arch),
+            "standardize": actor.standardize,
             "obs": asdict(obs), "dynamics": dynamics, "action_scale": action_scale}
 
 
@@ -95,7 +119,8 @@ class PpoMlpAgent(ObservationPolicyAgent):
         try:
             known = {f.name for f in fields(ObsConfig)}
             obs = ObsConfig(**{k: v for k, v in cfg["obs"].items() if k in known})
-            actor = MlpActor(int(cfg["obs_dim"]), int(cfg["action_dim"]), tuple(cfg["net_arch"]))
+            actor = MlpActor(int(cfg["obs_dim"]), int(cfg["action_dim"]), tuple(cfg["net_arch"]),
+                             bool(cfg.get("standardize", False)))
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a ppo_mlp configuration ({e}).") from e
         load_state_dict_strict(actor, tensors, path)

@@ -96,6 +96,27 @@ def test_ppo_mlp_weights_reproduce_sb3s_policy(tiny_env_kwargs, tmp_path):
     assert agent.actor.log_std.detach().numpy() == pytest.approx(model.policy.log_std.detach().numpy())
 
 
+def test_ppo_mlp_weights_carry_vecnormalize_statistics(tiny_env_kwargs, tmp_path):
+    from stable_baselines3 import PPO
+
+    from training.sb3_ppo import PpoMlpConfig, make_env, save_run, wrap_env
+
+    cfg = PpoMlpConfig(net_arch=(16,), num_envs=2, n_steps=16, batch_size=32)
+    data = {k: tiny_env_kwargs[k] for k in ("dataset", "data_dir", "case_length", "cache_dir")}
+    venv = wrap_env(cfg, make_env(cfg, 2, data, "val"))
+    model = PPO("MlpPolicy", venv, n_steps=16, batch_size=32, n_epochs=1, seed=0, device="cpu",
+                policy_kwargs={"net_arch": [16]})
+    model.learn(64)  # moves the running statistics off (0, 1)
+    assert venv.obs_rms.var.max() != 1.0
+    save_run(model, cfg, tmp_path, sb3_zip=False)
+    agent = make_agent("ppo_mlp", checkpoint=tmp_path / "model.safetensors")
+    assert agent.actor.standardize
+    venv.training = False
+    obs = np.random.default_rng(1).normal(size=(4, model.observation_space.shape[0])).astype(np.float32)
+    expected, _ = model.predict(venv.normalize_obs(obs), deterministic=True)
+    np.testing.assert_allclose(np.clip(agent.predict(obs), -1, 1), expected, rtol=0, atol=1e-5)
+
+
 def test_ppo_mlp_bad_input(tiny_env_kwargs, tmp_path):
     from training.sb3_ppo import PpoMlpConfig, check_finite, check_observation_dim, save_run
 

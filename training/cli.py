@@ -303,6 +303,8 @@ def _train_ppo(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, n_epochs=args.epochs, lr=args.lr, gamma=args.gamma,
                        ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, net_arch=net_arch,
                        log_std_init=args.log_std_init, traffic=args.traffic,
+                       normalize_obs=not args.no_normalize_obs, collision_penalty=args.collision_penalty,
+                       offroad_penalty=args.offroad_penalty,
                        obs=ObsConfig(flat=True, normalize=True), eval_every=args.eval_every,
                        eval_scenes=args.eval_scenes, seed=args.seed)
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "cache_dir": args.cache_dir,
@@ -481,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--max-grad-norm", type=float, default=0.5)
     ppo.add_argument("--net-arch", default="256,256", help="hidden layer widths of actor and critic")
     ppo.add_argument("--log-std-init", type=float, default=-2.0, help="initial log std of the action noise")
+    ppo.add_argument("--no-normalize-obs", action="store_true",
+                     help="train on the env's fixed-scale observations without SB3's VecNormalize")
+    ppo.add_argument("--collision-penalty", type=float, default=-5.0,
+                     help="training reward per step in collision (the env's default -5; evaluation always uses it)")
+    ppo.add_argument("--offroad-penalty", type=float, default=-5.0,
+                     help="training reward per step off the road (the env's default -5)")
     ppo.add_argument("--eval-every", type=int, default=100_000, help="env steps between evaluations on val")
     ppo.add_argument("--eval-scenes", type=int, default=32, help="val scenes per evaluation (spread over the split)")
     ppo.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from envs.errors import CheckpointError, InvalidOptionError, TrafficGymError
@@ -56,6 +57,9 @@ class PpoMlpConfig:
     max_grad_norm: float = 0.5
     net_arch: tuple[int, ...] = (256, 256)
     log_std_init: float = -2.0
+    normalize_obs: bool = True  # SB3's VecNormalize (running mean / std of each feature, clipped to ±10)
+    collision_penalty: float = -5.0  # the training reward's collision and off-road weights (the env's: -5)
+    offroad_penalty: float = -5.0
     traffic: str = "log"
     obs: ObsConfig = field(default_factory=lambda: ObsConfig(flat=True, normalize=True))
     eval_every: int = 100_000
@@ -99,13 +103,28 @@ def _traffic(name: str):
 
 
 def make_env(cfg: PpoMlpConfig, num_envs: int, data: dict, split: str, same_step: bool = True):
+    """The training env: the ego env with the run's observation settings and training reward."""
     import gymnasium as gym
 
     import envs  # noqa: F401
+    from envs.rewards import RewardConfig
 
+    reward = RewardConfig(collision=cfg.collision_penalty, offroad=cfg.offroad_penalty)
     return gym.make_vec("trafficgym/Ego-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
                         autoreset_mode="SameStep" if same_step else "NextStep", split=split,
-                        traffic=_traffic(cfg.traffic), obs=cfg.obs, **data)
+                        traffic=_traffic(cfg.traffic), obs=cfg.obs, reward=reward, **data)
+
+
+def wrap_env(cfg: PpoMlpConfig, venv):
+    """``SB3VecEnv`` of the vector env, behind ``VecNormalize`` (observations only) if the run normalises."""
+    from envs.vector_env import SB3VecEnv
+
+    sb3 = SB3VecEnv(venv)
+    if not cfg.normalize_obs:
+        return sb3
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    return VecNormalize(sb3, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=cfg.gamma)
 
 
 def build_model(cfg: PpoMlpConfig, venv, out: Path):
@@ -127,11 +146,15 @@ def save_run(model, cfg: PpoMlpConfig, out: Path, sb3_zip: bool = True) -> Path:
 
     policy = model.policy
     obs_dim, action_dim = int(policy.observation_space.shape[0]), int(policy.action_space.shape[0])
-    actor = MlpActor(obs_dim, action_dim, cfg.net_arch)
+    rms = _obs_rms(model)
+    actor = MlpActor(obs_dim, action_dim, cfg.net_arch, standardize=rms is not None)
     agent_cfg = checkpoint_config(actor, cfg.obs)
-    save_checkpoint(out / WEIGHTS, "ppo_mlp", agent_cfg, actor_tensors(policy.state_dict()),
+    save_checkpoint(out / WEIGHTS, "ppo_mlp", agent_cfg, actor_tensors(policy.state_dict(), rms),
                     extra={"num_timesteps": int(model.num_timesteps), "ppo": cfg.to_json()})
     tensors = dict(policy.state_dict())
+    if rms is not None:
+        tensors.update({"obs_rms.mean": torch.as_tensor(rms.mean), "obs_rms.var": torch.as_tensor(rms.var),
+                        "obs_rms.count": torch.as_tensor(float(rms.count), dtype=torch.float64)})
     opt = policy.optimizer.state_dict()
     for i, st in opt["state"].items():
         for k, v in st.items():
@@ -158,7 +181,15 @@ def load_run(model, out: Path) -> tuple[int, PpoMlpConfig]:
         raise CheckpointError(f"{path} holds ppo_mlp weights without a training state; resume from a run folder "
                               "made by `trafficgym train ppo --policy mlp`.")
     check_observation_dim(int(cfg["obs_dim"]), model.observation_space, path)
-    load_state_dict_strict(model.policy, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, path)
+    rms = _obs_rms(model)
+    if (rms is None) != ("obs_rms.mean" not in tensors):
+        raise InvalidOptionError(f"{path} was trained {'without' if rms is not None else 'with'} observation "
+                                 "normalisation; resume with the run's own settings.")
+    if rms is not None:
+        rms.mean, rms.var = tensors["obs_rms.mean"].double().numpy(), tensors["obs_rms.var"].double().numpy()
+        rms.count = float(tensors["obs_rms.count"])
+    load_state_dict_strict(model.policy, {k: v for k, v in tensors.items()
+                                          if not k.startswith(("optim.", "obs_rms."))}, path)
     state: dict = {"state": {}, "param_groups": extra["param_groups"]}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -167,6 +198,14 @@ def load_run(model, out: Path) -> tuple[int, PpoMlpConfig]:
     model.policy.optimizer.load_state_dict(state)
     model.num_timesteps = int(extra["num_timesteps"])
     return model.num_timesteps, PpoMlpConfig.from_json(extra["ppo"])
+
+
+def _obs_rms(model):
+    """The ``RunningMeanStd`` of the ``VecNormalize`` around the model's env, or None."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    env = model.get_env()
+    return env.obs_rms if isinstance(env, VecNormalize) else None
 
 
 def check_observation_dim(saved: int, space, path) -> None:
@@ -199,14 +238,13 @@ def train_ppo_mlp(out: str | Path, cfg: PpoMlpConfig, data: dict | None = None, 
     """Train (or continue) a PPO MLP ego policy; returns the validation history (one dict per evaluation)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from envs.vector_env import SB3VecEnv
     from training.ego_episodes import ego_episodes, summarize
 
     data = data or {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    venv = SB3VecEnv(make_env(cfg, cfg.num_envs, data, split))
+    venv = wrap_env(cfg, make_env(cfg, cfg.num_envs, data, split))
     model = build_model(cfg, venv, out)
     done_steps = 0
     if resume:
@@ -220,7 +258,11 @@ def train_ppo_mlp(out: str | Path, cfg: PpoMlpConfig, data: dict | None = None, 
     start = time.time()
 
     def validate(step: int) -> dict:
-        def act(obs):
+        rms = _obs_rms(model)
+
+        def act(obs):  # the policy as the saved agent runs it: the env's own reward, normalised inputs
+            if rms is not None:
+                obs = np.clip((obs - rms.mean) / np.sqrt(rms.var + 1e-8), -10.0, 10.0).astype(np.float32)
             return model.predict(obs, deterministic=True)[0]
 
         stats = summarize(ego_episodes(act, scenes=cfg.eval_scenes, seed=cfg.seed, split=val_split,
