@@ -52,12 +52,12 @@ class AgentPolicy:
             raise ResetNeededError("Reset the env before asking AgentPolicy for an action.")
         mask = st.controlled & st.agent_mask
         starting = st.t == eng.cfg.start_step
-        if not self._started:
-            self.agent.reset(st, mask, seed=self.seed)
-            self._started = True
-        elif bool(starting.any()):
-            self.agent.reset(st, mask, slots=starting.nonzero().squeeze(-1))
-        with torch.inference_mode():
+        with torch.inference_mode():  # resets too: the agent's per-episode tensors are made under it
+            if not self._started:
+                self.agent.reset(st, mask, seed=self.seed)
+                self._started = True
+            elif bool(starting.any()):
+                self.agent.reset(st, mask, slots=starting.nonzero().squeeze(-1))
             action = self.agent(st, mask)
             nxt = self.agent.dynamics.forward(st.current, action.data.to(st.current.dtype), float(st.dt))
             phys = eng.dynamics.inverse(st.current, nxt, float(st.dt))  # (B, A, D) in the env's dynamics

@@ -71,3 +71,19 @@ def test_errors_name_the_problem(tiny_env_kwargs):
         AgentPolicy(gym.make("CartPole-v1"), "log_replay")
     env.reset(seed=0)
     assert env.action_space.contains(policy(None))  # the single env's shape, dtype and (normalised) bounds
+
+
+def test_a_learned_agent_restarts_one_slot_of_a_vector_env(tiny_env_kwargs):
+    # a slot whose episode ended early restarts while the others drive on: the agent's per-episode tensors (made
+    # under inference mode while acting) are reset in place, which must also run under inference mode
+    import numpy as np
+
+    venv = gym.make_vec("trafficgym/Ego-v0", num_envs=2, vectorization_mode="vector_entry_point", **tiny_env_kwargs)
+    policy = AgentPolicy(venv, make_agent("smart", checkpoint="towns-nano"))
+    venv.reset(seed=0)
+    for _ in range(3):
+        venv.step(policy(None))
+    engine = venv.unwrapped.engine
+    engine.reset_slots(np.array([1]), np.array([0]))  # as an autoreset of env 1 alone
+    action = policy(None)
+    assert action.shape == (2, 2) and np.isfinite(action).all()

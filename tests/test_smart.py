@@ -464,8 +464,9 @@ def test_smart_agent_is_reactive_traffic_in_the_vector_ego_env_across_autoresets
     assert bool((moved > 1e-3).any())  # the learned traffic drives its own way, not the log's
 
 
-def test_bundled_towns_weights_load_and_beat_constant_velocity_on_val_scenes():
-    # the shipped checkpoint (README: "Training") is a nano model with the towns vocabulary, and it drives: on
+@pytest.mark.parametrize("name", ["towns-nano", "towns-nano-3k"])
+def test_bundled_towns_weights_load_and_beat_constant_velocity_on_val_scenes(name):
+    # each shipped checkpoint (README: "Training") is a nano model with the towns vocabulary, and it drives: on
     # towns val scenes its rollouts stay closer to the log than constant velocity's
     from agents.registry import make_agent
     from agents.smart import PRETRAINED
@@ -473,8 +474,8 @@ def test_bundled_towns_weights_load_and_beat_constant_velocity_on_val_scenes():
     from envs.metrics.episode import compute_episode_metrics
     from training.rollouts import simulate_scene
 
-    assert PRETRAINED["towns-nano"].is_file()
-    agent = make_agent("smart", checkpoint="towns-nano")
+    assert PRETRAINED[name].is_file()
+    agent = make_agent("smart", checkpoint=name)
     assert agent.model.cfg.size == "nano"
     assert agent.model.types == ["vehicle"]
     assert len(agent.model.vocab("vehicle")) == 2048

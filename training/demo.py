@@ -1,7 +1,7 @@
 """The end-to-end demo behind ``make demo``: what the project can do today, on the bundled towns data.
 
 1. sim agents: every agent valid at the start step driven for 8 s by the learned tokenized policy (the bundled
-   ``towns-nano`` weights) and by each baseline: 8 rollouts per scene, the realism meta-metric, collision /
+   ``DEMO_POLICY`` weights) and by each baseline: 8 rollouts per scene, the realism meta-metric, collision /
    off-road rates, minADE, distance travelled (``trafficgym eval --rollouts 8`` with those metrics; the README's
    tables use all 128 scenes and 32 rollouts);
 2. ego: the ``trafficgym/Ego-v0`` vector env with reactive traffic (IDM, then the learned policy), driven by two
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 # the best bundled learned policy (chosen on towns val; the README's tables compare them on test)
-DEMO_POLICY = "towns-nano"
+DEMO_POLICY = "towns-nano-3k"
 DEMO_EGO_POLICY = "towns-gmm"  # the learned ego of the ego-env rows
 # (agent, checkpoint): the learned policy with its bundled weights, then the baselines
 DEMO_AGENTS = (("smart", DEMO_POLICY), ("log_replay", None), ("idm", None), ("constant_velocity", None),
