@@ -77,13 +77,16 @@ class IDM(Agent):
         heading = _last_logged_heading(state)
         driven = mask.cpu().numpy()
         paths: dict[tuple[int, int], np.ndarray] = {}
+        by_map: dict[int, list[tuple[int, int]]] = {}  # one batched path set-up per map, not per scene
         for b in rows:
-            lanes = _LaneIndex.of(state.maps.sources[int(state.map_idx[b])])
-            bases = [route[b, a, :max(int(route_len[b, a]), 1)] for a in range(a_size)]
+            by_map.setdefault(int(state.map_idx[b]), []).extend((b, a) for a in range(a_size))
+        for m, agents in by_map.items():
+            lanes = _LaneIndex.of(state.maps.sources[m])
+            bases = [route[b, a, :max(int(route_len[b, a]), 1)] for b, a in agents]
             # Only agents this IDM drives need the lane-graph continuation (the rest never move by it).
-            wanted = [bool(route_len[b, a] and driven[b, a]) for a in range(a_size)]
-            for a, p in enumerate(lanes.paths(bases, self.continuation, heading[b], wanted)):
-                paths[(b, a)] = p
+            wanted = [bool(route_len[b, a] and driven[b, a]) for b, a in agents]
+            headings = np.array([heading[b, a] for b, a in agents])
+            paths.update(zip(agents, lanes.paths(bases, self.continuation, headings, wanted), strict=True))
         longest = max([len(p) for p in paths.values()] + [2])
         if full:
             path = np.zeros((b_size, a_size, longest, 2), np.float32)

@@ -43,6 +43,9 @@ def arc_length(points: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros((*seg.shape[:-1], 1)), np.cumsum(seg, axis=-1)], axis=-1)
 
 
+RESAMPLE_CHUNK = 64  # polylines per batched pass of resample_polylines
+
+
 def resample_polylines(polylines: list[np.ndarray], spacing: float) -> list[np.ndarray]:
     """``resample_polyline`` of many polylines in one batched search and lerp (no Python loop per polyline):
     the same points up to the last digit (the lerp rounds differently from ``np.interp``), float64."""
@@ -50,6 +53,14 @@ def resample_polylines(polylines: list[np.ndarray], spacing: float) -> list[np.n
         raise ValueError(f"spacing must be > 0 m, got {spacing}.")
     if not polylines:
         return []
+    if len(polylines) > RESAMPLE_CHUNK:  # length-sorted chunks: padding to the longest costs the rest little
+        order = np.argsort([len(p) for p in polylines], kind="stable")
+        out: list = [None] * len(polylines)
+        for start in range(0, len(order), RESAMPLE_CHUNK):
+            idx = order[start:start + RESAMPLE_CHUNK]
+            for i, r in zip(idx, resample_polylines([polylines[i] for i in idx], spacing), strict=True):
+                out[i] = r
+        return out
     import torch
 
     sizes = np.array([len(p) for p in polylines])

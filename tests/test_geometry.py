@@ -239,3 +239,12 @@ def test_batched_resampling_matches_one_at_a_time(sizes, seed, spacing):
         single = resample_polyline(line, spacing)
         assert batched.shape == single.shape
         np.testing.assert_allclose(batched, single, rtol=0, atol=1e-9)
+
+
+def test_batched_resampling_of_many_polylines_keeps_their_order():
+    from envs.geometry import RESAMPLE_CHUNK, resample_polyline, resample_polylines
+
+    rng = np.random.default_rng(3)
+    lines = [np.cumsum(rng.normal(size=(int(n), 2)) * 2, axis=0) for n in rng.integers(0, 60, 3 * RESAMPLE_CHUNK + 5)]
+    for line, batched in zip(lines, resample_polylines(lines, 1.0), strict=True):
+        np.testing.assert_allclose(batched, resample_polyline(line, 1.0), rtol=0, atol=1e-9)
