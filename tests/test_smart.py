@@ -464,7 +464,7 @@ def test_smart_agent_is_reactive_traffic_in_the_vector_ego_env_across_autoresets
     assert bool((moved > 1e-3).any())  # the learned traffic drives its own way, not the log's
 
 
-@pytest.mark.parametrize("name", ["towns-nano", "towns-nano-3k"])
+@pytest.mark.parametrize("name", ["towns-nano", "towns-nano-3k", "towns-nano-catk"])
 def test_bundled_towns_weights_load_and_beat_constant_velocity_on_val_scenes(name):
     # each shipped checkpoint (README: "Training") is a nano model with the towns vocabulary, and it drives: on
     # towns val scenes its rollouts stay closer to the log than constant velocity's

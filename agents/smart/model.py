@@ -37,7 +37,9 @@ TOKEN_SECONDS = 0.5
 # the command in the README's training section (the file's metadata holds its training config).
 PRETRAINED = {"towns-nano": Path(__file__).parents[1] / "weights" / "smart_nano_towns.safetensors",
               # the same recipe trained 3,000 steps instead of 2,000: the best learned sim agent (README)
-              "towns-nano-3k": Path(__file__).parents[1] / "weights" / "smart_nano_3k_towns.safetensors"}
+              "towns-nano-3k": Path(__file__).parents[1] / "weights" / "smart_nano_3k_towns.safetensors",
+              # 600 CAT-K steps from towns-nano-3k (as good on realism; not chosen for the demo on val)
+              "towns-nano-catk": Path(__file__).parents[1] / "weights" / "smart_nano_catk_towns.safetensors"}
 TEMPORAL_WINDOW = 6  # steps of history each step attends to (itself included)
 MAP_GRID_CELL = 10.0  # m: cell of the rollout's map->agent neighbour grid (``RadiusGrid``)
 TOKEN_INPUT = (TOKEN_STEPS + 1) * 3  # a token's embedding input: its TOKEN_STEPS + 1 poses (x, y, heading), flat
