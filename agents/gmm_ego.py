@@ -219,9 +219,9 @@ def reachable_target(state: torch.Tensor, local: torch.Tensor, dt: float, steps:
     if not len(state):
         return local.clone()
     action = bicycle_toward(state, local, steps * dt, steps=steps, tracking="pose")
-    x = state
+    x, bicycle = state, InvertibleBicycle()
     for _ in range(steps):
-        x = InvertibleBicycle().forward(x, action, dt)
+        x = bicycle.forward(x, action, dt)
     return pose_in_frame(x[:, :3], state[:, :3])
 
 
