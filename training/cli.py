@@ -305,7 +305,8 @@ def _train_ppo(args: argparse.Namespace) -> int:
                        log_std_init=args.log_std_init, traffic=args.traffic,
                        normalize_obs=not args.no_normalize_obs, collision_penalty=args.collision_penalty,
                        offroad_penalty=args.offroad_penalty,
-                       obs=ObsConfig(flat=True, normalize=True), eval_every=args.eval_every,
+                       obs=ObsConfig(flat=True, normalize=True, num_map_chunks=args.num_map_chunks,
+                                     num_agents=args.num_agents), eval_every=args.eval_every,
                        eval_scenes=args.eval_scenes, seed=args.seed)
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "cache_dir": args.cache_dir,
             "case_length": args.case_length}
@@ -483,11 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--max-grad-norm", type=float, default=0.5)
     ppo.add_argument("--net-arch", default="256,256", help="hidden layer widths of actor and critic")
     ppo.add_argument("--log-std-init", type=float, default=-2.0, help="initial log std of the action noise")
+    ppo.add_argument("--num-map-chunks", type=int, default=8,
+                     help="map chunks in the observation (the env's default 48; fewer train faster and better)")
+    ppo.add_argument("--num-agents", type=int, default=8, help="nearest agents in the observation (env default 16)")
     ppo.add_argument("--no-normalize-obs", action="store_true",
                      help="train on the env's fixed-scale observations without SB3's VecNormalize")
-    ppo.add_argument("--collision-penalty", type=float, default=-5.0,
-                     help="training reward per step in collision (the env's default -5; evaluation always uses it)")
-    ppo.add_argument("--offroad-penalty", type=float, default=-5.0,
+    ppo.add_argument("--collision-penalty", type=float, default=-20.0,
+                     help="training reward per step in collision (the env's is -5; evaluation always scores the env's)")
+    ppo.add_argument("--offroad-penalty", type=float, default=-20.0,
                      help="training reward per step off the road (the env's default -5)")
     ppo.add_argument("--eval-every", type=int, default=100_000, help="env steps between evaluations on val")
     ppo.add_argument("--eval-scenes", type=int, default=32, help="val scenes per evaluation (spread over the split)")
