@@ -37,7 +37,7 @@ from agents.base import Agent
 from agents.idm_kernel import full_search, idm_step
 from agents.registry import register_agent
 from envs.dynamics import StatePose
-from envs.geometry import resample_polyline, resample_polylines
+from envs.geometry import resample_polylines
 from envs.types import ROUTE_SPACING, Action, MapData, PolylineType, SimState
 
 
@@ -220,12 +220,7 @@ class _LaneIndex:
         near = near.reshape(len(paths), k)
         found = near < len(self.flat)
         safe = np.where(found, near, 0)
-        lane = self.owner[safe]
-        ahead = self.flat[np.minimum(safe + 1, self.lane_end[lane])]
-        seg = ahead - self.flat[np.maximum(safe - 1, self.lane_start[lane])]
-        align = (seg * direction[:, None]).sum(-1) / np.maximum(np.linalg.norm(seg, axis=-1), 1e-9)
-        gap = np.linalg.norm(self.flat[safe] - ends[:, None], axis=-1)
-        score = np.where(found & (align > 0.7), align - 0.3 * gap, -np.inf)
+        score = np.where(found, self._scores(safe, ends, direction), -np.inf)
         best = safe[np.arange(len(paths)), np.argmax(score, axis=1)]
         out = []
         for i, path in enumerate(paths):
@@ -263,17 +258,21 @@ class _LaneIndex:
         near = np.asarray(self.tree.query_ball_point(end, 3.0), dtype=int)
         if len(near) == 0:
             return path
-        # The closest point whose lane runs the same way (alignment of the lane's local direction > 0.7).
-        lane = self.owner[near]
-        ahead = self.flat[np.minimum(near + 1, self.lane_end[lane])]
-        behind = self.flat[np.maximum(near - 1, self.lane_start[lane])]
-        seg = ahead - behind
-        align = (seg @ direction) / np.maximum(np.linalg.norm(seg, axis=1), 1e-9)
-        score = np.where(align > 0.7, align - 0.3 * np.linalg.norm(self.flat[near] - end, axis=1), -np.inf)
-        best = near[int(np.argmax(score))] if np.isfinite(score).any() else None
-        if best is None:
+        score = self._scores(near[None], end[None], direction[None])[0]
+        if not np.isfinite(score).any():
             return path
-        return self._continue(path, int(best), length)
+        return self._continue(path, int(near[int(np.argmax(score))]), length)
+
+    def _scores(self, near: np.ndarray, ends: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        """``(N, K)`` scores of candidate lane points ``near`` (flat indices) for path ends ``ends`` ``(N, 2)``
+        heading along unit ``direction`` ``(N, 2)``: the closest point whose lane runs the same way wins (alignment
+        of the lane's local direction > 0.7, then 0.3 per metre of distance); -inf where the lane does not."""
+        lane = self.owner[near]
+        seg = self.flat[np.minimum(near + 1, self.lane_end[lane])] - self.flat[np.maximum(near - 1,
+                                                                                       self.lane_start[lane])]
+        align = (seg * direction[:, None]).sum(-1) / np.maximum(np.linalg.norm(seg, axis=-1), 1e-9)
+        gap = np.linalg.norm(self.flat[near] - ends[:, None], axis=-1)
+        return np.where(align > 0.7, align - 0.3 * gap, -np.inf)
 
 
 def _last_logged_heading(state: SimState) -> np.ndarray:
@@ -299,13 +298,7 @@ def _end_direction(p: np.ndarray) -> np.ndarray:
 
 
 def _resample_many(paths: list[np.ndarray], spacing: float = ROUTE_SPACING) -> list[np.ndarray]:
-    """``_resample`` of many paths in one batched pass (``geometry.resample_polylines``)."""
+    """Points every ``spacing`` m along each path (at least one point), float32, in one batched pass
+    (``geometry.resample_polylines``)."""
     out = resample_polylines([p.astype(np.float64) for p in paths], spacing)
     return [r.astype(np.float32) if len(r) else np.zeros((1, 2), np.float32) for r in out]
-
-
-def _resample(path: np.ndarray, spacing: float = ROUTE_SPACING) -> np.ndarray:
-    """Points every ``spacing`` m along ``path`` (at least one point)."""
-    if len(path) < 2:
-        return path.astype(np.float32).reshape(-1, 2)[:1] if len(path) else np.zeros((1, 2), np.float32)
-    return resample_polyline(path, spacing).astype(np.float32)

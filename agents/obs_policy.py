@@ -29,7 +29,7 @@ import torch
 from agents.base import Agent
 from envs.dynamics import from_normalized, make_dynamics
 from envs.errors import UnknownNameError
-from envs.observation import ObsConfig, flatten, observation_space, observe
+from envs.observation import ObsConfig, flatten, observe
 from envs.types import Action, SimState
 
 ACTION_SCALES = ("normalized", "physical")
@@ -77,7 +77,7 @@ class ObservationPolicyAgent(Agent):
         with torch.inference_mode():
             obs = observe(state, observers, self.obs)
             if self.obs.flat:
-                obs = flatten(obs, observation_space(self.obs, state.maps.chunks.shape[2]), batch_dims=2)
+                obs = flatten(obs, batch_dims=2)
                 rows = obs[real].cpu().numpy().astype(np.float32, copy=False)
             else:
                 rows = {k: v[real].cpu().numpy().astype(np.float32, copy=False) for k, v in obs.items()}

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 
+import torch
 from common import data_parser  # benchmarks/common.py (the script's folder is on sys.path)
 
 DEFAULT_DRIVERS = ("zero", "random", "idm", "log_replay")
@@ -54,7 +55,7 @@ def main() -> None:
                      "wall_s": round(time.perf_counter() - start, 1)})
     print(json.dumps({"dataset": args.dataset, "split": args.split, "traffic": args.traffic, "drivers": rows,
                       "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads "
-                                 f"{__import__('torch').get_num_threads()}"}, indent=1))
+                                 f"{torch.get_num_threads()}"}, indent=1))
 
 
 if __name__ == "__main__":

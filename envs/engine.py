@@ -279,24 +279,25 @@ class TrafficEngine:
         terminated &= active
         truncated &= active & ~terminated
         self.done |= terminated | truncated
-        infos = self._infos(st, metrics, pairs.cpu().numpy(), per_agent)
-        ended = self._record_episodes(st, metrics, reward, active, terminated | truncated)
+        host = {k: metrics[k].cpu().numpy() for k in INFO_METRICS}
+        infos = self._infos(st, host, pairs.cpu().numpy(), per_agent)
+        ended = self._record_episodes(st, host, reward, active, terminated | truncated)
         for b, stats in ended.items():
             infos[b]["episode_stats"] = stats
         return reward.astype(np.float64), terminated, truncated, infos
 
-    def _record_episodes(self, st: SimState, metrics, reward, active, ended) -> dict[int, dict]:
-        """Accumulate the step into the running episode statistics; ``{slot: episode_stats}`` of the slots whose
-        episode ended this step (see ``Task.episode_stats`` for the keys)."""
+    def _record_episodes(self, st: SimState, host: dict, reward, active, ended) -> dict[int, dict]:
+        """Accumulate the step (``host``: the info metrics, numpy) into the running episode statistics;
+        ``{slot: episode_stats}`` of the slots whose episode ended this step (see ``Task.episode_stats``)."""
         ep = self._episode
         act = np.asarray(active, bool)
         ep["return"][act] += reward[act]
         ep["length"][act] += 1
-        ep["collision"][act] |= metrics["collision"].cpu().numpy()[act]
-        ep["offroad"][act] |= metrics["offroad"].cpu().numpy()[act]
+        ep["collision"][act] |= host["collision"][act]
+        ep["offroad"][act] |= host["offroad"][act]
         out = {}
         if ended.any():
-            progress = metrics["progress"].cpu().numpy()
+            progress = host["progress"]
             controlled = (st.controlled & st.agent_mask).cpu().numpy()
             ego = st.ego.cpu().numpy()
             for b in np.flatnonzero(ended):
@@ -306,9 +307,8 @@ class TrafficEngine:
                                                          int(ego[b]))}
         return out
 
-    def _infos(self, st: SimState, metrics, pairs: np.ndarray, per_agent) -> list[dict]:
+    def _infos(self, st: SimState, host: dict, pairs: np.ndarray, per_agent) -> list[dict]:
         ids = st.scene_ids
-        host = {k: metrics[k].cpu().numpy() for k in INFO_METRICS}
         t = st.t.cpu().numpy()
         controlled = st.controlled.cpu().numpy()
         agent_mask = st.agent_mask.cpu().numpy()

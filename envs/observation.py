@@ -107,10 +107,14 @@ def flat_space(space: spaces.Dict) -> spaces.Box:
     return spaces.flatten_space(space)
 
 
-def flatten(obs: dict[str, torch.Tensor], space: spaces.Dict, batch_dims: int = 1) -> torch.Tensor:
-    """Batched ``gymnasium.spaces.flatten``: the entries of ``obs`` (leading ``batch_dims`` axes, then the
-    space's shapes) concatenated in the space's key order -> ``(*batch, F)``."""
-    parts = [obs[k].reshape(*obs[k].shape[:batch_dims], -1) for k in space.spaces]
+# The Dict space's key order (gymnasium sorts a plain dict's keys), which the flat layout follows.
+FLAT_KEYS = ("agents", "agents_mask", "map", "map_mask", "map_type", "route", "route_mask", "self")
+
+
+def flatten(obs: dict[str, torch.Tensor], batch_dims: int = 1) -> torch.Tensor:
+    """Batched ``gymnasium.spaces.flatten`` of ``observation_space``'s Dict: the entries of ``obs`` (leading
+    ``batch_dims`` axes, then the space's shapes) concatenated in ``FLAT_KEYS`` order -> ``(*batch, F)``."""
+    parts = [obs[k].reshape(*obs[k].shape[:batch_dims], -1) for k in FLAT_KEYS]
     return torch.cat(parts, dim=-1)
 
 

@@ -129,8 +129,8 @@ class EgoTask(Task):
     def observe(self, state, cfg):
         obs = observe(state, state.ego[:, None], cfg.obs)
         obs = {k: v[:, 0] for k, v in obs.items()}
-        if cfg.obs.flat:  # the space only fixes the key order; its point count is the map's
-            return flatten(obs, observation_space(cfg.obs, state.maps.chunks.shape[2]))
+        if cfg.obs.flat:
+            return flatten(obs)
         return obs
 
     def reward(self, per_agent, state):

@@ -166,7 +166,8 @@ def test_idm_continues_along_successor_lanes_past_the_log():
     assert heading == pytest.approx(math.pi / 2, abs=0.05)
 
     # the continuation chains the straightest successors (precomputed per lane) and is memoised per map
-    from agents.idm import _LaneIndex, _resample
+    from agents.idm import _LaneIndex
+    from envs.geometry import resample_polyline
     from envs.types import ROUTE_SPACING
 
     index = _LaneIndex.of(lanes)
@@ -179,10 +180,12 @@ def test_idm_continues_along_successor_lanes_past_the_log():
     again = index.paths([base], 120.0, np.array([0.0]), [True])[0]
     assert again is first
     # the batched resampling rounds differently from np.interp in the last digit only
-    np.testing.assert_allclose(first, _resample(index.extend(base, 120.0, 0.0)), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(still, _resample(index.extend(standing, 120.0, math.pi / 2)), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(lost, _resample(away), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(plain, _resample(base), rtol=0, atol=1e-5)
+    grid = ROUTE_SPACING
+    np.testing.assert_allclose(first, resample_polyline(index.extend(base, 120.0, 0.0), grid), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(still, resample_polyline(index.extend(standing, 120.0, math.pi / 2), grid), rtol=0,
+                               atol=1e-5)
+    np.testing.assert_allclose(lost, resample_polyline(away, ROUTE_SPACING), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(plain, resample_polyline(base, ROUTE_SPACING), rtol=0, atol=1e-5)
     assert first[-1, 0] == pytest.approx(60.0) and first[-1, 1] > 100  # up the northbound lane
     assert still[-1].tolist() == pytest.approx([60.0, 200.0], abs=ROUTE_SPACING)
 

@@ -49,6 +49,9 @@ def test_flat_observation_is_gymnasiums_flatten_of_the_dict(tiny_env_kwargs):
     f, _ = flat_env.reset(options={"scene_index": 2})
     space = flat_env.unwrapped.dict_observation_space
     assert space == dict_env.observation_space
+    from envs.observation import FLAT_KEYS
+
+    assert tuple(space.spaces) == FLAT_KEYS  # the order the batched flatten follows
     assert flat_env.observation_space.shape == (spaces.flatdim(space),)
     np.testing.assert_array_equal(f, spaces.flatten(space, d))
     back = spaces.unflatten(space, f)

@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from envs.errors import CheckpointError, InvalidOptionError, TrafficGymError
@@ -258,12 +257,10 @@ def train_ppo_mlp(out: str | Path, cfg: PpoMlpConfig, data: dict | None = None, 
     start = time.time()
 
     def validate(step: int) -> dict:
-        rms = _obs_rms(model)
+        normalize = getattr(model.get_env(), "normalize_obs", None)  # VecNormalize's (statistics unchanged)
 
         def act(obs):  # the policy as the saved agent runs it: the env's own reward, normalised inputs
-            if rms is not None:
-                obs = np.clip((obs - rms.mean) / np.sqrt(rms.var + 1e-8), -10.0, 10.0).astype(np.float32)
-            return model.predict(obs, deterministic=True)[0]
+            return model.predict(obs if normalize is None else normalize(obs), deterministic=True)[0]
 
         stats = summarize(ego_episodes(act, scenes=cfg.eval_scenes, seed=cfg.seed, split=val_split,
                                        traffic=_traffic(cfg.traffic), obs=cfg.obs, **data))
