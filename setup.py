@@ -38,6 +38,7 @@ setup(
         "imageio>=2.31",
         "imageio-ffmpeg>=0.4.9",
         "stable-baselines3>=2.3",
+        "rich>=13",  # SB3's progress bar (trafficgym train ppo) needs it beside tqdm
         "safetensors>=0.4",
         # Compiled loops for the per-pair work that is dispatch-bound as torch ops at this size (IDM's
         # obstacle search). 0.60 is the first release with numpy 2 support.

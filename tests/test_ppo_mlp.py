@@ -188,3 +188,24 @@ def test_train_ppo_cli_trains_resumes_and_drives(tiny_env_kwargs, tmp_path, caps
     assert "Did you mean 'mlp'" in capsys.readouterr().err
     assert main(["train", "ppo", "--out", str(tmp_path / "y"), "--resume", *data]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_train_ppo_without_tensorboard_names_the_install_line(tiny_env_kwargs, tmp_path, monkeypatch):
+    import builtins
+
+    from training.sb3_ppo import PpoMlpConfig, train_ppo_mlp
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    data = {k: tiny_env_kwargs[k] for k in ("dataset", "data_dir", "case_length", "cache_dir")}
+    from envs.errors import TrafficGymError
+
+    with pytest.raises(TrafficGymError, match=r'pip install "protobuf>=6.31.1,<8" "tensorboard>=2.20,<3"'):
+        train_ppo_mlp(tmp_path / "run", PpoMlpConfig(num_envs=2, n_steps=16, batch_size=32), data=data,
+                      progress=False, split="val")

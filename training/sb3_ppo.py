@@ -129,6 +129,10 @@ def wrap_env(cfg: PpoMlpConfig, venv):
 def build_model(cfg: PpoMlpConfig, venv, out: Path):
     from stable_baselines3 import PPO
 
+    from training.trainer import require_tensorboard
+
+    require_tensorboard()  # SB3 would fail only at learn(), with an error that names no fix
+
     return PPO("MlpPolicy", venv, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
                learning_rate=cfg.lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
                ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,

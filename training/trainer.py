@@ -402,10 +402,17 @@ class Trainer:
         return self.history
 
     def _writer(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise TrafficGymError('TensorBoard is not installed: pip install "protobuf>=6.31.1,<8" '
-                                  '"tensorboard>=2.20,<3" (the README explains why setup.py cannot).') from e
+        summary_writer = require_tensorboard()
         self.out.mkdir(parents=True, exist_ok=True)
-        return SummaryWriter(str(self.out / "tb"))
+        return summary_writer(str(self.out / "tb"))
+
+
+def require_tensorboard():
+    """torch's ``SummaryWriter``, or a ``TrafficGymError`` with the install line when TensorBoard is missing
+    (every trainer logs to it; setup.py cannot require it, see the README)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise TrafficGymError('TensorBoard is not installed: pip install "protobuf>=6.31.1,<8" '
+                              '"tensorboard>=2.20,<3" (the README explains why setup.py cannot).') from e
+    return SummaryWriter
