@@ -2,11 +2,12 @@
 and ``blm.py`` document what they compute and call them.
 
 ``interaction_pairs``: box-to-box features. Per frame and evaluated agent: centre distances to every object and
-the ``k`` nearest (the neighbours of RSS and closest approach), then one branch-free pass over all objects that
-counts the overlaps (sharp boxes, exact separating-axis test), bounds each rounded-box distance from below (the
-separating-axis depth of the boxes' cores) and finds the WOSAC time-to-collision candidates; the exact nearest
-rounded-box distance is computed only for the objects whose bound is below the best so far (about 1.3 per
-agent and frame on dense towns scenes).
+the ``k`` nearest (the neighbours of RSS and closest approach); the exact rounded-box distance to the nearest
+centre bounds the nearest-object distance from above, and with the reach of the time to collision it leaves the
+objects that can matter (about 4 per agent and frame on dense towns scenes, of ~50); one branch-free pass over
+those counts the overlaps (sharp boxes, exact separating-axis test), bounds each rounded-box distance from below
+(the separating-axis depth of the boxes' cores) and finds the WOSAC time-to-collision candidates; the exact
+rounded-box distance is computed only where that bound is below the best so far.
 
 ``kinematics``: the central-difference speeds, accelerations and jerk (BLM, planning). ``wosac_kinematics`` and
 ``wosac_log_likelihoods``: the WOSAC kinematic features and the pooled histogram / Bernoulli log-likelihoods of
@@ -103,7 +104,7 @@ _ROWS = 7
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, wosac, k_max, params, b, t, nearest,
-           n_agents, n_context, ttc, rss_long, rss_lat, approach, tab, nb_idx, nb_d2, prev_nb, prev_k):
+           n_agents, n_context, ttc, rss_long, rss_lat, approach, tab, nb_idx, nb_d2, prev_nb, prev_k, cand):
     """One frame: ``fs`` ``(5, n)`` float32 x, y, heading, vx, vy of its objects (the evaluated agents first),
     ``fv`` their validity, ``fspeed`` the agents' speeds; writes the features of step ``t`` of sample ``b``."""
     ttc_cap, max_heading_diff, small_heading_diff, small_overlap, rho, acc, brk, lat_acc, lat_brk, mu = params
@@ -160,20 +161,38 @@ def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, w
             prev_k[i] = k
             for q in range(k):
                 prev_nb[i, q] = nb_idx[q]
-        # every object as the agent sees it, in one branch-free pass (it vectorises; it stores little, or it would
-        # not): the separating-axis depth of the sharp boxes (< 0: they overlap; the test is exact) counts the
-        # overlaps; that of the cores of the rounded boxes (each box shrunk by its corner radius) bounds their
-        # distance from below; and the WOSAC time to collision's candidates (an object followed: headed within
-        # the maximum difference, headings not wrapped, entirely ahead of the front, overlapping the lane
-        # laterally by at least the small overlap or headed within the small difference; near enough to be
-        # reached within the cap — beyond that centre distance its TTC, and that of the nearest followed object
-        # if it is one of them, is the cap) get their longitudinal gap as key, the others _NONE
         v_i = fspeed[i]
         reach_t2 = (ttc_cap * v_i + hl + radius_max) ** 2 + (hw + radius_max) ** 2
         hi = ph[i]
+        # an upper bound on the nearest rounded-box distance: the exact one to the nearest WOSAC object's centre
+        # (among the k nearest; if none is, no bound and every object below is looked at)
+        best = _NONE
+        for q in range(k):
+            j = nb_idx[q]
+            if excluded[j] == 0.0:
+                best = _rounded(xi, yi, ca, sa, hl, hw, si, px[j], py[j], cos_h[j], sin_h[j], half_l[j],
+                                half_w[j], shrink[j], best)
+                break
+        # the objects that can matter: a box at a larger centre distance can neither overlap, nor be nearer than
+        # that bound (its distance is at least the centre distance less both circle radii), nor be followed
+        reach = max(math.sqrt(reach_t2), max(best, 0.0) + radius[i] + radius_max)
+        reach2 = min(reach * reach, _FAR_D2)  # never the agent itself nor a parked (invalid) object
+        m = 0
+        for j in range(n):  # branch-free (the test is rarely true); ascending indices, the ties' order below
+            cand[m] = j
+            m += d2[j] < reach2
+        # the objects that can matter, each as the agent sees it, in one branch-free pass: the separating-axis
+        # depth of the sharp boxes (< 0: they overlap; the test is exact) counts the overlaps; that of the cores
+        # of the rounded boxes (each box shrunk by its corner radius) bounds their distance from below; and the
+        # WOSAC time to collision's candidates (an object followed: headed within the maximum difference,
+        # headings not wrapped, entirely ahead of the front, overlapping the lane laterally by at least the small
+        # overlap or headed within the small difference; near enough to be reached within the cap — beyond that
+        # centre distance its TTC, and that of the nearest followed object if it is one of them, is the cap) get
+        # their longitudinal gap as key, the others _NONE
         overlaps_a, overlaps_c = 0, 0
         la, wa = hl - si, hw - si
-        for j in range(n):
+        for p in range(m):
+            j = cand[p]
             dx, dy = px[j] - xi, py[j] - yi
             cj, sj = cos_h[j], sin_h[j]
             lx, ly = dx * ca + dy * sa, dy * ca - dx * sa
@@ -195,22 +214,10 @@ def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, w
             follow = (excluded[j] == 0.0) & (d2[j] < reach_t2) & (yaw <= max_heading_diff) & (long_d > 0) & \
                 (lat < 0) & ((lat < -small_overlap) | (yaw <= small_heading_diff))
             key[j] = long_d if follow else _NONE
-        overlaps_a -= 1  # the agent itself
-        lower[i], key[i] = _NONE, _NONE
-        # the nearest rounded-box distance over the WOSAC objects: the exact distance of each neighbour (nearest
-        # centre first: usually the nearest box, a tight bound early) whose lower bound is below the best so far,
-        # then of any other object whose bound is (a count first, it vectorises: usually there is none)
-        best = _NONE
-        for q in range(k):
-            j = nb_idx[q]
-            if lower[j] < best:
-                best = min(best, _rounded(xi, yi, ca, sa, hl, hw, si, px[j], py[j], cos_h[j], sin_h[j], half_l[j],
-                                          half_w[j], shrink[j], best))
-                lower[j] = _NONE  # done
-        below = 0
-        for j in range(n_eval):
-            below += lower[j] < best
-        for j in range(n_eval if below else 0):
+        # the nearest rounded-box distance over the WOSAC objects: the exact distance of each object whose lower
+        # bound is below the best so far (usually none: the nearest centre's box is usually the nearest box)
+        for p in range(m):
+            j = cand[p]
             if lower[j] < best:
                 best = min(best, _rounded(xi, yi, ca, sa, hl, hw, si, px[j], py[j], cos_h[j], sin_h[j], half_l[j],
                                           half_w[j], shrink[j], best))
@@ -219,7 +226,8 @@ def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, w
         ttc[b, i, t] = ttc_cap
         if v_i >= 0.0:  # a speed (negative: none, e.g. at the last step of the scene)
             follow_d, follow_v = _NONE, 0.0
-            for j in range(n_eval):
+            for p in range(m):
+                j = cand[p]
                 if key[j] < follow_d:
                     follow_d, follow_v = key[j], fspeed[j]
             if follow_d < _NONE and follow_v >= 0.0 and v_i - follow_v > 0:
@@ -309,6 +317,7 @@ def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, 
         tab = np.zeros((_ROWS, n))
         nb_idx, nb_d2 = np.empty(k_max, np.int64), np.empty(k_max)
         prev_nb, prev_k = np.empty((n_eval, k_max), np.int64), np.zeros(n_eval, np.int64)
+        cand = np.empty(n, np.int64)
         for f in range(c * n_f // n_chunks, (c + 1) * n_f // n_chunks):
             b, t = f // n_t, f % n_t
             for j in range(n_eval):
@@ -322,7 +331,8 @@ def interaction_pairs(agents, agents_valid, speed, context, context_valid, ext, 
                 for q in range(5):
                     fs[q, n_eval + j] = context[j, t, q]
             _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, is_wosac, k_max, params, b, t,
-                   nearest, n_agents, n_context, ttc, rss_long, rss_lat, approach, tab, nb_idx, nb_d2, prev_nb, prev_k)
+                   nearest, n_agents, n_context, ttc, rss_long, rss_lat, approach, tab, nb_idx, nb_d2, prev_nb, prev_k,
+                   cand)
     for b in numba.prange(n_b):
         for i in range(n_eval):
             for t in range(n_t):
