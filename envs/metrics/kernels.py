@@ -166,12 +166,12 @@ def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, w
         hi = ph[i]
         # an upper bound on the nearest rounded-box distance: the exact one to the nearest WOSAC object's centre
         # (among the k nearest; if none is, no bound and every object below is looked at)
-        best = _NONE
+        best, first = _NONE, -1
         for q in range(k):
             j = nb_idx[q]
             if excluded[j] == 0.0:
-                best = _rounded(xi, yi, ca, sa, hl, hw, si, px[j], py[j], cos_h[j], sin_h[j], half_l[j],
-                                half_w[j], shrink[j], best)
+                best, first = _rounded(xi, yi, ca, sa, hl, hw, si, px[j], py[j], cos_h[j], sin_h[j], half_l[j],
+                                       half_w[j], shrink[j], best), j
                 break
         # the objects that can matter: a box at a larger centre distance can neither overlap, nor be nearer than
         # that bound (its distance is at least the centre distance less both circle radii), nor be followed
@@ -181,14 +181,14 @@ def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, w
         for j in range(n):  # branch-free (the test is rarely true); ascending indices, the ties' order below
             cand[m] = j
             m += d2[j] < reach2
-        # the objects that can matter, each as the agent sees it, in one branch-free pass: the separating-axis
-        # depth of the sharp boxes (< 0: they overlap; the test is exact) counts the overlaps; that of the cores
-        # of the rounded boxes (each box shrunk by its corner radius) bounds their distance from below; and the
-        # WOSAC time to collision's candidates (an object followed: headed within the maximum difference,
-        # headings not wrapped, entirely ahead of the front, overlapping the lane laterally by at least the small
-        # overlap or headed within the small difference; near enough to be reached within the cap — beyond that
-        # centre distance its TTC, and that of the nearest followed object if it is one of them, is the cap) get
-        # their longitudinal gap as key, the others _NONE
+        # each of them as the agent sees it, in one branch-free pass: the separating-axis depth of the sharp boxes
+        # (< 0: they overlap; the test is exact) counts the overlaps; that of the cores of the rounded boxes (each
+        # box shrunk by its corner radius) bounds their distance from below; and the WOSAC time to collision's
+        # candidates (an object followed: headed within the maximum difference, headings not wrapped, entirely
+        # ahead of the front, overlapping the lane laterally by at least the small overlap or headed within the
+        # small difference; near enough to be reached within the cap — beyond that centre distance its TTC, and
+        # that of the nearest followed object if it is one of them, is the cap) get their longitudinal gap as key,
+        # the others _NONE
         overlaps_a, overlaps_c = 0, 0
         la, wa = hl - si, hw - si
         for p in range(m):
@@ -214,8 +214,10 @@ def _frame(fs, fv, fspeed, half_l, half_w, radius, radius_max, shrink, n_eval, w
             follow = (excluded[j] == 0.0) & (d2[j] < reach_t2) & (yaw <= max_heading_diff) & (long_d > 0) & \
                 (lat < 0) & ((lat < -small_overlap) | (yaw <= small_heading_diff))
             key[j] = long_d if follow else _NONE
-        # the nearest rounded-box distance over the WOSAC objects: the exact distance of each object whose lower
-        # bound is below the best so far (usually none: the nearest centre's box is usually the nearest box)
+        # the nearest rounded-box distance over the WOSAC objects: the exact distance of each other object whose
+        # lower bound is below the best so far (usually none: the nearest centre's box is usually the nearest box)
+        if first >= 0:
+            lower[first] = _NONE  # its exact distance is the bound
         for p in range(m):
             j = cand[p]
             if lower[j] < best:
