@@ -77,6 +77,10 @@ def load_checkpoint(path: str | Path, expected_agent: str | None = None) -> tupl
                 f"({actual[:19]}... vs {meta[CHECKSUM_KEY][:19]}...). Copy or download it again, or re-save it "
                 "from its source.")
     if expected_agent is not None and meta.get("agent") != expected_agent:
+        extra = json.loads(meta.get("extra", "{}"))
+        if extra.get("weights_of") == expected_agent:  # a training state (policy + value head + optimizer)
+            raise CheckpointError(f"{path} is the training state of a {meta.get('agent')!r} run (for --resume), "
+                                  f"not {expected_agent!r} weights; load {Path(path).with_name('model.safetensors')}.")
         raise CheckpointError(f"{path} holds a {meta.get('agent')!r} checkpoint, not {expected_agent!r}; load it "
                               f"with --agent {meta.get('agent')}.")
     return json.loads(meta["config"]), tensors, json.loads(meta.get("extra", "{}"))

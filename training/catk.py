@@ -65,13 +65,16 @@ def catk_samples(agent: CatKRollout | GmmCatKRollout, scenes, map_indices=None, 
     return [_scene_sample(agent, scene, state, b) for b, scene in enumerate(scenes)]
 
 
-def _rollout_inputs(model, scene, state, b: int, drove: torch.Tensor | None, chosen: torch.Tensor | None):
+def _rollout_inputs(model, scene, state, b: int, drove: torch.Tensor | None, chosen: torch.Tensor | None,
+                    final: bool = False):
     """The teacher-forcing inputs of row ``b`` of a finished rollout: poses ``(A, S, 3)`` and validity at the
     boundaries, and input tokens: ``chosen`` where the policy drove the agent into the boundary (``drove``
     ``(A, S)``: it chose a token at the boundary before), else the token nearest to the actual motion (as the
-    rollout tokenized it), -1 at the first boundary or after a gap."""
+    rollout tokenized it), -1 at the first boundary or after a gap. The boundaries are those with a step 0.5 s
+    later in the scene (they have a target), or with ``final`` every boundary up to the last step (PPO values
+    the final state)."""
     a = scene.num_agents
-    n_b = (scene.num_steps - 1) // TOKEN_STEPS
+    n_b = (scene.num_steps - 1) // TOKEN_STEPS + (1 if final else 0)
     steps = torch.arange(n_b) * TOKEN_STEPS
     pose = state.traj[b, :a][:, steps, :3].float()  # (A, S, 3)
     ok = state.valid[b, :a][:, steps]

@@ -283,17 +283,62 @@ def _train_catk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_gmm_ppo(args: argparse.Namespace) -> int:
+    from envs.errors import InvalidOptionError
+    from training.distributed import init_from_env
+    from training.ppo import GmmPpoConfig, train_gmm_ppo
+
+    if args.init is None:
+        raise InvalidOptionError("--policy gmm_ego fine-tunes trained weights: give --init (a bundled name such as "
+                                 "towns-gmm-catk, or a gmm_ego checkpoint file).")
+    try:
+        pose_std = tuple(float(x) for x in args.pose_std.split(","))
+    except ValueError as e:
+        raise InvalidOptionError(f"--pose-std takes 3 comma-separated numbers (x m, y m, heading rad), got "
+                                 f"{args.pose_std!r}.") from e
+    rank, _ = init_from_env()
+    cfg = GmmPpoConfig(iterations=args.iterations, scenes=args.scenes_per_rollout, epochs=args.epochs,
+                       minibatches=args.minibatches, lr=args.lr, gamma=args.gamma, ent_coef=args.ent_coef,
+                       grad_clip=args.max_grad_norm, kl_coef=args.kl_coef, top_k=args.top_k, pose_std=pose_std,
+                       traffic=args.traffic, collision_penalty=args.collision_penalty,
+                       offroad_penalty=args.offroad_penalty, value_warmup=args.value_warmup,
+                       val_every=args.val_every, val_scenes=args.eval_scenes, seed=args.seed)
+    data = {"dataset": args.dataset, "data_dir": args.data_dir, "cache_dir": args.cache_dir,
+            "case_length": args.case_length}
+    start = time.time()
+    _, history = train_gmm_ppo(args.out, cfg, init=args.init, data=data, split=args.split, val_split=args.val_split,
+                               resume=args.resume, progress=not args.quiet, scenes=args.scenes,
+                               validate=args.eval_scenes > 0, ckpt_every=args.ckpt_every)
+    if rank == 0:
+        val = [h for h in history if any(k.startswith("val/") for k in h)]
+        print(json.dumps({"weights": str(Path(args.out) / "model.safetensors"),
+                          "checkpoint": str(Path(args.out) / "last.safetensors"), "iterations": cfg.iterations,
+                          "wall_s": round(time.time() - start, 1), "validation": val[-1] if val else None},
+                         indent=1))
+    return 0
+
+
 CATK_DEFAULTS = {"smart": (5e-5, 32), "gmm_ego": (1e-4, 3)}  # (lr, top-k) of CAT-K's two variants
-PPO_POLICIES = ("mlp",)
+PPO_POLICIES = ("mlp", "gmm_ego")
+GMM_PPO_DEFAULTS = {"lr": 5e-5, "epochs": 2}  # the mlp defaults are the parser's
+MLP_PPO_DEFAULTS = {"lr": 3e-4, "epochs": 5}
 
 
 def _train_ppo(args: argparse.Namespace) -> int:
-    from envs.errors import UnknownNameError
+    from envs.errors import InvalidOptionError, UnknownNameError
     from envs.observation import ObsConfig
     from training.sb3_ppo import PpoMlpConfig, train_ppo_mlp
 
     if args.policy not in PPO_POLICIES:
         raise UnknownNameError("PPO policy", args.policy, PPO_POLICIES)
+    defaults = GMM_PPO_DEFAULTS if args.policy == "gmm_ego" else MLP_PPO_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.policy == "gmm_ego":
+        return _train_gmm_ppo(args)
+    if args.init is not None:
+        raise InvalidOptionError("--init is for --policy gmm_ego (the mlp policy trains from scratch).")
     try:
         net_arch = tuple(int(w) for w in args.net_arch.split(","))
     except ValueError as e:
@@ -304,7 +349,8 @@ def _train_ppo(args: argparse.Namespace) -> int:
                        ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, net_arch=net_arch,
                        log_std_init=args.log_std_init, traffic=args.traffic,
                        normalize_obs=not args.no_normalize_obs, collision_penalty=args.collision_penalty,
-                       offroad_penalty=args.offroad_penalty,
+                       offroad_penalty=args.offroad_penalty, log_divergence_penalty=args.log_divergence_penalty,
+                       terminate=not args.no_terminate,
                        obs=ObsConfig(flat=True, normalize=True, num_map_chunks=args.num_map_chunks,
                                      num_agents=args.num_agents), eval_every=args.eval_every,
                        eval_scenes=args.eval_scenes, seed=args.seed)
@@ -461,9 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     catk.add_argument("--seed", type=int, default=0)
     catk.set_defaults(func=_train_catk)
 
-    ppo = train_sub.add_parser("ppo", help="PPO in the ego env: an MLP policy by stable-baselines3 (--policy mlp)")
+    ppo = train_sub.add_parser("ppo", help="PPO in the ego env: an MLP policy by stable-baselines3 (--policy mlp) "
+                                          "or fine-tuning of the Gaussian-mixture ego (--policy gmm_ego)")
     ppo.add_argument("--policy", default="mlp", help="the policy to train: mlp (SB3's MlpPolicy on the flat, "
-                                                    "normalised ego observation)")
+                                                    "normalised ego observation) or gmm_ego (fine-tunes --init)")
+    ppo.add_argument("--init", default=None, help="gmm_ego: the weights to start from (a bundled name, e.g. "
+                                                  "towns-gmm-catk, or a checkpoint file)")
     ppo.add_argument("--dataset", default="towns", help="'towns' or a trajdata dataset name")
     ppo.add_argument("--data-dir", default=None, help="dataset files (not needed for towns)")
     ppo.add_argument("--split", default="train", help="split to train on")
@@ -477,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--num-envs", type=int, default=16, help="scenes stepped in one batch")
     ppo.add_argument("--n-steps", type=int, default=256, help="steps per env and rollout")
     ppo.add_argument("--batch-size", type=int, default=512, help="minibatch of each gradient step")
-    ppo.add_argument("--epochs", type=int, default=5, help="passes over each rollout")
-    ppo.add_argument("--lr", type=float, default=3e-4)
+    ppo.add_argument("--epochs", type=int, default=None, help="passes over each rollout (mlp 5, gmm_ego 2)")
+    ppo.add_argument("--lr", type=float, default=None, help="mlp 3e-4; gmm_ego 5e-5 (cosine to 10 %%)")
     ppo.add_argument("--gamma", type=float, default=0.99)
     ppo.add_argument("--ent-coef", type=float, default=0.0)
     ppo.add_argument("--max-grad-norm", type=float, default=0.5)
@@ -493,8 +542,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training reward per step in collision (the env's is -5; evaluation always scores the env's)")
     ppo.add_argument("--offroad-penalty", type=float, default=-20.0,
                      help="training reward per step off the road (the env's default -5)")
+    ppo.add_argument("--log-divergence-penalty", type=float, default=0.0,
+                     help="training reward per step and metre from the logged ego position (<= 0; the env's 0)")
+    ppo.add_argument("--no-terminate", action="store_true",
+                     help="training episodes go on after a collision or leaving the road (the penalties then recur "
+                          "every step there); evaluation episodes still end")
     ppo.add_argument("--eval-every", type=int, default=100_000, help="env steps between evaluations on val")
     ppo.add_argument("--eval-scenes", type=int, default=32, help="val scenes per evaluation (spread over the split)")
+    ppo.add_argument("--iterations", type=int, default=150, help="gmm_ego: rollouts in all")
+    ppo.add_argument("--scenes-per-rollout", type=int, default=16, help="gmm_ego: scenes of each rollout")
+    ppo.add_argument("--minibatches", type=int, default=2, help="gmm_ego: gradient steps per pass over a rollout")
+    ppo.add_argument("--kl-coef", type=float, default=0.1, help="gmm_ego: weight of the KL to the initial policy")
+    ppo.add_argument("--pose-std", default="0.5,0.5,0.05",
+                     help="gmm_ego: exploration noise of the pose around the chosen component (x m, y m, heading)")
+    ppo.add_argument("--top-k", type=int, default=3, help="gmm_ego: the components each decision draws among")
+    ppo.add_argument("--value-warmup", type=int, default=5, help="gmm_ego: first iterations train the value only")
+    ppo.add_argument("--val-every", type=int, default=25, help="gmm_ego: iterations between validations")
+    ppo.add_argument("--scenes", type=int, default=None, help="gmm_ego: only the first N scenes of the split")
+    ppo.add_argument("--ckpt-every", type=int, default=50, help="gmm_ego: gradient steps between checkpoints")
     ppo.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     ppo.add_argument("--quiet", action="store_true", help="no progress bar or per-evaluation lines")
     ppo.add_argument("--seed", type=int, default=0)

@@ -262,11 +262,17 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         self.out = Path(cfg.out)
         self.step = 0
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        # weight decay on weight matrices only; a model's ``lr_scales()`` ({name prefix: multiplier}) gives some
+        # parameters their own learning rate (e.g. a head trained from scratch beside fine-tuned weights)
+        scales = model.lr_scales() if callable(getattr(model, "lr_scales", None)) else {}
+        groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}  # (decayed, lr multiplier)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                scale = next((v for k, v in scales.items() if name.startswith(k)), 1.0)
+                groups.setdefault((p.dim() >= 2, float(scale)), []).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": groups[key], "weight_decay": cfg.weight_decay if key[0] else 0.0, "lr_scale": key[1]}
+             for key in sorted(groups, key=lambda k: (not k[0], k[1]))], lr=cfg.lr)
         self.loss_module: torch.nn.Module = _Loss(self.model)
         if self.world > 1:
             # find_unused_parameters: a batch need not touch every parameter (e.g. the embedding of an agent type
@@ -300,7 +306,7 @@ class Trainer:
     def train_step(self, batch) -> dict:
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
         loss_sum, count, metrics = self.loss_module(batch)
         total = torch.as_tensor(float(count), device=loss_sum.device)
         if self.world > 1:
@@ -341,6 +347,9 @@ class Trainer:
                 tensors[f"optim.{i}.{k}"] = torch.as_tensor(v)
         extra = {"step": self.step, "data": self._data_state(), "param_groups": state["param_groups"],
                  "train_config": asdict(self.cfg)}
+        own = getattr(self.model, "checkpoint_extra", None)  # the model's own metadata, if it has any
+        if callable(own):
+            extra.update(own())
         return save_checkpoint(self.out / CHECKPOINT, name, config, tensors, extra=extra)
 
     def save_weights(self) -> Path | None:
