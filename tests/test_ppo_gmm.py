@@ -306,3 +306,31 @@ def test_the_training_state_is_not_mistaken_for_the_agents_weights(tmp_path):
                            extra={"weights_of": "gmm_ego"})
     with pytest.raises(CheckpointError, match="training state .* load .*model.safetensors"):
         make_agent("gmm_ego", checkpoint=path)
+
+
+def test_learning_curves_put_env_steps_on_the_x_axis(tmp_path):
+    import json
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from envs.errors import TrafficGymError
+    from training.ppo_curves import plot, read_run
+
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    (run / "ppo.json").write_text(json.dumps({"scenes": 4}))
+    w = SummaryWriter(str(run / "tb"))
+    for step, length in ((4, 50.0), (8, 80.0), (12, 60.0)):  # one rollout per 4 gradient steps
+        w.add_scalar("train/episode_length", length, step)
+        for key in ("return", "collision", "offroad", "progress"):
+            w.add_scalar(f"train/episode_{key}", float(step), step)
+    w.close()
+    (run / "val.jsonl").write_text("\n".join(json.dumps(
+        {"step": s, "return": 1.0, "collision": 0.0, "offroad": 0.0, "progress": 9.0, **extra})
+        for s, extra in ((0, {"env_steps": 0}), (8, {}))))
+    data = read_run(run)
+    np.testing.assert_allclose(data["train"]["return"][0], [200, 520, 760])  # cumulative 4 x mean length
+    np.testing.assert_allclose(data["val"]["progress"][0], [0, 520])  # given, or read off the rollouts
+    assert plot([str(run)], ["a"], tmp_path / "c.png").stat().st_size > 10_000
+    with pytest.raises(TrafficGymError, match="not a gmm_ego PPO run"):
+        read_run(tmp_path)

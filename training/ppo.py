@@ -431,13 +431,15 @@ class PpoRollouts:
             p.requires_grad_(False)
         self.agent = GmmPpoRollout(module.policy, cfg.top_k, cfg.pose_std, cfg.tracking)
         self.iteration = 0
+        self.env_steps = 0  # over all processes, since the start of the run
         self.last_stats: dict = {}
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "env_steps": self.env_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
+        self.env_steps = int(state.get("env_steps", 0))
 
     def _scene_order(self, iteration: int) -> list[int]:
         per_epoch = max(len(self.positions) // self.cfg.scenes, 1)
@@ -492,6 +494,8 @@ class PpoRollouts:
         adv_n, ret_n = adv[roll.row, index], ret[roll.row, index]
         adv_n = self._normalise(adv_n)
         stats = self._episode_stats(roll)
+        self.env_steps += int(round(stats["episode_length"] * cfg.scenes))
+        stats["env_steps"] = float(self.env_steps)
         self.last_stats = stats
         weight = 0.0 if it < cfg.value_warmup else 1.0
         rng = np.random.default_rng(cfg.seed * 31 + it)
@@ -566,6 +570,14 @@ def ppo_validation(cfg: GmmPpoConfig, data: dict, scenes: int, split: str = "val
     return validate
 
 
+class _ValidationFromStart(Validation):
+    """``Validation`` that also scores the initial weights before the first update (a fresh run only)."""
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.step == 0:
+            self._run(trainer)
+
+
 class _NanGuard(Callback):
     """Stops with ``TrainingDivergedError`` (the step, the last good checkpoint) when the loss turns NaN."""
 
@@ -581,9 +593,10 @@ class _NanGuard(Callback):
 
 def train_gmm_ppo(out: str | Path, cfg: GmmPpoConfig, init: str, data: dict | None = None, split: str = "train",
                   val_split: str = "val", resume: bool = False, progress: bool = True, scenes: int | None = None,
-                  validate: bool = True, ckpt_every: int = 0) -> tuple[GmmPpo, list[dict]]:
+                  validate: bool = True, ckpt_every: int = 0, callbacks=()) -> tuple[GmmPpo, list[dict]]:
     """PPO fine-tuning of the ``gmm_ego`` weights ``init`` (a checkpoint or bundled name) in the ego env; see the
-    module docstring. ``scenes``: only the first N scenes of the split. Returns the module and the history."""
+    module docstring. ``scenes``: only the first N scenes of the split; ``callbacks``: more
+    ``training.trainer.Callback`` objects. Returns the module and the history."""
     import gymnasium as gym
 
     import envs  # noqa: F401
@@ -612,15 +625,16 @@ def train_gmm_ppo(out: str | Path, cfg: GmmPpoConfig, init: str, data: dict | No
     rollouts = PpoRollouts(module, engine, cfg, list(range(n)))
     if not resume and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps({"init": str(init), "scenes": n, **cfg.to_json()}, indent=1))
+        (out / RUN_FILE).write_text(json.dumps({"init": str(init), "split_scenes": n, **cfg.to_json()}, indent=1))
     tcfg = TrainConfig(out=str(out), max_steps=cfg.max_steps, batch_size=cfg.scenes, lr=cfg.lr,
                        final_lr_fraction=cfg.final_lr_fraction, grad_clip=cfg.grad_clip, seed=cfg.seed,
                        resume=resume, progress=progress, ckpt_every=ckpt_every, weight_decay=0.0,
                        log_every=cfg.epochs * cfg.minibatches)
-    callbacks: list[Callback] = [_NanGuard()]
+    callbacks = [_NanGuard(), *callbacks]
     if validate:
         every = cfg.val_every * cfg.epochs * cfg.minibatches
-        callbacks.append(Validation(ppo_validation(cfg, data, cfg.val_scenes, val_split), every))
+        score = ppo_validation(cfg, data, cfg.val_scenes, val_split)
+        callbacks.append(_ValidationFromStart(lambda m: {**score(m), "env_steps": rollouts.env_steps}, every))
     trainer = Trainer(module, rollouts, tcfg, save_fn=save_gmm_ppo, callbacks=callbacks)
     history = trainer.fit()
     if rank == 0:
