@@ -44,7 +44,8 @@ GMM_STD = (1.0, 1.0, 0.1, 0.1)  # fixed standard deviations over (x m, y m, cos 
 TOP_COMPONENTS = 3  # the components the agent (and CAT-K's rollout) chooses among
 # Bundled weights by name (``make_agent("gmm_ego", checkpoint="towns-gmm")``), each made by the README command.
 PRETRAINED = {"towns-gmm": Path(__file__).parent / "weights" / "gmm_nano_towns.safetensors",
-              "towns-gmm-catk": Path(__file__).parent / "weights" / "gmm_catk_nano_towns.safetensors"}
+              "towns-gmm-catk": Path(__file__).parent / "weights" / "gmm_catk_nano_towns.safetensors",
+              "towns-gmm-ppo": Path(__file__).parent / "weights" / "gmm_ppo_nano_towns.safetensors"}
 
 
 def gmm_nll(logits: torch.Tensor, mean: torch.Tensor, target: torch.Tensor,

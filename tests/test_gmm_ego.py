@@ -497,7 +497,7 @@ def test_it_drives_the_ego_in_eval_render_and_the_ego_env(tmp_path, capsys):
     torch.testing.assert_close(st.traj[0, e, :, :3], ref.traj[0, e, :, :3], atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["towns-gmm", "towns-gmm-catk"])
+@pytest.mark.parametrize("name", ["towns-gmm", "towns-gmm-catk", "towns-gmm-ppo"])
 def test_bundled_towns_weights_load_and_drive_the_ego_closer_to_the_log_than_constant_velocity(name):
     # the shipped checkpoints (README: the gmm_ego section) are nano backbones with anchored components, and they
     # drive: on towns val scenes the ego stays closer to the log than constant velocity's

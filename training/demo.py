@@ -5,7 +5,7 @@
    off-road rates, minADE, distance travelled (``trafficgym eval --rollouts 8`` with those metrics; the README's
    tables use all 128 scenes and 32 rollouts);
 2. ego: the ``trafficgym/Ego-v0`` vector env with reactive traffic (IDM, then the learned policy), driven by two
-   reference controllers and by the learned ego policy (the bundled ``towns-gmm`` weights, through
+   reference controllers and by the learned ego policy (the bundled ``towns-gmm-ppo`` weights, through
    ``agents.env_policy.AgentPolicy``);
 3. a video: the learned policy driving every agent of one val scene, next to the log.
 """
@@ -21,7 +21,7 @@ import torch
 
 # the best bundled learned policy (chosen on towns val; the README's tables compare them on test)
 DEMO_POLICY = "towns-nano-3k"
-DEMO_EGO_POLICY = "towns-gmm"  # the learned ego of the ego-env rows
+DEMO_EGO_POLICY = "towns-gmm-ppo"  # the learned ego of the ego-env rows (the best on towns val)
 # (agent, checkpoint): the learned policy with its bundled weights, then the baselines
 DEMO_AGENTS = (("smart", DEMO_POLICY), ("log_replay", None), ("idm", None), ("constant_velocity", None),
                ("random", None))

@@ -59,6 +59,8 @@ class PpoMlpConfig:
     normalize_obs: bool = True  # SB3's VecNormalize (running mean / std of each feature, clipped to ±10)
     collision_penalty: float = -5.0  # the training reward's collision and off-road weights (the env's: -5)
     offroad_penalty: float = -5.0
+    log_divergence_penalty: float = 0.0  # training reward per metre from the logged ego position, per step
+    terminate: bool = True  # training episodes end at a collision / leaving the road (evaluation's always do)
     traffic: str = "log"
     obs: ObsConfig = field(default_factory=lambda: ObsConfig(flat=True, normalize=True))
     eval_every: int = 100_000
@@ -108,10 +110,12 @@ def make_env(cfg: PpoMlpConfig, num_envs: int, data: dict, split: str, same_step
     import envs  # noqa: F401
     from envs.rewards import RewardConfig
 
-    reward = RewardConfig(collision=cfg.collision_penalty, offroad=cfg.offroad_penalty)
+    reward = RewardConfig(collision=cfg.collision_penalty, offroad=cfg.offroad_penalty,
+                          log_divergence=cfg.log_divergence_penalty)
     return gym.make_vec("trafficgym/Ego-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
                         autoreset_mode="SameStep" if same_step else "NextStep", split=split,
-                        traffic=_traffic(cfg.traffic), obs=cfg.obs, reward=reward, **data)
+                        traffic=_traffic(cfg.traffic), obs=cfg.obs, reward=reward,
+                        terminate_on_collision=cfg.terminate, terminate_on_offroad=cfg.terminate, **data)
 
 
 def wrap_env(cfg: PpoMlpConfig, venv):
