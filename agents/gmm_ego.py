@@ -127,10 +127,7 @@ class GmmEgoModel(SmartModel):
 
             raise TrafficGymError("A gmm_ego batch needs next_pose targets (training.bc_data.scene_sample with "
                                   "pose_targets=...).")
-        enc = self.encode_map(batch.map_points, batch.map_pose, batch.map_type, batch.map_valid, nbr=batch.map_nbr,
-                              rows=batch.map_rows)
-        logits, mean = self(enc, batch.pose, batch.valid, batch.in_token, batch.agent_type, batch.extent,
-                            m2a_nbr=batch.m2a_nbr)
+        logits, mean = self.mixture(self.batch_features(batch))
         sel = batch.next_pose_valid & batch.valid
         if not sel.any():
             return 0.0 * (logits.sum() + mean.sum()), 0, {"top1_error": 0.0}

@@ -373,17 +373,9 @@ class GmmPpo(nn.Module):
         """Parameter-name prefix -> learning-rate multiplier (``Trainer``)."""
         return {"value.": self.cfg.value_lr_scale}
 
-    def features(self, tokens) -> torch.Tensor:
-        """``(B, A, S, D)`` decoder features of a teacher-forcing batch."""
-        m = self.policy
-        enc = m.encode_map(tokens.map_points, tokens.map_pose, tokens.map_type, tokens.map_valid, nbr=tokens.map_nbr,
-                           rows=tokens.map_rows)
-        return m.decode(enc, tokens.pose, tokens.valid, tokens.in_token, tokens.agent_type, tokens.extent,
-                        tokens.m2a_nbr)
-
     def score(self, tokens, row, agent, step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mixture logits ``(N, K)``, means ``(N, K, 3)`` and values ``(N,)`` at the given agent-steps."""
-        x = self.features(tokens)[row, agent, step]
+        x = self.policy.batch_features(tokens)[row, agent, step]
         logits, mean = self.policy.mixture(x)
         return logits, mean, self.value(x.detach()).squeeze(-1)
 
@@ -470,13 +462,13 @@ class PpoRollouts:
         with torch.no_grad():
             row, agent, step = (torch.as_tensor(roll.row), torch.as_tensor(roll.ego[roll.row]),
                                 torch.as_tensor(roll.step))
-            x = module.features(tokens)
+            x = module.policy.batch_features(tokens)
             logits, mean = module.policy.mixture(x[row, agent, step])
             values = module.value(x[row, agent, step]).squeeze(-1)
             b = len(roll.samples)
             last = module.value(x[torch.arange(b), torch.as_tensor(roll.ego),
                                   torch.as_tensor(roll.final_step)]).squeeze(-1).numpy()
-            init_x = self._init_features(tokens)[row, agent, step]
+            init_x = self.init.batch_features(tokens)[row, agent, step]
             init_logits, init_mean = self.init.mixture(init_x)
             old_logp = action_log_prob(logits, mean, torch.as_tensor(roll.allowed), torch.as_tensor(roll.comp),
                                        torch.as_tensor(roll.pose), cfg.pose_std)
@@ -515,13 +507,6 @@ class PpoRollouts:
                     ret=torch.as_tensor(ret_n[sel], dtype=torch.float32), init_logits=init_logits[sel],
                     init_mean=init_mean[sel], policy_weight=weight, stats=stats)
         self.iteration += 1
-
-    def _init_features(self, tokens) -> torch.Tensor:
-        m = self.init
-        enc = m.encode_map(tokens.map_points, tokens.map_pose, tokens.map_type, tokens.map_valid, nbr=tokens.map_nbr,
-                           rows=tokens.map_rows)
-        return m.decode(enc, tokens.pose, tokens.valid, tokens.in_token, tokens.agent_type, tokens.extent,
-                        tokens.m2a_nbr)
 
     def _normalise(self, adv: np.ndarray) -> np.ndarray:
         """Advantages standardised over the global rollout (all processes)."""

@@ -268,14 +268,18 @@ class SmartModel(nn.Module):
             x = self._layer(i, x, x.reshape(b * a * s, -1), idx_t, rel_t, t_ok, map_enc, *spatial)
         return x
 
+    def batch_features(self, batch: TokenBatch) -> torch.Tensor:
+        """``decode`` of a whole ``TokenBatch`` (its map encoded first): features ``(B, A, S, D)``, teacher-forced."""
+        enc = self.encode_map(batch.map_points, batch.map_pose, batch.map_type, batch.map_valid, nbr=batch.map_nbr,
+                              rows=batch.map_rows)
+        return self.decode(enc, batch.pose, batch.valid, batch.in_token, batch.agent_type, batch.extent,
+                           batch.m2a_nbr)
+
     def loss(self, batch: TokenBatch) -> tuple[torch.Tensor, int, dict]:
         """Teacher-forced next-token cross-entropy (label smoothing ``cfg.label_smoothing``) *summed*
         over every valid target, their count, and the next-token accuracy (the trainer divides by the count
         summed over all processes)."""
-        enc = self.encode_map(batch.map_points, batch.map_pose, batch.map_type, batch.map_valid, nbr=batch.map_nbr,
-                              rows=batch.map_rows)
-        logits = self(enc, batch.pose, batch.valid, batch.in_token, batch.agent_type, batch.extent,
-                      m2a_nbr=batch.m2a_nbr)
+        logits = self.logits(self.batch_features(batch))
         total = batch.pose.new_zeros(())
         count = correct = 0
         for name, lg in logits.items():
