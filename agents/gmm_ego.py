@@ -289,12 +289,16 @@ class GmmEgoAgent(SmartAgent):
         out = torch.zeros(*mask.shape, self.horizon, 2, device=state.device, dtype=state.current.dtype)
         sel = mask & live
         if sel.any():
-            comp = self._component(logits[sel], mean[sel], state, sel)
-            local = mean[sel][torch.arange(len(comp)), comp]
+            local = self._target(logits[sel], mean[sel], state, sel)
             act = bicycle_toward(state.current[sel].float(), local.float(), TOKEN_STEPS * float(state.dt),
                                  tracking=self.tracking)
             out[sel] = act[:, None].to(out.dtype).expand(-1, self.horizon, -1)
         return out
+
+    def _target(self, logits: torch.Tensor, mean: torch.Tensor, state, sel: torch.Tensor) -> torch.Tensor:
+        """The pose ``(N, 3)`` (agent frame) each driven agent drives toward: its chosen component's mean."""
+        comp = self._component(logits, mean, state, sel)
+        return mean[torch.arange(len(comp)), comp]
 
     def _component(self, logits: torch.Tensor, mean: torch.Tensor, state, sel: torch.Tensor) -> torch.Tensor:
         """The component each driven agent follows (``(N,)`` from logits ``(N, K)`` and means ``(N, K, 3)``): a

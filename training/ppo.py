@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from agents.gmm_ego import GMM_STD, GmmEgoAgent, GmmEgoModel, bicycle_toward
+from agents.gmm_ego import GMM_STD, GmmEgoAgent, GmmEgoModel
 from agents.smart.tokenizer import TOKEN_STEPS
 from envs.errors import CheckpointError, TrafficGymError, UnknownNameError
 from envs.geometry import wrap_angle
@@ -211,18 +211,17 @@ class GmmPpoRollout(GmmEgoAgent):
         self.row_generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.records = []
 
-    @torch.no_grad()
-    def plan(self, state, mask):
+    def _target(self, logits, mean, state, sel):
+        """Rows replanning now in an active episode draw (and record) a decision; the others' poses are not used."""
         stale = (self._age >= self.replan_every).to(state.device)
         active = torch.ones_like(stale) if self.active is None else self.active.to(state.device)
-        live = state.current_valid & state.agent_mask
-        logits, mean = self._encode_now(state)
-        out = torch.zeros(*mask.shape, self.horizon, 2, device=state.device, dtype=state.current.dtype)
-        sel = mask & live & (stale & active)[:, None]
-        if not sel.any():
-            return out
-        rows, _ = sel.nonzero(as_tuple=True)
-        lg, mu = logits[sel].float(), mean[sel].float()
+        rows_all, _ = sel.nonzero(as_tuple=True)
+        drawn = (stale & active)[rows_all]
+        lg_all, mu_all = logits.float(), mean.float()
+        local = mu_all[torch.arange(len(lg_all)), lg_all.argmax(-1)]
+        if not drawn.any():
+            return local
+        rows, lg, mu = rows_all[drawn], lg_all[drawn], mu_all[drawn]
         k = min(self.top_k, lg.shape[-1])
         allowed = torch.zeros_like(lg, dtype=torch.bool).scatter_(-1, lg.topk(k, dim=-1).indices, True)
         probs = torch.softmax(lg.masked_fill(~allowed, float("-inf")), dim=-1)
@@ -233,11 +232,10 @@ class GmmPpoRollout(GmmEgoAgent):
         comp = comp.clamp(max=lg.shape[-1] - 1)
         comp = torch.where(allowed.gather(-1, comp[:, None]).squeeze(-1), comp, lg.argmax(-1))
         pose = mu[torch.arange(len(comp)), comp] + noise.to(mu) * self.pose_std.to(mu)
-        act = bicycle_toward(state.current[sel].float(), pose, TOKEN_STEPS * float(state.dt), tracking=self.tracking)
-        out[sel] = act[:, None].to(out.dtype).expand(-1, self.horizon, -1)
+        local[drawn] = pose
         self.records.append({"rows": rows.cpu(), "t": state.t[rows].cpu(), "comp": comp.cpu(),
                              "allowed": allowed.cpu(), "pose": pose.cpu(), "logits": lg.cpu()})
-        return out
+        return local
 
 
 class _EngineView:
