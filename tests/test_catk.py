@@ -182,6 +182,10 @@ def test_catk_bad_options_are_named(tmp_path):
         train_catk(_bundled_model(), ds, tmp_path, max_steps=1, tracking="position")
     with pytest.raises(UnknownNameError, match="pose-target set 'all'"):
         train_catk(_bundled_model(), ds, tmp_path, max_steps=1, pose_targets="all")
+    with pytest.raises(ValueError, match="bc_mix must be a non-negative integer"):
+        train_catk(_bundled_model(), ds, tmp_path, max_steps=1, bc_mix=-1)
+    with pytest.raises(ValueError, match="with rollout='log' every sample already is one"):
+        train_catk(_bundled_model(), ds, tmp_path, max_steps=1, rollout="log", bc_mix=10)
     from agents.smart.agent import CatKRollout
 
     with pytest.raises(UnknownNameError, match="choice"):

@@ -392,6 +392,12 @@ def test_ego_catk_step_trains_the_head_and_decoder_and_leaves_the_frozen_set(tmp
     assert any(k.startswith("gmm_head.") for k in changed) and any(k.startswith("a2a.") for k in changed)
     with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 16\] \(mixture components\)"):
         train_catk(_gmm_on_nano(), ds, tmp_path / "x", max_steps=1, top_k=32)
+    # --bc-mix: the same scenes' behaviour-cloning samples join each batch (the ego's logged steps as targets)
+    _, mixed = train_catk(_gmm_on_nano(), ds, tmp_path / "mix", max_steps=1, batch_size=2, lr=1e-3, top_k=3,
+                          scenes=2, progress=False, ckpt_every=0, bc_mix=10)
+    bc_targets = sum(int(scene_sample(ds[i], model.motion_vocabulary(), model.cfg, pose_targets="ego")
+                         .next_pose_valid.sum()) for i in range(2))
+    assert mixed[0]["targets"] == history[0]["targets"] + bc_targets
 
 
 @pytest.mark.slow

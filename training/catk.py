@@ -206,7 +206,8 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
                final_lr_fraction: float = 0.05, top_k: int = 32, rollout: str = "catk", frozen: str = "catk",
                scenes: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True,
                ckpt_every: int = 200, validate_fn=None, val_every: int = 0, start_step: int = 10,
-               init: str = "", callbacks=(), tracking: str = "pose", pose_targets: str = "ego"):
+               init: str = "", callbacks=(), tracking: str = "pose", pose_targets: str = "ego",
+               bc_mix: int = 0):
     """Fine-tune ``model`` (a BC-trained ``SmartModel``) on ``ds``'s first ``scenes`` scenes by CAT-K.
 
     Each step rolls the next batch of scenes out with the current model (``rollout``: ``"catk"`` closest among
@@ -223,7 +224,11 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
     (``agents.gmm_ego.reachable_target``), in the frame of the rollout pose; only scenes with an ego are used.
     ``tracking``: how the rollout's bicycle follows the chosen component (``"pose"``: lands on it; ``"speed"``:
     as the agent drives in evaluation; see ``agents.gmm_ego.bicycle_toward``). ``pose_targets="vehicles"`` also
-    trains on every other vehicle's logged next pose (they replay the log), as the BC of ``towns-gmm`` did."""
+    trains on every other vehicle's logged next pose (they replay the log), as the BC of ``towns-gmm`` did.
+
+    ``bc_mix`` > 0: every batch also carries the behaviour-cloning samples of its scenes, tokenized with that many
+    nearest tokens of noise (``bc_data.scene_sample``; new noise at every visit), so the fine-tuning keeps training
+    on inputs off the log with targets back to it, as the BC weights were trained (0: CAT-K samples only)."""
     if rollout not in ROLLOUTS:
         raise UnknownNameError("CAT-K rollout", rollout, ROLLOUTS)
     if frozen not in TRAINABLE:
@@ -232,6 +237,11 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
         raise UnknownNameError("tracking", tracking, TRACKING)
     if pose_targets not in POSE_TARGETS:
         raise UnknownNameError("pose-target set", pose_targets, POSE_TARGETS)
+    if not isinstance(bc_mix, int) or isinstance(bc_mix, bool) or bc_mix < 0:
+        raise ValueError(f"bc_mix must be a non-negative integer (token-noise neighbours; 0: off), got {bc_mix!r}.")
+    if bc_mix and rollout == "log":
+        raise ValueError("bc_mix adds behaviour-cloning samples to CAT-K rollouts; with rollout='log' every sample "
+                         "already is one.")
     ego = isinstance(model, GmmEgoModel)
     v, what = (model.components, "mixture components") if ego else \
         (min(len(model.vocab(n)) for n in model.types), "the vocabulary size")
@@ -253,6 +263,7 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
         with atomic_write(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"agent": "gmm_ego" if ego else "smart", "init": init, "rollout": rollout,
                                        "frozen": frozen, "top_k": top_k, "lr": lr, "scenes": n, "seed": seed,
+                                       "bc_mix": bc_mix,
                                        **({"tracking": tracking, "pose_targets": pose_targets} if ego else {})},
                                       indent=1))
     torch.manual_seed(seed)
@@ -263,6 +274,7 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
     agent = None if rollout == "log" else rollout_cls(model, top_k=top_k, choice=rollout,
                                                       **({"tracking": tracking} if ego else {}))
     maps = {}
+    visits = [0]
 
     def make_batch(indices: list[int]) -> TokenBatch:
         scenes = [ds[i] for i in indices]
@@ -278,6 +290,10 @@ def train_catk(model: SmartModel, ds, out: str | Path, max_steps: int, batch_siz
         samples = catk_samples(agent, scenes, [maps[scene.map_id] for scene in scenes], start_step=start_step,
                                seed=seed + 7919 * indices[0], pose_targets=pose_targets)
         model.train(was_training)
+        if bc_mix:
+            visits[0] += 1
+            samples += [scene_sample(scene, vocab, model.cfg, token_noise=bc_mix, seed=seed + 104_729 * visits[0],
+                                     pose_targets=pose_targets if ego else None) for scene in scenes]
         return collate(samples)
 
     data = SampleBatches(usable, make_batch, batch_size, seed=seed,

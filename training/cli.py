@@ -271,7 +271,7 @@ def _train_catk(args: argparse.Namespace) -> int:
                                 scenes=args.scenes, seed=args.seed, resume=args.resume, progress=rank == 0,
                                 ckpt_every=args.ckpt_every, validate_fn=validate, val_every=args.val_every,
                                 init=str(args.init), tracking=args.tracking,
-                                pose_targets=args.pose_targets)
+                                pose_targets=args.pose_targets, bc_mix=args.bc_mix)
     if rank == 0:
         last = [h for h in history if "loss" in h][-1]
         val = [h for h in history if any(k.startswith("val/") for k in h)]
@@ -499,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "component, pose (lands on it) or speed (as in evaluation)")
     catk.add_argument("--pose-targets", default="ego", help="gmm_ego: train on the ego's rollout only (ego) or "
                                                            "also on every other vehicle's logged next pose (vehicles)")
+    catk.add_argument("--bc-mix", type=int, default=0, metavar="N",
+                      help="also train on each batch's behaviour-cloning samples with N-nearest token noise "
+                           "(0: off)")
     catk.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
     catk.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints")
     catk.add_argument("--val-scenes", type=int, default=4, help="closed-loop validation scenes (0: none)")
