@@ -78,3 +78,39 @@ class MapEncoder(nn.Module):
             for layer in self.map_layers:
                 x = layer(x.reshape(b * m, -1), x.reshape(b * m, -1), flat, rel, ok.flatten(0, 1)).view(b, m, -1)
         return MapEncoding(x, pose, valid, rows=rows)
+
+
+GRID_CELL = 10.0  # m: cell of the rollouts' map->agent neighbour grid (``RadiusGrid``)
+
+
+@torch.no_grad()
+def encode_map_batch(encoder: MapEncoder, sources, encoded: dict, m2a_radius: float,
+                     device=None) -> MapEncoding:
+    """Every piece of each map of a rollout batch (``sources``: ``MapData`` objects, one per map index), encoded
+    by ``encoder`` once per map id (``encoded``: the caller's cache, map id -> encoding, kept while the weights
+    are fixed) and stacked ``(U, M, D)`` (padding invalid), with a ``RadiusGrid`` of the pieces for map->agent
+    queries within ``m2a_radius``. The whole map, not a crop around the logged tracks: where the agents will
+    drive is not known."""
+    from agents.nn.attention import RadiusGrid
+    from agents.nn.map_pieces import cached_map_pieces, map_piece_grid_table, map_piece_neighbours
+
+    for m in sources:
+        if m.map_id not in encoded:
+            p = cached_map_pieces(m)
+            nbr = map_piece_neighbours(m, encoder.k, encoder.radius)
+            encoded[m.map_id] = encoder(
+                torch.as_tensor(p["points"], device=device)[None], torch.as_tensor(p["pose"], device=device)[None],
+                torch.as_tensor(p["type"], device=device)[None],
+                torch.ones(1, len(p["pose"]), dtype=torch.bool, device=device),
+                nbr=torch.as_tensor(nbr, device=device)[None])
+    encs = [encoded[m.map_id] for m in sources]
+    u, width, d = len(encs), max(e.feat.shape[1] for e in encs), encs[0].feat.shape[-1]
+    feat = torch.zeros(u, width, d, device=device)
+    pose = torch.zeros(u, width, 3, device=device)
+    valid = torch.zeros(u, width, dtype=torch.bool, device=device)
+    for i, e in enumerate(encs):
+        n = e.feat.shape[1]
+        feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
+    grid = RadiusGrid.stack([map_piece_grid_table(m, m2a_radius, GRID_CELL) for m in sources], m2a_radius,
+                            GRID_CELL, device)
+    return MapEncoding(feat, pose, valid, grid=grid)

@@ -9,11 +9,9 @@ from pathlib import Path
 import torch
 
 from agents.base import PlanningAgent
-from agents.nn.attention import RadiusGrid
-from agents.nn.map_encoder import MapEncoding
-from agents.nn.map_pieces import cached_map_pieces, map_piece_grid_table, map_piece_neighbours
+from agents.nn.map_encoder import MapEncoding, encode_map_batch
 from agents.registry import register_agent
-from agents.smart.model import MAP_GRID_CELL, PRETRAINED, TEMPORAL_WINDOW, SmartConfig, SmartModel, type_of
+from agents.smart.model import PRETRAINED, TEMPORAL_WINDOW, SmartConfig, SmartModel, type_of
 from agents.smart.tokenizer import (
     TOKEN_BOX,
     TOKEN_STEPS,
@@ -139,32 +137,13 @@ class SmartAgent(PlanningAgent):
     @torch.no_grad()
     def _encode_maps(self, state) -> MapEncoding:
         """Every piece of each map of the batch (``state.maps``), encoded once per map and shared by the rows on
-        it. The whole map, not a crop around the logged tracks: where the agents will drive is not known. The
-        stacked encoding (with its projected keys/values and neighbour grid) is kept per set of maps: a vector
-        env's slot resets come back with the same maps."""
-        cfg, dev = self.model.cfg, state.device
+        it (``agents.nn.map_encoder.encode_map_batch``). The stacked encoding (with its projected keys/values and
+        neighbour grid) is kept per set of maps: a vector env's slot resets come back with the same maps."""
+        dev = state.device
         maps = tuple(m.map_id for m in state.maps.sources)
         if maps not in self._batch_maps:
-            for m in state.maps.sources:
-                if m.map_id not in self._encoded:
-                    p = cached_map_pieces(m)
-                    nbr = map_piece_neighbours(m, cfg.k_map, cfg.map_radius)
-                    self._encoded[m.map_id] = self.model.encode_map(
-                        torch.as_tensor(p["points"], device=dev)[None], torch.as_tensor(p["pose"], device=dev)[None],
-                        torch.as_tensor(p["type"], device=dev)[None],
-                        torch.ones(1, len(p["pose"]), dtype=torch.bool, device=dev),
-                        nbr=torch.as_tensor(nbr, device=dev)[None])
-            encs = [self._encoded[m] for m in maps]
-            u, width, d = len(encs), max(e.feat.shape[1] for e in encs), encs[0].feat.shape[-1]
-            feat = torch.zeros(u, width, d, device=dev)
-            pose = torch.zeros(u, width, 3, device=dev)
-            valid = torch.zeros(u, width, dtype=torch.bool, device=dev)
-            for i, e in enumerate(encs):
-                n = e.feat.shape[1]
-                feat[i, :n], pose[i, :n], valid[i, :n] = e.feat[0], e.pose[0], e.valid[0]
-            grid = RadiusGrid.stack([map_piece_grid_table(m, cfg.m2a_radius, MAP_GRID_CELL)
-                                     for m in state.maps.sources], cfg.m2a_radius, MAP_GRID_CELL, dev)
-            self._batch_maps[maps] = self.model.cache_map(MapEncoding(feat, pose, valid, grid=grid))
+            self._batch_maps[maps] = self.model.cache_map(encode_map_batch(
+                self.model.map_encoder, state.maps.sources, self._encoded, self.model.cfg.m2a_radius, dev))
         rows = torch.as_tensor(state.map_idx, dtype=torch.long, device=dev)
         return replace(self._batch_maps[maps], rows=rows)
 

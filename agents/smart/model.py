@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.nn.attention import NeighbourAttention, RelPoseEncoding, flat_index, gather, knn, relative_pose
-from agents.nn.map_encoder import MapEncoder, MapEncoding
+from agents.nn.map_encoder import GRID_CELL, MapEncoder, MapEncoding
 from agents.smart.tokenizer import TOKEN_STEPS, TYPE_NAMES, MotionVocabulary
 from envs.types import AgentType
 
@@ -41,7 +41,7 @@ PRETRAINED = {"towns-nano": Path(__file__).parents[1] / "weights" / "smart_nano_
               # 600 CAT-K steps from towns-nano-3k (as good on realism; not chosen for the demo on val)
               "towns-nano-catk": Path(__file__).parents[1] / "weights" / "smart_nano_catk_towns.safetensors"}
 TEMPORAL_WINDOW = 6  # steps of history each step attends to (itself included)
-MAP_GRID_CELL = 10.0  # m: cell of the rollout's map->agent neighbour grid (``RadiusGrid``)
+MAP_GRID_CELL = GRID_CELL  # m: cell of the rollout's map->agent neighbour grid (``RadiusGrid``)
 TOKEN_INPUT = (TOKEN_STEPS + 1) * 3  # a token's embedding input: its TOKEN_STEPS + 1 poses (x, y, heading), flat
 TEMPORAL_SCALE = 30.0  # m: Fourier scale of the temporal attention's relative poses (an agent's own past 2.5 s)
 # checkpoints written before the map encoder became its own module keep its tensors at the top level
