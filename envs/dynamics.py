@@ -125,6 +125,39 @@ class InvertibleBicycle(Dynamics):
         return torch.stack([accel, curvature], dim=-1)
 
 
+class Unicycle(Dynamics):
+    """Unicycle with action (acceleration m/s², yaw rate rad/s): the action space of the latent diffusion policy.
+
+    Speed changes by ``a·dt`` and the heading by ``yaw_rate·dt`` (it can turn on the spot, unlike the bicycle);
+    the position advances by the trapezoidal distance along the mean heading. ``inverse`` takes the speed change
+    from the velocities and the yaw rate from the heading change, so ``forward(inverse(s0, s1))`` reproduces heading
+    and speed exactly and the position as far as the logged displacement agrees with the logged speeds (the
+    towns round trip is in the README). Braking stops a moving vehicle and never reverses it.
+    Bounds: accel in [-10, 6] m/s² (as the bicycle), |yaw rate| <= 1.5 rad/s.
+    """
+
+    name = "unicycle"
+    action_names = ("acceleration", "yaw_rate")
+    action_low = (-10.0, -1.5)
+    action_high = (6.0, 1.5)
+
+    def forward(self, state, action, dt):
+        v0 = speed_along_heading(state)
+        v1 = v0 + action[..., 0] * dt
+        v1 = torch.where((v0 >= 0) & (v1 < 0), torch.zeros_like(v1), v1)
+        distance = 0.5 * (v0 + v1) * dt
+        turn = action[..., 1] * dt
+        mean_heading = state[..., 2] + 0.5 * turn
+        heading = wrap_angle(state[..., 2] + turn)
+        return torch.stack([state[..., 0] + distance * torch.cos(mean_heading),
+                            state[..., 1] + distance * torch.sin(mean_heading), heading,
+                            v1 * torch.cos(heading), v1 * torch.sin(heading)], dim=-1)
+
+    def inverse(self, state, next_state, dt):
+        v0, v1 = speed_along_heading(state), speed_along_heading(next_state)
+        return torch.stack([(v1 - v0) / dt, wrap_angle(next_state[..., 2] - state[..., 2]) / dt], dim=-1)
+
+
 class StatePose(Dynamics):
     """Action = the next pose in the world frame (x m, y m, heading rad): for planners and token policies
     that emit poses. Velocity = displacement / dt. Bounds are the world itself; per-step plausibility is
@@ -150,11 +183,12 @@ class StatePose(Dynamics):
         return jump | turn
 
 
-DYNAMICS: dict[str, type[Dynamics]] = {cls.name: cls for cls in (DeltaLocal, InvertibleBicycle, StatePose)}
+DYNAMICS: dict[str, type[Dynamics]] = {cls.name: cls for cls in (DeltaLocal, InvertibleBicycle, Unicycle, StatePose)}
 
 
 def make_dynamics(name: str | Dynamics) -> Dynamics:
-    """A dynamics model by name (``"bicycle"``, ``"delta_local"``, ``"pose"``) or pass-through of an instance."""
+    """A dynamics model by name (``"bicycle"``, ``"unicycle"``, ``"delta_local"``, ``"pose"``) or pass-through of
+    an instance."""
     if isinstance(name, Dynamics):
         return name
     if name not in DYNAMICS:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs import sim
-from envs.dynamics import DeltaLocal, InvertibleBicycle, StatePose, make_dynamics
+from envs.dynamics import DeltaLocal, InvertibleBicycle, StatePose, Unicycle, make_dynamics
 from envs.errors import EmptySceneError, NoEgoError, UnknownNameError
 from envs.geometry import box_corners, boxes_overlap, to_local, to_world, wrap_angle
 from envs.metrics import compute_step_metrics, compute_step_metrics_and_pairs
@@ -130,7 +130,7 @@ def _states(n=64, seed=0):
     return torch.stack([x, y, h, v * torch.cos(h), v * torch.sin(h)], dim=-1)
 
 
-@pytest.mark.parametrize("dyn", [DeltaLocal(), InvertibleBicycle(), StatePose()])
+@pytest.mark.parametrize("dyn", [DeltaLocal(), InvertibleBicycle(), Unicycle(), StatePose()])
 def test_inverse_of_forward_is_the_action(dyn):
     s = _states()
     g = torch.Generator().manual_seed(1)
@@ -138,7 +138,7 @@ def test_inverse_of_forward_is_the_action(dyn):
     if isinstance(dyn, StatePose):
         low, high = torch.tensor([-50.0, -50.0, -3.0], dtype=torch.float64), torch.tensor([150, 150, 3.0])
     a = low + (high - low) * torch.rand(64, dyn.action_dim, generator=g, dtype=torch.float64)
-    if isinstance(dyn, InvertibleBicycle):
+    if isinstance(dyn, InvertibleBicycle | Unicycle):
         a[:, 0] = a[:, 0].clamp(min=-9.0)  # keep the speed positive so curvature is observable
     nxt = dyn.forward(s, a, 0.1)
     torch.testing.assert_close(dyn.inverse(s, nxt, 0.1), a, atol=1e-6, rtol=1e-6)
@@ -168,6 +168,23 @@ def test_bicycle_reproduces_a_constant_turn_exactly():
     torch.testing.assert_close(actions, torch.tensor([[0.0, 0.05]] * 30, dtype=torch.float64), atol=1e-9, rtol=0)
     heading_after_30 = 30 * 0.1 * 10 / 20
     assert log[-1, 2].item() == pytest.approx(heading_after_30)
+
+
+def test_unicycle_turns_on_the_spot_and_reproduces_a_constant_turn():
+    dyn = Unicycle()
+    still = torch.tensor([[3.0, 4.0, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    spun = dyn.forward(still, torch.tensor([[0.0, 1.0]], dtype=torch.float64), 0.1)
+    torch.testing.assert_close(spun, torch.tensor([[3.0, 4.0, 0.6, 0.0, 0.0]], dtype=torch.float64))
+    # 10 m/s at 0.5 rad/s: a circle of radius 20 m; the inverse of the track is the action, exactly
+    states = [torch.tensor([[0.0, 0.0, 0.0, 10.0, 0.0]], dtype=torch.float64)]
+    for _ in range(30):
+        states.append(dyn.forward(states[-1], torch.tensor([[0.0, 0.5]], dtype=torch.float64), 0.1))
+    log = torch.cat(states)
+    torch.testing.assert_close(dyn.inverse(log[:-1], log[1:], 0.1),
+                               torch.tensor([[0.0, 0.5]] * 30, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert log[-1, 2].item() == pytest.approx(1.5)
+    stop = dyn.forward(states[0], torch.tensor([[-200.0, 0.0]], dtype=torch.float64), 0.1)
+    assert stop[0, 3].item() == 0.0 and stop[0, 0].item() == pytest.approx(0.5)  # brakes to a stop, no reverse
 
 
 def test_make_dynamics_unknown_name():
