@@ -14,7 +14,8 @@ from agents.base import Agent
 from envs.errors import CheckpointError, TrafficGymError, UnknownNameError
 
 AGENTS: dict[str, Callable[..., Agent]] = {}
-_BUILTIN_MODULES = ("agents.baselines", "agents.idm", "agents.smart", "agents.gmm_ego", "agents.ppo_mlp")
+_BUILTIN_MODULES = ("agents.baselines", "agents.idm", "agents.smart", "agents.gmm_ego", "agents.ppo_mlp",
+                    "agents.latent_diffusion")
 
 
 def register_agent(name: str):

@@ -156,7 +156,8 @@ def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int
     over the split (``rollouts`` samples each; a split is often ordered by map, and the first few scenes would all
     be one town). ``agent="smart"``: the model drives every agent; the mean realism meta-metric, minADE and BLM's
     collision and off-road rates. ``agent="gmm_ego"``: the model drives the ego among the logged others; the ego's
-    minADE and ADE and the fractions of rollouts where it collides / leaves the road."""
+    minADE and ADE and the fractions of rollouts where it collides / leaves the road. ``agent="latent_diffusion"``:
+    as ``smart``, with the diffusion policy driving every agent."""
     import copy
 
     import numpy as np
@@ -174,6 +175,14 @@ def closed_loop_validation(val_ds, scenes: int = 4, rollouts: int = 4, seed: int
         setting, metrics = "ego", ["planning"]
         keys = ("planning_min_ade", "planning_ade", "planning_collision", "planning_offroad")
         picked = [i for i in picked if val_ds.entry(i).ego_index >= 0]
+    elif agent == "latent_diffusion":
+        from agents.latent_diffusion import LatentDiffusionAgent
+
+        def make(model):
+            return LatentDiffusionAgent(model)
+
+        setting, metrics = "sim_agents", ["realism", "min_ade", "blm_safety"]
+        keys = ("realism_meta_wosac2024", "min_ade", "blm_collision_rate", "blm_offroad_rate")
     else:
         from agents.smart import SmartAgent
 

@@ -283,6 +283,56 @@ def _train_catk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_vae(args: argparse.Namespace) -> int:
+    from training.diffusion import train_vae
+    from training.distributed import init_from_env
+
+    rank, world = init_from_env()
+    out = Path(args.out)
+    vae, history = train_vae(_open(args, args.split), out, args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                             beta=args.beta, beta_ramp=args.beta_ramp, horizon=args.horizon,
+                             latent_dim=args.latent_dim, scenes=args.scenes,
+                             val_ds=_open(args, "val") if args.val_scenes > 0 and rank == 0 else None,
+                             val_scenes=args.val_scenes, val_every=args.val_every, seed=args.seed,
+                             resume=args.resume, progress=rank == 0, ckpt_every=args.ckpt_every)
+    if rank == 0:
+        last = [h for h in history if "loss" in h][-1]
+        val = [h for h in history if any(k.startswith("val/") for k in h)]
+        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
+                          "steps": last["step"], "loss": round(last["loss"], 4), "ade": round(last["ade"], 4),
+                          "kl": round(last["kl"], 3), "processes": world,
+                          "validation": val[-1] if val else None}, indent=1))
+    return 0
+
+
+def _train_diffusion(args: argparse.Namespace) -> int:
+    from agents.latent_diffusion import load_vae
+    from training.diffusion import train_diffusion
+    from training.distributed import init_from_env
+
+    rank, world = init_from_env()
+    out = Path(args.out)
+    vae = load_vae(args.vae)
+    validate = None
+    if args.val_scenes > 0 and rank == 0:
+        from training.bc import closed_loop_validation
+
+        validate = closed_loop_validation(_open(args, "val"), scenes=args.val_scenes, seed=args.seed,
+                                          agent="latent_diffusion")
+    model, history = train_diffusion(_open(args, args.split), vae, out, args.max_steps, batch_size=args.batch_size,
+                                     lr=args.lr, size=args.size, scenes=args.scenes, seed=args.seed,
+                                     resume=args.resume, progress=rank == 0, ckpt_every=args.ckpt_every,
+                                     validate_fn=validate, val_every=args.val_every,
+                                     **_agent_args(args.model_arg, "--model-arg", "blocks=6"))
+    if rank == 0:
+        last = [h for h in history if "loss" in h][-1]
+        val = [h for h in history if any(k.startswith("val/") for k in h)]
+        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
+                          "steps": last["step"], "loss": round(last["loss"], 4), "processes": world,
+                          "validation": val[-1] if val else None}, indent=1))
+    return 0
+
+
 def _train_gmm_ppo(args: argparse.Namespace) -> int:
     from envs.errors import InvalidOptionError
     from training.distributed import init_from_env
@@ -435,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--seed", type=int, default=0)
     ren.set_defaults(func=_render)
 
-    train = sub.add_parser("train", help="training: motion vocabulary, BC, CAT-K, PPO")
+    train = sub.add_parser("train", help="training: motion vocabulary, BC, CAT-K, PPO, action VAE, latent diffusion")
     train_sub = train.add_subparsers(dest="train_command", required=True)
     voc = train_sub.add_parser("vocab", help="k-disk motion vocabulary per agent type from the training scenes")
     _add_dataset_args(voc, split_default="train", split_help="split to cluster")
@@ -567,6 +617,45 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--quiet", action="store_true", help="no progress bar or per-evaluation lines")
     ppo.add_argument("--seed", type=int, default=0)
     ppo.set_defaults(func=_train_ppo)
+
+    vae = train_sub.add_parser("vae", help="the latent diffusion policy, stage 1: the action VAE (also under "
+                               "torchrun)")
+    _add_dataset_args(vae, split_default="train", split_help="split to train on")
+    vae.add_argument("--out", required=True, help="run folder: checkpoint, TensorBoard logs")
+    vae.add_argument("--max-steps", type=int, default=3000)
+    vae.add_argument("--batch-size", type=int, default=256, help="action sequences per global batch")
+    vae.add_argument("--lr", type=float, default=1e-3)
+    vae.add_argument("--beta", type=float, default=0.01, help="KL weight at the end of its ramp")
+    vae.add_argument("--beta-ramp", type=float, default=0.5, help="fraction of the steps over which the KL weight "
+                     "rises from 0 to --beta")
+    vae.add_argument("--horizon", type=int, default=52, help="future steps per sequence (a multiple of 4)")
+    vae.add_argument("--latent-dim", type=int, default=8, help="channels of each latent step")
+    vae.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
+    vae.add_argument("--val-scenes", type=int, default=32, help="val scenes whose reconstruction is logged (0: none)")
+    vae.add_argument("--val-every", type=int, default=500, help="steps between validations (and at the end)")
+    vae.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+    vae.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    vae.add_argument("--seed", type=int, default=0)
+    vae.set_defaults(func=_train_vae)
+
+    dif = train_sub.add_parser("diffusion", help="the latent diffusion policy, stage 2: the latent denoiser on a "
+                               "trained VAE (also under torchrun)")
+    _add_dataset_args(dif, split_default="train", split_help="split to train on")
+    dif.add_argument("--vae", required=True, help="the trained action VAE (RUN/model.safetensors of train vae)")
+    dif.add_argument("--out", required=True, help="run folder: checkpoint, TensorBoard logs")
+    dif.add_argument("--size", default="nano", help="model size preset: nano, mini")
+    dif.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                     help="override a DiffusionConfig field (repeatable), e.g. blocks=6")
+    dif.add_argument("--max-steps", type=int, default=2000)
+    dif.add_argument("--batch-size", type=int, default=16, help="scenes per global batch (each at one replanning step)")
+    dif.add_argument("--lr", type=float, default=5e-4)
+    dif.add_argument("--scenes", type=int, default=None, help="only the first N scenes of the split")
+    dif.add_argument("--val-scenes", type=int, default=4, help="closed-loop validation scenes (0: none)")
+    dif.add_argument("--val-every", type=int, default=500, help="steps between validations (and at the end)")
+    dif.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
+    dif.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    dif.add_argument("--seed", type=int, default=0)
+    dif.set_defaults(func=_train_diffusion)
 
     data = sub.add_parser("data", help="datasets: statistics, cache, generation of the towns data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
