@@ -11,7 +11,9 @@ Denoiser (``LatentDenoiser``): the noisy latent ``(L, C)`` projected per latent 
 of dilated 1-D convolutions over the ``L`` steps with FiLM (a scale and shift per channel) from the diffusion
 time's embedding plus the agent's context, then a prediction of the clean latent as a mixture of ``components``
 diagonal Gaussians over the *whole* latent sequence (logits from the pooled features, means and log standard
-deviations per step). One component is one whole manoeuvre (keep the lane, turn, stop): a mixture per latent step,
+deviations per step; the condition also maps linearly onto the means, because through FiLM alone the context
+reached them slowly: squared error of the clean latent predicted from pure noise on val after 600 steps, 1.28
+against 1.34). One component is one whole manoeuvre (keep the lane, turn, stop): a mixture per latent step,
 as BLM has, could join the start of one manoeuvre to the end of another. Loss: the mixture's NLL of the clean
 latent (the VAE encoder's mean of the logged actions, scaled to unit variance by ``latent_scale``).
 """
@@ -200,6 +202,8 @@ class LatentDenoiser(nn.Module):
         self.mean_head = nn.Conv1d(d, k * cfg.latent_dim, 1)
         self.std_head = nn.Conv1d(d, k * cfg.latent_dim, 1)
         self.logit_head = nn.Linear(2 * d, k)
+        # the condition's direct say in the means: through FiLM alone the context reached them slowly (measured)
+        self.cond_mean = nn.Linear(d, k * cfg.latent_steps * cfg.latent_dim)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,7 +215,7 @@ class LatentDenoiser(nn.Module):
         for block in self.blocks:
             x = block(x, cond)
         x = nn.functional.gelu(self.out_norm(x))
-        mean = self.mean_head(x).view(n, k, c, steps).transpose(2, 3)  # (N, K, L, C)
+        mean = self.mean_head(x).view(n, k, c, steps).transpose(2, 3) + self.cond_mean(cond).view(n, k, steps, c)
         log_std = self.std_head(x).view(n, k, c, steps).transpose(2, 3).clamp(math.log(cfg.min_std), 1.0)
         logits = self.logit_head(torch.cat([x.mean(-1), cond], dim=-1))
         return logits, mean, log_std
