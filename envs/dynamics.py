@@ -25,6 +25,25 @@ def speed_along_heading(state: torch.Tensor) -> torch.Tensor:
     return state[..., 3] * torch.cos(state[..., 2]) + state[..., 4] * torch.sin(state[..., 2])
 
 
+def _accelerate(state: torch.Tensor, accel: torch.Tensor, dt: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speed after accelerating by ``accel`` for ``dt`` (braking stops a vehicle; it never drives it
+    backwards) and the trapezoidal distance travelled meanwhile, ``(...)`` each."""
+    v0 = speed_along_heading(state)
+    v1 = v0 + accel * dt
+    v1 = torch.where((v0 >= 0) & (v1 < 0), torch.zeros_like(v1), v1)
+    return v1, 0.5 * (v0 + v1) * dt
+
+
+def _advance(state: torch.Tensor, v1: torch.Tensor, distance: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """The next state ``(..., 5)``: ``distance`` along the mean heading of a ``turn``, heading turned by it, speed
+    ``v1`` along the new heading."""
+    mean_heading = state[..., 2] + 0.5 * turn
+    heading = wrap_angle(state[..., 2] + turn)
+    return torch.stack([state[..., 0] + distance * torch.cos(mean_heading),
+                        state[..., 1] + distance * torch.sin(mean_heading), heading,
+                        v1 * torch.cos(heading), v1 * torch.sin(heading)], dim=-1)
+
+
 class Dynamics(ABC):
     """A dynamics model. ``action_low``/``action_high`` are the physical bounds of one agent's action."""
 
@@ -102,17 +121,8 @@ class InvertibleBicycle(Dynamics):
     action_high = (6.0, 0.3)
 
     def forward(self, state, action, dt):
-        v0 = speed_along_heading(state)
-        v1 = v0 + action[..., 0] * dt
-        # Braking stops a vehicle; it never drives it backwards.
-        v1 = torch.where((v0 >= 0) & (v1 < 0), torch.zeros_like(v1), v1)
-        distance = 0.5 * (v0 + v1) * dt
-        turn = action[..., 1] * distance
-        mean_heading = state[..., 2] + 0.5 * turn
-        heading = wrap_angle(state[..., 2] + turn)
-        return torch.stack([state[..., 0] + distance * torch.cos(mean_heading),
-                            state[..., 1] + distance * torch.sin(mean_heading), heading,
-                            v1 * torch.cos(heading), v1 * torch.sin(heading)], dim=-1)
+        v1, distance = _accelerate(state, action[..., 0], dt)
+        return _advance(state, v1, distance, action[..., 1] * distance)
 
     def inverse(self, state, next_state, dt):
         v0, v1 = speed_along_heading(state), speed_along_heading(next_state)
@@ -142,16 +152,8 @@ class Unicycle(Dynamics):
     action_high = (6.0, 1.5)
 
     def forward(self, state, action, dt):
-        v0 = speed_along_heading(state)
-        v1 = v0 + action[..., 0] * dt
-        v1 = torch.where((v0 >= 0) & (v1 < 0), torch.zeros_like(v1), v1)
-        distance = 0.5 * (v0 + v1) * dt
-        turn = action[..., 1] * dt
-        mean_heading = state[..., 2] + 0.5 * turn
-        heading = wrap_angle(state[..., 2] + turn)
-        return torch.stack([state[..., 0] + distance * torch.cos(mean_heading),
-                            state[..., 1] + distance * torch.sin(mean_heading), heading,
-                            v1 * torch.cos(heading), v1 * torch.sin(heading)], dim=-1)
+        v1, distance = _accelerate(state, action[..., 0], dt)
+        return _advance(state, v1, distance, action[..., 1] * dt)
 
     def inverse(self, state, next_state, dt):
         v0, v1 = speed_along_heading(state), speed_along_heading(next_state)
