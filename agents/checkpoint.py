@@ -49,6 +49,20 @@ def save_checkpoint(path: str | Path, agent_name: str, config: dict, tensors: di
     return path
 
 
+def checkpoint_agent(path: str | Path) -> str | None:
+    """The agent name a checkpoint was saved for, read from its metadata alone (no tensors); None for a file that
+    is missing, unreadable or not a trafficgym checkpoint (``load_checkpoint`` says which)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    return meta.get("agent") if meta.get("format") == FORMAT else None
+
+
 def load_checkpoint(path: str | Path, expected_agent: str | None = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """Read ``(config, tensors, extra)``; ``CheckpointError`` if the file is missing, not a trafficgym
     checkpoint, or was made for another agent than ``expected_agent``; ``CheckpointChecksumError`` if its content

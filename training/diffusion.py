@@ -188,10 +188,8 @@ def _refuse_resume_of_other(out: Path, resume: bool, expected: str) -> None:
     path = out / CHECKPOINT
     if not path.exists():
         raise CheckpointError(f"--resume: no {path} to continue from.")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        agent = (f.metadata() or {}).get("agent")
+    from agents.checkpoint import checkpoint_agent
+    agent = checkpoint_agent(path)
     if agent != expected:
         what = {VAE_AGENT: "an action VAE run (trafficgym train vae)",
                 "latent_diffusion": "a latent diffusion run (trafficgym train diffusion)"}

@@ -12,6 +12,7 @@ the logged vehicles do there.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,33 +55,26 @@ def load_diffusion(path) -> LatentDiffusionModel:
     path = PRETRAINED.get(str(path), path)
     cfg, tensors = _read(path, LatentDiffusionAgent.name)
     try:
-        vae = ActionVAE(VaeConfig(**cfg["vae"]))
-        DiffusionConfig(**cfg["diffusion"])
+        vae, diffusion = ActionVAE(VaeConfig(**cfg["vae"])), DiffusionConfig(**cfg["diffusion"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a latent diffusion configuration ({e}).") from e
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     load_state_dict_strict(vae, {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}, path)
     # the VAE's weights must be the ones the diffusion model was trained on (its fingerprint is in the config)
-    model = LatentDiffusionModel(DiffusionConfig(**cfg["diffusion"]), vae)
+    model = LatentDiffusionModel(diffusion, vae)
     load_state_dict_strict(model, weights, path)
     return model
 
 
 def _read(path, expected: str) -> tuple[dict, dict]:
-    from agents.checkpoint import load_checkpoint
+    from agents.checkpoint import checkpoint_agent, load_checkpoint
 
     kinds = {VAE_AGENT: "an action VAE (trafficgym train vae)",
              "latent_diffusion": "a latent diffusion model (trafficgym train diffusion)"}
     if not Path(path).is_file():
         near = f" (bundled: {sorted(PRETRAINED)})" if expected == "latent_diffusion" else ""
         raise CheckpointError(f"No checkpoint file {path}{near}; {kinds[expected]} is expected.")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            agent = (f.metadata() or {}).get("agent")
-    except Exception:  # noqa: BLE001 -- load_checkpoint below names what is wrong with the file
-        agent = None
+    agent = checkpoint_agent(path)  # None: load_checkpoint below names what is wrong with the file
     if agent in kinds and agent != expected:
         raise CheckpointError(f"{path} is {kinds[agent]}, but {kinds[expected]} is expected here.")
     cfg, tensors, _ = load_checkpoint(path, expected_agent=expected)
@@ -146,8 +140,6 @@ class LatentDiffusionAgent(PlanningAgent):
 
     @torch.no_grad()
     def plan(self, state, mask):
-        from dataclasses import replace
-
         live = state.current_valid & state.agent_mask
         drive = mask & live
         out = torch.zeros(*mask.shape, self.horizon, 2, device=state.device, dtype=state.current.dtype)
