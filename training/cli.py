@@ -232,15 +232,20 @@ def _train_bc(args: argparse.Namespace) -> int:
                               **{"dropout": args.dropout, **_agent_args(args.model_arg, "--model-arg", "k_m2a=32")})
     if rank == 0:
         last = [h for h in history if "loss" in h][-1]
-        val = [h for h in history if any(k.startswith("val/") for k in h)]
-        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
-                          "steps": last["step"],
-                          "loss": round(last["loss"], 4),
-                          **{k: round(last[k], 4) for k in ("accuracy", "top1_error") if k in last},
-                          "tokens_per_s": round(last["tokens_per_s"]), "processes": world,
-                          "wall_s": round(history[-1].get("wall_s", 0.0), 1),
-                          "validation": val[-1] if val else None}, indent=1))
+        _print_run(out, history, world, ("accuracy", "top1_error"), tokens_per_s=round(last["tokens_per_s"]),
+                   wall_s=round(history[-1].get("wall_s", 0.0), 1))
     return 0
+
+
+def _print_run(out: Path, history: list[dict], world: int, metrics: tuple[str, ...] = (), **extra) -> None:
+    """The JSON summary a training command prints: where the weights are, the last step's loss and ``metrics``
+    (those it logged), ``extra``, the process count and the last validation."""
+    last = [h for h in history if "loss" in h][-1]
+    val = [h for h in history if any(k.startswith("val/") for k in h)]
+    print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
+                      "steps": last["step"], "loss": round(last["loss"], 4),
+                      **{k: round(last[k], 4) for k in metrics if k in last}, **extra, "processes": world,
+                      "validation": val[-1] if val else None}, indent=1))
 
 
 def _train_catk(args: argparse.Namespace) -> int:
@@ -273,13 +278,7 @@ def _train_catk(args: argparse.Namespace) -> int:
                                 init=str(args.init), tracking=args.tracking,
                                 pose_targets=args.pose_targets, bc_mix=args.bc_mix)
     if rank == 0:
-        last = [h for h in history if "loss" in h][-1]
-        val = [h for h in history if any(k.startswith("val/") for k in h)]
-        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
-                          "steps": last["step"], "loss": round(last["loss"], 4),
-                          **{k: round(last[k], 4) for k in ("accuracy", "top1_error") if k in last},
-                          "rollout": args.rollout,
-                          "processes": world, "validation": val[-1] if val else None}, indent=1))
+        _print_run(out, history, world, ("accuracy", "top1_error"), rollout=args.rollout)
     return 0
 
 
@@ -297,11 +296,7 @@ def _train_vae(args: argparse.Namespace) -> int:
                              resume=args.resume, progress=rank == 0, ckpt_every=args.ckpt_every)
     if rank == 0:
         last = [h for h in history if "loss" in h][-1]
-        val = [h for h in history if any(k.startswith("val/") for k in h)]
-        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
-                          "steps": last["step"], "loss": round(last["loss"], 4), "ade": round(last["ade"], 4),
-                          "kl": round(last["kl"], 3), "processes": world,
-                          "validation": val[-1] if val else None}, indent=1))
+        _print_run(out, history, world, ("ade",), kl=round(last["kl"], 3))
     return 0
 
 
@@ -325,11 +320,7 @@ def _train_diffusion(args: argparse.Namespace) -> int:
                                      validate_fn=validate, val_every=args.val_every,
                                      **_agent_args(args.model_arg, "--model-arg", "blocks=6"))
     if rank == 0:
-        last = [h for h in history if "loss" in h][-1]
-        val = [h for h in history if any(k.startswith("val/") for k in h)]
-        print(json.dumps({"weights": str(out / "model.safetensors"), "checkpoint": str(out / "last.safetensors"),
-                          "steps": last["step"], "loss": round(last["loss"], 4), "processes": world,
-                          "validation": val[-1] if val else None}, indent=1))
+        _print_run(out, history, world)
     return 0
 
 

@@ -20,8 +20,15 @@ from envs.geometry import pose_in_frame
 from envs.types import AgentType
 
 
+class _Tensors:
+    """``to(device)`` for a dataclass whose fields are all tensors."""
+
+    def to(self, device):
+        return type(self)(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
 @dataclass
-class ActionBatch:
+class ActionBatch(_Tensors):
     """``N`` action sequences: actions ``(N, H, 2)`` (acceleration m/s², yaw rate rad/s), mask ``(N, H)``,
     positions ``(N, H, 2)`` (the logged positions after each action, in the start pose's frame), v0 ``(N,)`` the
     start speed (m/s)."""
@@ -30,9 +37,6 @@ class ActionBatch:
     mask: torch.Tensor
     positions: torch.Tensor
     v0: torch.Tensor
-
-    def to(self, device) -> ActionBatch:
-        return ActionBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def __len__(self) -> int:
         return self.actions.shape[0]
@@ -106,7 +110,7 @@ def dataset_actions(ds, horizon: int, scenes: int | None = None, start_every: in
 
 
 @dataclass
-class DiffusionBatch:
+class DiffusionBatch(_Tensors):
     """``B`` scenes at one step each, for the diffusion model's loss: the distinct maps' pieces ``map_*`` (``U``
     maps: points ``(U, M, P, 2)``, pose ``(U, M, 3)``, type, valid ``(U, M)``, neighbours ``(U, M, k_map)``) and
     each row's map ``map_rows`` ``(B,)``; every agent's history features ``hist`` ``(B, A, history, 6)``, pose
@@ -129,9 +133,6 @@ class DiffusionBatch:
     actions: torch.Tensor
     mask: torch.Tensor
     v0: torch.Tensor
-
-    def to(self, device) -> DiffusionBatch:
-        return DiffusionBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def diffusion_batch(items, cfg, horizon: int, min_steps: int | None = None) -> DiffusionBatch:
